@@ -1,0 +1,38 @@
+"""Packaging for wm-trainer: a World Models trainer and a Chainer debugging toolkit."""
+from setuptools import find_packages, setup
+
+setup(
+    name="wm-trainer",
+    version="0.1.0",
+    description=(
+        "World Models (Ha & Schmidhuber 2018) on Chainer, with a training-extension and "
+        "debugging toolkit: per-parameter gradients, float64 mode, NaN/Inf localisation, "
+        "TensorBoard histograms, all from YAML."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["wm_trainer", "wm_trainer.*", "extensions", "extensions.*"]),
+    package_data={"wm_trainer": ["py.typed"], "extensions": ["py.typed"]},
+    install_requires=[
+        "chainer==7.8.1",
+        "numpy>=1.24,<2",
+        # chainer imports pkg_resources and numpy.distutils at run time
+        "setuptools<74",
+        "gymnasium[box2d]>=1.0,<2",
+        "vizdoom>=1.2.3,<2",
+        "tensorboardX>=2.6,<3",
+        "pyyaml>=6,<7",
+        "cma>=3.3,<5",
+        "matplotlib>=3.7,<4",
+        "imageio>=2.31,<3",
+        "pillow>=10,<12",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "dev": ["pytest>=7.4,<9", "ruff>=0.5", "tensorboard>=2.14,<3", "threadpoolctl>=3.2"],
+        "dask": ["dask[distributed]>=2024.1"],
+        "cuda": ["cupy-cuda12x>=13,<15"],
+    },
+    entry_points={"console_scripts": ["wm-trainer=wm_trainer.cli:main"]},
+)

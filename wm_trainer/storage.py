@@ -1,0 +1,115 @@
+"""Run-directory layout and atomic writes: a killed run never leaves a half-written file."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where each stage of a run reads and writes, under one run directory."""
+
+    root: Path
+
+    @property
+    def episodes(self) -> Path:
+        """Random-policy episodes, one ``ep_NNNNNN.npz`` per episode."""
+        return self.root / "episodes"
+
+    @property
+    def vae_dir(self) -> Path:
+        """V's trainer output (snapshots, log, TensorBoard)."""
+        return self.root / "vae"
+
+    @property
+    def vae_model(self) -> Path:
+        """V's final weights."""
+        return self.root / "vae.npz"
+
+    @property
+    def latents(self) -> Path:
+        """Encoded episodes (mu, logvar, actions, rewards, dones), one file per episode."""
+        return self.root / "latents"
+
+    @property
+    def mdnrnn_dir(self) -> Path:
+        """M's trainer output."""
+        return self.root / "mdnrnn"
+
+    @property
+    def mdnrnn_model(self) -> Path:
+        """M's final weights."""
+        return self.root / "mdnrnn.npz"
+
+    @property
+    def controller_dir(self) -> Path:
+        """CMA-ES state, per-generation log, TensorBoard."""
+        return self.root / "controller"
+
+    @property
+    def controller_model(self) -> Path:
+        """The best controller's parameters."""
+        return self.root / "controller.npz"
+
+    @property
+    def eval_json(self) -> Path:
+        """Final evaluation: agent and random policy, mean and std."""
+        return self.root / "eval.json"
+
+    @property
+    def media(self) -> Path:
+        """GIFs and PNGs."""
+        return self.root / "media"
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes to ``path`` via a temp file in the same folder and a rename."""
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically (indented, for people to read)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_savez(path: str | os.PathLike, compress: bool = False, **arrays: Any) -> Path:
+    """``np.savez`` atomically; the file appears complete or not at all."""
+    save = np.savez_compressed if compress else np.savez
+    return _atomic(Path(path), lambda f: save(f, **arrays))
+
+
+def atomic_save_npz(path: str | os.PathLike, obj: Any) -> Path:
+    """``chainer.serializers.save_npz`` atomically (a Link, Optimizer or Trainer)."""
+    import chainer
+
+    return _atomic(Path(path), lambda f: chainer.serializers.save_npz(f, obj))
