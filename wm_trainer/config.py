@@ -25,6 +25,7 @@ class ExperimentConfig:
     out_dir: str = field("runs", help="parent folder of run directories (relative to the working directory)")
     seed: int = field(0, min=0, help="master random seed")
     device: int = field(-1, min=-1, help="-1 = CPU, N = CUDA device N (needs the cuda extra)")
+    ops: Literal["fast", "chainer"] = field("fast", help="fast CPU kernels, or Chainer's stock functions")
 
 
 @dataclasses.dataclass
