@@ -1,0 +1,14 @@
+"""Shared test setup: every test starts and ends with Chainer's default float32 configuration."""
+from __future__ import annotations
+
+import chainer
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _chainer_float32():
+    """float64 mode is global in Chainer; a test that turns it on must not leak it into the next."""
+    chainer.global_config.dtype = np.dtype(np.float32)
+    yield
+    chainer.global_config.dtype = np.dtype(np.float32)
