@@ -91,6 +91,7 @@ class ControllerConfig:
     max_steps: int = field(0, min=0, help="dream episode cap (0 = env.max_steps)")
     eval_every: int = field(25, min=0, help="evaluate the best in the real env every N generations (0 = off)")
     eval_episodes: int = field(16, min=1, help="real episodes for the periodic evaluation")
+    keep: Literal["mean", "best"] = field("mean", help="final controller: the CMA-ES mean, or the best candidate seen")
 
 
 @dataclasses.dataclass
