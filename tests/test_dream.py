@@ -1,0 +1,140 @@
+"""The dream: batched stepping matches M, per-agent determinism, sampling at temperature, done rules."""
+from __future__ import annotations
+
+import chainer
+import numpy as np
+import pytest
+
+from wm_trainer.dream import DreamEnv, agent_keys, counter_uniform, decode_frames, initial_latents
+from wm_trainer.mdn import mdn_moments
+from wm_trainer.memory import MDNRNN
+from wm_trainer.storage import atomic_savez
+from wm_trainer.vision import ConvVAE
+
+Z, A, H, K = 6, 2, 24, 3
+
+
+def _model(done_head: bool = True, seed: int = 0) -> MDNRNN:
+    np.random.seed(seed)
+    return MDNRNN(Z, A, H, K, done_head=done_head)
+
+
+def _rollout(env: DreamEnv, z0: np.ndarray, seeds, actions: np.ndarray):
+    zs, hs, rs, ds = [], [], [], []
+    env.reset(z0, seeds=seeds)
+    for a in actions:
+        z, h, r, d = env.step(a)
+        zs.append(z), hs.append(h), rs.append(r), ds.append(d)
+    return np.stack(zs), np.stack(hs), np.stack(rs), np.stack(ds)
+
+
+def test_step_matches_mdnrnn_step_and_predict():
+    m = _model()
+    env = DreamEnv(m, temperature=1.0, max_steps=100, seed=0)
+    rng = np.random.default_rng(1)
+    z0 = rng.standard_normal((5, Z)).astype(np.float32)
+    a = rng.uniform(-1, 1, (5, A)).astype(np.float32)
+    env.reset(z0, seeds=np.arange(5))
+    _, h, reward, done = env.step(a)
+    with chainer.no_backprop_mode(), chainer.using_config("train", False):
+        h_ref, _ = m.step(z0, a, None)
+        _, _, _, done_logit = m.predict(h_ref)
+    np.testing.assert_allclose(h, h_ref.array, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(done, done_logit.array > 0)
+    np.testing.assert_array_equal(reward, np.ones(5, np.float32))
+
+
+def test_batch_equals_single_agent_runs_with_same_seeds():
+    m = _model(done_head=False)
+    env = DreamEnv(m, temperature=1.15, max_steps=50, seed=3)
+    rng = np.random.default_rng(2)
+    B, steps = 6, 15
+    z0 = rng.standard_normal((B, Z)).astype(np.float32)
+    acts = rng.uniform(-1, 1, (steps, B, A)).astype(np.float32)
+    z0[5], acts[:, 5] = z0[0], acts[:, 0]
+    seeds = np.array([11, 12, 13, 14, 15, 11])
+    zb, hb, _, _ = _rollout(env, z0, seeds, acts)
+    for i in range(B):
+        zi, hi, _, _ = _rollout(DreamEnv(m, temperature=1.15, max_steps=50, seed=99), z0[i:i + 1], seeds[i:i + 1],
+                                acts[:, i:i + 1])
+        np.testing.assert_allclose(zb[:, i], zi[:, 0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(hb[:, i], hi[:, 0], rtol=1e-4, atol=1e-5)
+    # different seeds give different dreams; equal seeds and inputs give equal ones
+    assert not np.allclose(zb[:, 0], zb[:, 1])
+    np.testing.assert_allclose(zb[:, 0], zb[:, 5], rtol=1e-6)
+
+
+def test_seed_drawn_streams_are_reproducible():
+    m = _model()
+    z0 = np.zeros((4, Z), np.float32)
+    acts = np.zeros((10, 4, A), np.float32)
+    r1 = _rollout(DreamEnv(m, seed=7), z0, None, acts)
+    r2 = _rollout(DreamEnv(m, seed=7), z0, None, acts)
+    r3 = _rollout(DreamEnv(m, seed=8), z0, None, acts)
+    np.testing.assert_array_equal(r1[0], r2[0])
+    assert not np.allclose(r1[0], r3[0])
+
+
+def test_counter_uniforms_are_uniform_and_independent_of_batch():
+    keys = agent_keys(np.arange(4000))
+    u = counter_uniform(keys, 5, 8)
+    assert u.min() > 0 and u.max() <= 1
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+    np.testing.assert_array_equal(counter_uniform(keys[7:8], 5, 8), u[7:8])
+    assert not np.array_equal(counter_uniform(keys, 6, 8), u)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_samples_follow_the_mixture(tau):
+    """One step from a fixed state: sample mean/variance match the mixture's at temperature tau."""
+    m = _model(done_head=False)
+    env = DreamEnv(m, temperature=tau, max_steps=10, seed=0)
+    B = 20000
+    z0 = np.tile(np.linspace(-1, 1, Z, dtype=np.float32), (B, 1))
+    a = np.full((B, A), 0.3, np.float32)
+    env.reset(z0, seeds=np.arange(B))
+    z, _, _, _ = env.step(a)
+    with chainer.no_backprop_mode():
+        h, _ = m.step(z0[:1], a[:1], None)
+        logits, mu, log_std, _ = m.predict(h)
+    logits_t = logits.array / tau
+    sd_t = log_std.array + 0.5 * np.log(tau)  # sigma * sqrt(tau)
+    mean, var = mdn_moments(logits_t, mu.array, sd_t)
+    assert (np.abs(z.mean(0) - mean[0]) < 4 * np.sqrt(var[0] / B) + 1e-3).all()
+    np.testing.assert_allclose(z.var(0), var[0], rtol=0.06)
+
+
+def test_done_agents_stay_done_with_zero_reward_and_max_steps():
+    m = _model()
+    # force the done head: agents 0, 1 end at once, the others never
+    m.done.W.array[:] = 0
+    env = DreamEnv(m, temperature=1.0, max_steps=4, seed=0)
+    z0 = np.zeros((4, Z), np.float32)
+    env.reset(z0, seeds=np.arange(4))
+    m.done.b.array[:] = 5.0
+    env._prepare_weights()
+    z1, h1, r1, d1 = env.step(np.zeros((4, A), np.float32))
+    assert d1.all() and (r1 == 1).all()
+    z2, h2, r2, d2 = env.step(np.ones((4, A), np.float32))
+    assert d2.all() and (r2 == 0).all()
+    np.testing.assert_array_equal(z2, z1)
+    np.testing.assert_array_equal(h2, h1)
+    m.done.b.array[:] = -5.0
+    env = DreamEnv(m, temperature=1.0, max_steps=3, seed=0)
+    env.reset(z0)
+    dones = [env.step(np.zeros((4, A), np.float32))[3].copy() for _ in range(3)]
+    assert not dones[0].any() and not dones[1].any() and dones[2].all()
+
+
+def test_initial_latents_and_decode_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        atomic_savez(tmp_path / f"ep_{i:06d}.npz", mu=np.full((5, Z), float(i), np.float32),
+                     logvar=np.full((5, Z), -20.0, np.float32), actions=np.zeros((5, A), np.float32),
+                     rewards=np.zeros(5, np.float32), dones=np.zeros(5, bool))
+    z = initial_latents(tmp_path, 10, rng)
+    assert z.shape == (10, Z) and z.dtype == np.float32
+    assert set(np.round(z[:, 0]).astype(int)) <= {0, 1, 2}
+    vae = ConvVAE(Z)
+    frames = decode_frames(vae, z, batch=4)
+    assert frames.shape == (10, 64, 64, 3) and frames.dtype == np.uint8

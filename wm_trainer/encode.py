@@ -1,0 +1,70 @@
+"""``wm-trainer encode``: every episode's frames -> V's (mu, logvar), saved with actions, rewards and dones.
+
+One ``latents/ep_NNNNNN.npz`` per episode, written atomically; a file that exists is complete,
+so a re-run skips it (delete ``latents/`` after retraining V). Frames go through V in batches
+of ``vae.encode_batch``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import chainer
+import numpy as np
+from tqdm import tqdm
+
+from . import episodes
+from .errors import UserError
+from .storage import RunPaths, atomic_savez
+from .vision import ConvVAE, frames_converter, load_vae
+
+
+def encode_frames(vae: ConvVAE, frames: np.ndarray, batch: int, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, logvar) float32 (T, z) for uint8 frames (T, 64, 64, 3), in batches of ``batch``."""
+    mus, logvars = [], []
+    cpu = chainer.backend.CpuDevice()
+    with chainer.no_backprop_mode(), chainer.using_config("train", False):
+        for i in range(0, len(frames), batch):
+            mu, logvar = vae.encode(frames_converter(frames[i:i + batch], device))
+            mus.append(cpu.send(mu.array).astype(np.float32))
+            logvars.append(cpu.send(logvar.array).astype(np.float32))
+    if not mus:
+        z = np.zeros((0, vae.z_dim), np.float32)
+        return z, z.copy()
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+def encode_episodes(cfg) -> list[Path]:
+    """Encode every readable collected episode not yet encoded; returns every latents file now present."""
+    from .train_vae import resolve_device
+
+    paths = RunPaths(cfg.run_dir)
+    sources = episodes.list_episodes(paths.episodes)
+    if not sources:
+        raise UserError(f"{paths.episodes}: no collected episodes; run `wm-trainer collect -c <config>` first")
+    device = resolve_device(cfg.experiment.device)
+    vae = load_vae(paths.vae_model, cfg.vae.z_dim, cfg.vae.kl_tolerance)
+    vae.to_device(device)
+    todo = [p for p in sources if not (paths.latents / p.name).is_file()]
+    bar = tqdm(todo, desc="encode", unit="ep", dynamic_ncols=True, disable=None)
+    frames_done = 0
+    for src in bar:
+        try:
+            ep = episodes.load_episode(src, ("frames", "actions", "rewards", "dones"))
+        except episodes.CorruptEpisode as e:
+            episodes.warn_corrupt(e)
+            continue
+        mu, logvar = encode_frames(vae, ep["frames"], cfg.vae.encode_batch, device)
+        atomic_savez(paths.latents / src.name, mu=mu, logvar=logvar,
+                     actions=np.asarray(ep["actions"], np.float32), rewards=np.asarray(ep["rewards"], np.float32),
+                     dones=np.asarray(ep["dones"], bool))
+        frames_done += len(mu)
+        bar.set_postfix(frames=frames_done)
+    bar.close()
+    return [paths.latents / p.name for p in sources if (paths.latents / p.name).is_file()]
+
+
+def main(cfg, args) -> int:
+    """CLI entry: encode and say where the latents went."""
+    out = encode_episodes(cfg)
+    print(f"encoded {len(out)} episodes -> {RunPaths(cfg.run_dir).latents}")
+    return 0

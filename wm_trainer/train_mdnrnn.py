@@ -1,0 +1,52 @@
+"""``wm-trainer train-mdnrnn``: M on the encoded episodes with the truncated-BPTT updater.
+
+The whole latents set is held in memory with mu/logvar as float16 (see ``memory.LatentSet``).
+Adam(mdnrnn.lr) with the toolkit's global-norm GradientClipping(mdnrnn.grad_clip); snapshots
+every ``mdnrnn.snapshot_every`` iterations and at the end, resumed automatically; final
+weights to ``<run>/mdnrnn.npz`` atomically.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import chainer
+from chainer import training
+
+import extensions as ext
+
+from .errors import UserError
+from .memory import LatentSet, MDNRNNUpdater, SequenceIterator, build_mdnrnn, sequence_converter
+from .storage import RunPaths, atomic_save_npz
+from .train_vae import add_common_extensions, resolve_device
+
+
+def train_mdnrnn(cfg) -> Path:
+    """Train M (resuming if snapshots exist) and write its weights to RunPaths.mdnrnn_model."""
+    paths = RunPaths(cfg.run_dir)
+    data = LatentSet.from_folder(paths.latents)
+    if data.z_dim != cfg.vae.z_dim:
+        raise UserError(f"{paths.latents}: latents have z_dim {data.z_dim} but vae.z_dim is {cfg.vae.z_dim}; "
+                        "re-run `wm-trainer encode` with this config")
+    ext.set_float64(cfg.debug.float64)
+    device = resolve_device(cfg.experiment.device)
+    model = build_mdnrnn(cfg, data.action_dim)
+    model.to_device(device)
+    m = cfg.mdnrnn
+    it = SequenceIterator(data, m.batch_size, m.seq_len, seed=cfg.experiment.seed)
+    optimizer = chainer.optimizers.Adam(alpha=m.lr)
+    optimizer.setup(model)
+    if m.grad_clip > 0:
+        optimizer.add_hook(ext.GradientClipping(m.grad_clip))
+    updater = MDNRNNUpdater(it, optimizer, device=device, debug=cfg.debug, converter=sequence_converter)
+    trainer = training.Trainer(updater, (m.iterations, "iteration"), out=str(paths.mdnrnn_dir))
+    ext.install(trainer, cfg.debug)
+    add_common_extensions(trainer, total=m.iterations, snapshot_every=m.snapshot_every, desc="train-mdnrnn")
+    trainer.run(show_loop_exception_msg=False)
+    return atomic_save_npz(paths.mdnrnn_model, model)
+
+
+def main(cfg, args) -> int:
+    """CLI entry: train M and say where the weights went."""
+    out = train_mdnrnn(cfg)
+    print(f"M weights -> {out}")
+    return 0
