@@ -1,5 +1,7 @@
-"""The error raised when training produced a NaN or an infinity."""
+"""The errors the toolkit raises: a NaN/Inf in training, and float64 mode not in force."""
 from __future__ import annotations
+
+from .schema import ConfigError
 
 
 class NonFiniteError(RuntimeError):
@@ -27,3 +29,14 @@ class NonFiniteError(RuntimeError):
         if self.report_path:
             parts.append(f"(report: {self.report_path})")
         return " ".join(parts)
+
+
+class Float64Error(ConfigError):
+    """float64 mode is on (``debug.float64``) but some parameters are not float64; names them.
+
+    A ConfigError so that any CLI treating configuration problems as one-line errors shows it.
+    """
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, f"debug.float64: {message}")
+        self.file, self.path, self.line, self.detail = None, "debug.float64", None, message

@@ -1,0 +1,337 @@
+"""The gradient-logging, NaN/Inf-guarding updater: ``GradientLoggingUpdater`` and its mixin.
+
+One iteration, top to bottom (``GradientLoggingMixin.update_core``):
+next batch -> converter (float inputs cast to float64 in float64 mode) -> save the random
+state -> cleargrads -> ``compute_loss`` -> backward -> per-parameter statistics and the
+guard (loss and global gradient norm finite) -> histograms -> optimizer update only when
+finite -> parameters checked after the update (rolled back if the update made them
+non-finite). On a failure the iteration is replayed (same batch, same pre-update weights,
+same random state) to localise the birth and to replay it in float64, a report and the last
+good state are written, and the policy (raise, warn, skip) decides what happens next.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import chainer
+import numpy as np
+from chainer.dataset import convert
+from chainer.training.updaters import StandardUpdater
+
+from .config import DebugConfig
+from .dtype import check_float64, float64_converter
+from .errors import NonFiniteError
+from .localize import Birth, localize
+from .replay import RngState, replay_float64
+from .report import Failure, update_counts, write_report
+from .stats import GradSummary, all_finite, gradient_summary, nonfinite_counts
+from .tensorboard import add_histogram_safe
+
+logger = logging.getLogger("extensions")
+
+
+class _State:
+    """The mixin's bookkeeping, created lazily so subclasses need not call the mixin's __init__."""
+
+    def __init__(self) -> None:
+        self.debug = DebugConfig()
+        self.out: str | None = None
+        self.writer: Any = None
+        self.seeder = np.random.default_rng()
+        self.table: tuple[int, list[str], list[chainer.Parameter]] | None = None
+        self.float64_checked = False
+        self.failures = 0
+        self.skipped = 0
+        self.last_failure: Failure | None = None
+
+
+class _Backup:
+    """Pre-update copy of parameters and update-rule state: one concatenation per dtype."""
+
+    def __init__(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer):
+        self.optimizer_t = optimizer.t
+        self.rules = []
+        arrays = []
+        for p in params:
+            if p.array is None:
+                continue
+            arrays.append(p.array)
+            rule = p.update_rule
+            if rule is None:
+                continue
+            state = rule._state
+            self.rules.append((rule, rule.t, state is None))
+            if state:
+                arrays.extend(v for v in state.values() if hasattr(v, "dtype") and v.dtype.kind == "f")
+        self.arrays = arrays
+        groups: dict[Any, list[Any]] = {}
+        for a in arrays:
+            groups.setdefault(a.dtype, []).append(a)
+        self.copies = {}
+        for dtype, group in groups.items():
+            xp = chainer.backend.get_array_module(group[0])
+            self.copies[dtype] = (group, xp.concatenate([a.ravel() for a in group]))
+
+    def restore(self, optimizer: chainer.Optimizer) -> None:
+        """Write the saved values back into the same arrays; forget state the update created."""
+        for group, flat in self.copies.values():
+            xp = chainer.backend.get_array_module(flat)
+            offset = 0
+            for a in group:
+                xp.copyto(a, flat[offset:offset + a.size].reshape(a.shape))
+                offset += a.size
+        for rule, t, had_no_state in self.rules:
+            rule.t = t
+            if had_no_state:
+                rule._state = None
+        optimizer.t = self.optimizer_t
+
+
+class GradientLoggingMixin:
+    """Gives a ``StandardUpdater`` subclass per-parameter gradient logging, float64 mode and NaN/Inf guards.
+
+    Use as ``class MyUpdater(GradientLoggingMixin, StandardUpdater)``; ``debug=`` and
+    ``out=`` are keyword arguments of ``__init__`` (``extensions.install`` also sets them).
+
+    Extension points (override these, not ``update_core``):
+
+    - ``compute_loss(in_arrays) -> Variable``: the forward pass of one iteration on the
+      converted arrays. Default: ``loss_func(*in_arrays)`` for a tuple, ``(**in_arrays)``
+      for a dict, ``(in_arrays)`` for one array, where ``loss_func`` is the updater's
+      ``loss_func`` or the main optimizer's target. Replays call it again with the same
+      arrays, weights and random state, so it must depend on nothing else: reset
+      recurrent state (e.g. ``LSTM.reset_state()``) inside it.
+    - ``next_batch() -> in_arrays``: the main iterator's next batch through the converter.
+
+    Reporter keys: ``grad/<path>/{norm,mean,std,max_abs,zero_frac,nan,inf}``,
+    ``grad/<path>/missing`` (1 when a parameter got no gradient), ``grad/global_norm``,
+    ``nonfinite/skipped``.
+    """
+
+    def __init__(self, *args: Any, debug: DebugConfig | None = None, out: str | None = None,
+                 writer: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.debug = debug
+        self.out = out
+        self.writer = writer
+
+    @property
+    def _ext(self) -> _State:
+        state = self.__dict__.get("_ext_state")
+        if state is None:
+            state = self.__dict__["_ext_state"] = _State()
+        return state
+
+    @property
+    def debug(self) -> DebugConfig:
+        """The toolkit switches in force; setting them re-wraps the converter for float64 mode."""
+        return self._ext.debug
+
+    @debug.setter
+    def debug(self, value: DebugConfig | dict | None) -> None:
+        if value is None:
+            value = DebugConfig()
+        elif isinstance(value, dict):
+            value = DebugConfig.from_dict(value)
+        self._ext.debug = value
+        base = getattr(self.converter, "_ext_float64_base", None)
+        if value.float64 and base is None:
+            self.converter = float64_converter(self.converter)
+        elif not value.float64 and base is not None:
+            self.converter = base
+        self._ext.float64_checked = False
+
+    @property
+    def out(self) -> str | None:
+        """Folder under which ``nonfinite/`` reports go (the trainer's ``out`` after ``install``)."""
+        return self._ext.out
+
+    @out.setter
+    def out(self, value: str | None) -> None:
+        self._ext.out = value
+
+    @property
+    def writer(self) -> Any:
+        """The tensorboardX writer for histograms (set by ``install``), or None."""
+        return self._ext.writer
+
+    @writer.setter
+    def writer(self, value: Any) -> None:
+        self._ext.writer = value
+
+    @property
+    def skipped(self) -> int:
+        """How many updates were skipped because of a NaN/Inf."""
+        return self._ext.skipped
+
+    @property
+    def last_failure(self) -> Failure | None:
+        """The most recent non-finite iteration's report (None if none happened)."""
+        return self._ext.last_failure
+
+    # -- extension points -------------------------------------------------------------
+    def next_batch(self) -> Any:
+        """The main iterator's next batch, converted (and cast to float64 in float64 mode)."""
+        batch = self.get_iterator("main").next()
+        return convert._call_converter(self.converter, batch, self.input_device)
+
+    def compute_loss(self, in_arrays: Any) -> chainer.Variable:
+        """Forward pass for one iteration on converted arrays; default = StandardUpdater's loss_func(*in_arrays)
+        (or **in_arrays for dicts, in_arrays for a single array)."""
+        loss_func = self.loss_func or self.get_optimizer("main").target
+        if isinstance(in_arrays, tuple):
+            return loss_func(*in_arrays)
+        if isinstance(in_arrays, dict):
+            return loss_func(**in_arrays)
+        return loss_func(in_arrays)
+
+    # -- one iteration ----------------------------------------------------------------
+    def update_core(self) -> None:
+        """One guarded, logged training iteration (see the module docstring)."""
+        iterator = self.get_iterator("main")
+        optimizer = self.get_optimizer("main")
+        in_arrays = self.next_batch()
+        self.guarded_update(optimizer, in_arrays)
+        if self.auto_new_epoch and iterator.is_new_epoch:
+            optimizer.new_epoch(auto=True)
+
+    def _param_table(self, target: chainer.Link) -> tuple[list[str], list[chainer.Parameter]]:
+        cached = self._ext.table
+        if cached is None or cached[0] != id(target) or len(cached[2]) != sum(1 for _ in target.params()):
+            named = list(target.namedparams(include_uninit=True))
+            cached = self._ext.table = (id(target), [n.lstrip("/") for n, _ in named], [p for _, p in named])
+        return cached[1], cached[2]
+
+    def guarded_update(self, optimizer: chainer.Optimizer, in_arrays: Any) -> bool:
+        """Forward, backward, statistics, guard and update on ``in_arrays``; True if the weights were updated."""
+        st, debug = self._ext, self._ext.debug
+        nf = debug.nonfinite
+        iteration = self.iteration + 1
+        target = optimizer.target
+        names, params = self._param_table(target)
+        xp = target.xp
+        rng = RngState.capture(xp, st.seeder) if nf.check and (nf.localize or nf.replay_float64) else None
+
+        target.cleargrads()
+        loss = self.compute_loss(in_arrays)
+        loss.backward(loss_scale=optimizer._loss_scale)
+        if debug.float64 and not st.float64_checked:
+            check_float64(target)
+            st.float64_checked = True
+
+        every = debug.gradients.every
+        summary = gradient_summary(names, [p.grad for p in params], with_stats=every > 0 and iteration % every == 0)
+        if summary.stats is not None:
+            chainer.reporter.report(summary.as_report())
+        hist = debug.gradients.histograms_every
+        if st.writer is not None and hist > 0 and iteration % hist == 0:
+            self._histograms(names, params, iteration)
+
+        updated = False
+        if nf.check:
+            loss_value = float(chainer.backend.CpuDevice().send(loss.array).sum())
+            if not math.isfinite(loss_value) or not summary.finite:
+                trigger = (f"loss is {loss_value}" if not math.isfinite(loss_value)
+                           else f"global gradient norm is {summary.global_norm}")
+                self._on_nonfinite(optimizer, in_arrays, rng, trigger, "forward" if
+                                   not math.isfinite(loss_value) else "backward", loss_value, summary, {})
+            else:
+                backup = _Backup(params, optimizer)
+                optimizer._ext_grad_sqnorm = (optimizer.t, summary.sqnorm)
+                optimizer.update()
+                bad = nonfinite_counts(names, [p.array for p in params]) if not _finite_params(params) else {}
+                if bad:
+                    backup.restore(optimizer)
+                    self._on_nonfinite(optimizer, in_arrays, None, "parameters after the update", "update",
+                                       loss_value, summary, bad)
+                else:
+                    updated = True
+        else:
+            optimizer.update()
+            updated = True
+        if debug.gradients.print:
+            for name, param in target.namedparams(include_uninit=False):
+                print(name, param.grad)
+        return updated
+
+    def _histograms(self, names: list[str], params: list[chainer.Parameter], step: int) -> None:
+        for name, p in zip(names, params):
+            if p.grad is not None:
+                add_histogram_safe(self.writer, f"grad/{name}", p.grad, step)
+            if p.array is not None:
+                add_histogram_safe(self.writer, f"param/{name}", p.array, step)
+
+    # -- failure path -------------------------------------------------------------------
+    def _on_nonfinite(self, optimizer: chainer.Optimizer, in_arrays: Any, rng: RngState | None, trigger: str,
+                      stage: str, loss_value: float | None, summary: GradSummary,
+                      params_nonfinite: dict[str, tuple[int, int]]) -> None:
+        st, nf = self._ext, self._ext.debug.nonfinite
+        st.failures += 1
+        iteration = self.iteration + 1
+        target = optimizer.target
+        out = st.out or "result"
+        if nf.policy != "raise":
+            st.skipped += 1
+            chainer.reporter.report({"nonfinite/skipped": float(st.skipped)})
+        if nf.policy == "skip" and st.failures > 1:
+            update_counts(out, st.skipped, st.failures, iteration)
+            return
+
+        names, params = self._param_table(target)
+        grads_nonfinite = summary.nonfinite or nonfinite_counts(names, [p.grad for p in params])
+        birth: Birth | None = None
+        if stage == "update":
+            bad = sorted(params_nonfinite)
+            rule = type(params[names.index(bad[0])].update_rule).__name__ if bad else None
+            birth = Birth("update", "nan" if any(n for n, _ in params_nonfinite.values()) else "inf",
+                          bad[0].rpartition("/")[0] or "/" if bad else None, rule, None)
+        elif nf.localize:
+            birth, _ = localize(self.compute_loss, in_arrays, target, rng, nf.allow_inf_in, optimizer._loss_scale)
+        verdict = detail = None
+        if nf.replay_float64 and stage != "update":
+            result = replay_float64(self.compute_loss, in_arrays, target, rng)
+            verdict, detail = result.verdict, result.detail
+        failure = Failure(
+            iteration=iteration, where=birth.where if birth else stage, trigger=trigger, policy=nf.policy,
+            loss=loss_value, global_norm=summary.global_norm, grads_nonfinite=grads_nonfinite,
+            params_nonfinite=params_nonfinite, missing_grads=summary.missing, birth=birth,
+            verdict=verdict, verdict_detail=detail, skipped=st.skipped, failures=st.failures)
+        report_path = write_report(out, failure, target, optimizer, in_arrays)
+        st.last_failure = failure
+        if nf.policy == "raise":
+            raise NonFiniteError(failure.headline(), iteration=iteration, where=failure.where, link=failure.link,
+                                 function=failure.function, verdict=verdict, report_path=report_path)
+        if nf.policy == "warn":
+            logger.warning("update skipped:\n%s", failure.to_text())
+
+    def serialize(self, serializer: Any) -> None:
+        """Serialise the updater as StandardUpdater does, plus the toolkit's skip counters."""
+        super().serialize(serializer)
+        st = self._ext
+        try:
+            st.failures = int(serializer("ext_nonfinite_failures", st.failures))
+            st.skipped = int(serializer("ext_nonfinite_skipped", st.skipped))
+        except KeyError:  # a snapshot written without the toolkit
+            pass
+
+
+def _finite_params(params: list[chainer.Parameter]) -> bool:
+    return all_finite([p.array for p in params])
+
+
+class GradientLoggingUpdater(GradientLoggingMixin, StandardUpdater):
+    """A StandardUpdater with per-parameter gradient logging, float64 mode and NaN/Inf guards.
+
+    ``GradientLoggingUpdater(train_iter, optimizer, device)`` (the seed's form) works;
+    ``debug`` is an ``extensions.DebugConfig`` (or its dict), usually set by ``extensions.install``.
+    """
+
+    def __init__(self, iterator: Any, optimizer: Any, device: Any = -1, *, debug: DebugConfig | None = None,
+                 converter: Any = convert.concat_examples, loss_func: Any = None, loss_scale: float | None = None,
+                 auto_new_epoch: bool = True, out: str | None = None, writer: Any = None,
+                 input_device: Any = None):
+        super().__init__(iterator, optimizer, converter=converter, device=device, loss_func=loss_func,
+                         loss_scale=loss_scale, auto_new_epoch=auto_new_epoch, input_device=input_device,
+                         debug=debug, out=out, writer=writer)
