@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import chainer
+import numpy as np
 from chainer import training
 
 import extensions as ext
@@ -28,6 +29,7 @@ def train_mdnrnn(cfg) -> Path:
         raise UserError(f"{paths.latents}: latents have z_dim {data.z_dim} but vae.z_dim is {cfg.vae.z_dim}; "
                         "re-run `wm-trainer encode` with this config")
     ext.set_float64(cfg.debug.float64)
+    np.random.seed(cfg.experiment.seed)  # initial weights; a resumed run loads its snapshot instead
     device = resolve_device(cfg.experiment.device)
     model = build_mdnrnn(cfg, data.action_dim)
     model.to_device(device)
