@@ -17,8 +17,8 @@ import extensions as ext
 
 from .errors import UserError
 from .memory import LatentSet, MDNRNNUpdater, SequenceIterator, build_mdnrnn, sequence_converter
-from .storage import RunPaths, atomic_save_npz
-from .train_vae import add_common_extensions, resolve_device
+from .storage import RunPaths
+from .train_vae import add_common_extensions, resolve_device, save_weights
 
 
 def train_mdnrnn(cfg) -> Path:
@@ -44,7 +44,7 @@ def train_mdnrnn(cfg) -> Path:
     ext.install(trainer, cfg.debug)
     add_common_extensions(trainer, total=m.iterations, snapshot_every=m.snapshot_every, desc="train-mdnrnn")
     trainer.run(show_loop_exception_msg=False)
-    return atomic_save_npz(paths.mdnrnn_model, model)
+    return save_weights(paths.mdnrnn_model, model)
 
 
 def main(cfg, args) -> int:

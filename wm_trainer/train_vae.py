@@ -8,6 +8,7 @@ tqdm progress, global-RNG snapshotting) serve ``train_mdnrnn`` too.
 """
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ import extensions as ext
 
 from . import episodes, frames
 from .errors import UserError
-from .storage import RunPaths, atomic_save_npz
+from .storage import RunPaths, atomic_write_bytes
 from .vision import ConvVAE, frames_converter, to_uint8_frames
 
 SNAPSHOT_NAME = "snapshot_iter_{.updater.iteration}"
@@ -103,11 +104,23 @@ def snapshot_trigger(every: int, total: int) -> Callable[[training.Trainer], boo
     return fire
 
 
+def save_npz_fast(file, obj) -> None:
+    """``save_npz`` without zlib: float weights barely compress, and compressing V's 50 MB costs seconds."""
+    chainer.serializers.save_npz(file, obj, compression=False)
+
+
+def save_weights(path, model: chainer.Link) -> Path:
+    """A model's final weights to ``path`` atomically (uncompressed npz, loadable with ``load_npz``)."""
+    buf = io.BytesIO()
+    save_npz_fast(buf, model)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def add_common_extensions(trainer: training.Trainer, *, total: int, snapshot_every: int, desc: str,
                           log_every: int = 10) -> None:
     """Auto-resuming snapshots, the log, the global-RNG state and the progress bar."""
     trainer.extend(GlobalRNGState(), name="global_rng")
-    trainer.extend(T.snapshot(filename=SNAPSHOT_NAME, autoload=True, n_retains=2),
+    trainer.extend(T.snapshot(savefun=save_npz_fast, filename=SNAPSHOT_NAME, autoload=True, n_retains=2),
                    trigger=snapshot_trigger(snapshot_every, total), name="snapshot")
     trainer.extend(T.LogReport(trigger=(max(1, min(log_every, total)), "iteration")), name="log")
     trainer.extend(TqdmProgress(total, desc), name="progress")
@@ -181,7 +194,7 @@ def train_vae(cfg) -> Path:
         trainer.run(show_loop_exception_msg=False)
     finally:
         loader.finalize()
-    return atomic_save_npz(paths.vae_model, model)
+    return save_weights(paths.vae_model, model)
 
 
 def main(cfg, args) -> int:
