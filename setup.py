@@ -22,6 +22,7 @@ setup(
         "gymnasium[box2d]>=1.0,<2",
         "vizdoom>=1.2.3,<2",
         "tensorboardX>=2.6,<3",
+        "crc32c>=2.3,<3",  # C checksum for tensorboardX: its pure-Python fallback dominates scalar logging
         "pyyaml>=6,<7",
         "cma>=3.3,<5",
         "matplotlib>=3.7,<4",
