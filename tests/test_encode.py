@@ -50,6 +50,10 @@ def test_encode_writes_mu_logvar_with_actions_and_is_resumable(trained_run):
     files[1].unlink()
     assert cli.main(["encode", "-c", cfg]) == 0
     assert files[0].stat().st_mtime_ns == stamp and files[1].is_file()
+    # a retrained V (new weights file) makes every episode stale
+    paths.vae_model.write_bytes(paths.vae_model.read_bytes())
+    assert cli.main(["encode", "-c", cfg]) == 0
+    assert files[0].stat().st_mtime_ns != stamp
 
 
 def test_encode_skips_a_corrupt_episode_by_name(trained_run, tmp_path):

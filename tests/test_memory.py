@@ -192,3 +192,10 @@ def test_train_mdnrnn_without_latents_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["train-mdnrnn", "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "wm-trainer encode" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_mdnrnn_float64_switch(tmp_path):
+    cfg = _latents_run(tmp_path, 2, "f64")
+    assert cli.main(["train-mdnrnn", "-c", cfg, "--float64"]) == 0
+    with np.load(RunPaths(tmp_path / "f64").mdnrnn_model) as d:
+        assert d.files and all(d[k].dtype == np.float64 for k in d.files)

@@ -1,7 +1,8 @@
 """``wm-trainer encode``: every episode's frames -> V's (mu, logvar), saved with actions, rewards and dones.
 
-One ``latents/ep_NNNNNN.npz`` per episode, written atomically; a file that exists is complete,
-so a re-run skips it (delete ``latents/`` after retraining V). Frames go through V in batches
+One ``latents/ep_NNNNNN.npz`` per episode, written atomically, so a file that exists is complete.
+Each records which V encoded it (size and mtime of ``vae.npz``): a re-run skips the files made by
+the current V and redoes the others (e.g. after V was retrained). Frames go through V in batches
 of ``vae.encode_batch``.
 """
 from __future__ import annotations
@@ -33,6 +34,22 @@ def encode_frames(vae: ConvVAE, frames: np.ndarray, batch: int, device=None) -> 
     return np.concatenate(mus), np.concatenate(logvars)
 
 
+def vae_fingerprint(path: Path) -> str:
+    """Identifies one V weights file: its size and modification time."""
+    st = Path(path).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def _encoded_by(path: Path, fingerprint: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as d:
+            return "vae" in d.files and str(d["vae"]) == fingerprint
+    except Exception:  # noqa: BLE001 - an unreadable output is simply redone
+        return False
+
+
 def encode_episodes(cfg) -> list[Path]:
     """Encode every readable collected episode not yet encoded; returns every latents file now present."""
     from .train_vae import resolve_device
@@ -44,7 +61,8 @@ def encode_episodes(cfg) -> list[Path]:
     device = resolve_device(cfg.experiment.device)
     vae = load_vae(paths.vae_model, cfg.vae.z_dim, cfg.vae.kl_tolerance)
     vae.to_device(device)
-    todo = [p for p in sources if not (paths.latents / p.name).is_file()]
+    fingerprint = vae_fingerprint(paths.vae_model)
+    todo = [p for p in sources if not _encoded_by(paths.latents / p.name, fingerprint)]
     bar = tqdm(todo, desc="encode", unit="ep", dynamic_ncols=True, disable=None)
     frames_done = 0
     for src in bar:
@@ -56,11 +74,11 @@ def encode_episodes(cfg) -> list[Path]:
         mu, logvar = encode_frames(vae, ep["frames"], cfg.vae.encode_batch, device)
         atomic_savez(paths.latents / src.name, mu=mu, logvar=logvar,
                      actions=np.asarray(ep["actions"], np.float32), rewards=np.asarray(ep["rewards"], np.float32),
-                     dones=np.asarray(ep["dones"], bool))
+                     dones=np.asarray(ep["dones"], bool), vae=np.str_(fingerprint))
         frames_done += len(mu)
         bar.set_postfix(frames=frames_done)
     bar.close()
-    return [paths.latents / p.name for p in sources if (paths.latents / p.name).is_file()]
+    return [paths.latents / p.name for p in sources if _encoded_by(paths.latents / p.name, fingerprint)]
 
 
 def main(cfg, args) -> int:
