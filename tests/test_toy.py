@@ -8,7 +8,7 @@ from wm_trainer.cli import main
 
 def test_mdn_toy_beats_mse_and_covers_branches(tmp_path):
     argv = ["mdn-toy", "-c", "configs/mdn_toy.yaml",
-            "--set", f"experiment.out_dir={tmp_path}", "--set", "toy.iterations=800",
+            "--set", f"experiment.out_dir={tmp_path}", "--set", "toy.iterations=1000",
             "--set", "toy.samples=1500", "--set", "debug.gradients.histograms_every=200"]
     assert main(argv) == 0
     run = tmp_path / "mdn_toy"
@@ -17,7 +17,9 @@ def test_mdn_toy_beats_mse_and_covers_branches(tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     # the MSE net, read as a Gaussian, cannot explain three branches; the MDN can
     assert m["mse_nll_test"] - m["mdn_nll_test"] > 0.5, m
-    assert m["samples_near_branch"] > 0.8 and m["branches_covered"] > 0.8, m
+    # samples land near the true branches about as often as the noisy data itself does
+    assert m["samples_near_branch"] > m["data_near_branch"] - 0.08, m
+    assert m["branches_covered"] > 0.9, m
     assert (run / "mdn" / "tb").is_dir()
 
 
