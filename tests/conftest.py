@@ -9,6 +9,10 @@ import pytest
 @pytest.fixture(autouse=True)
 def _chainer_float32():
     """float64 mode is global in Chainer; a test that turns it on must not leak it into the next."""
+    from extensions import set_float64
+
+    set_float64(False)
     chainer.global_config.dtype = np.dtype(np.float32)
     yield
+    set_float64(False)
     chainer.global_config.dtype = np.dtype(np.float32)
