@@ -135,6 +135,12 @@ def _cuda_backend():
     return cuda
 
 
+def cuda_problem() -> str | None:
+    """Why Chainer's CUDA backend cannot be used (no CuPy, a missing CUDA library ...), or None when it can."""
+    cuda = _cuda_backend()
+    return None if cuda.available else _unavailable_reason(cuda)
+
+
 def _unavailable_reason(cuda) -> str:
     err = getattr(cuda, "_resolution_error", None)
     text = " ".join(str(err).split()) if err is not None else "unknown reason"
@@ -202,9 +208,9 @@ def use_device(device: int) -> chainer.backend.Device:
     enable()
     import chainer
 
-    cuda = _cuda_backend()
-    if not cuda.available:
-        raise UserError(f"experiment.device={device}: {_unavailable_reason(cuda)}; or set experiment.device=-1")
+    problem = cuda_problem()
+    if problem is not None:
+        raise UserError(f"experiment.device={device}: {problem}; or set experiment.device=-1")
     try:
         count = device_count()
     except UserError as e:
