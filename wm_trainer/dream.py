@@ -53,7 +53,11 @@ def counter_uniform(keys: np.ndarray, step: int, slots: int) -> np.ndarray:
 
 
 class DreamEnv:
-    """B dreamed episodes stepped together; done from M's done head (logit > 0) or ``max_steps``."""
+    """B dreamed episodes stepped together; done from M's done head (logit > 0) or ``max_steps``.
+
+    M's weights are copied to host numpy arrays when the env is built (later changes to M need a
+    new env); stepping is plain numpy, so no graph is ever built, whatever Chainer's config.
+    """
 
     def __init__(self, mdnrnn: MDNRNN, *, temperature: float = 1.0, max_steps: int = 2100, seed: int = 0,
                  reward_per_step: float = 1.0):

@@ -159,9 +159,6 @@ def load_mdnrnn(path, cfg, action_dim: int) -> MDNRNN:
     return model
 
 
-LATENT_KEYS = ("mu", "logvar", "actions", "rewards", "dones")
-
-
 def list_latents(folder) -> list[Path]:
     """Encoded episode files (``ep_NNNNNN.npz``) in ``folder``, in index order."""
     return episodes.list_episodes(folder)
