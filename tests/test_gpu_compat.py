@@ -262,3 +262,20 @@ def test_enable_is_idempotent(fresh):
     assert os.environ["CHAINER_WARN_VERSION_MISMATCH"] == "0"
     assert sum(1 for f in warnings.filters if f[1] is not None and "cudnn library" in f[1].pattern) == 1
 
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_gpu_benchmark_says_no_gpu_and_succeeds(fresh, capsys):
+    from benchmarks import bench_gpu
+
+    assert bench_gpu.main([]) == 0
+    assert capsys.readouterr().out.strip() == "no GPU: CuPy is not installed (pip install -e '.[cuda]')"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_gpu_benchmark_imports_no_torch_or_cupy_without_a_gpu():
+    code = ("import sys; from benchmarks import bench_gpu; rc = bench_gpu.main([]); "
+            "print(rc, sorted(m for m in ('torch', 'cupy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
