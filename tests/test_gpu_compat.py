@@ -216,6 +216,8 @@ def _wheel_tree(root):
         "nvidia/cudnn/lib/libwmfakednn.so.8": True,
         "nvidia/cudnn/lib/libcudnn_wmfake.so.9": False,  # cuDNN 9: CuPy 13 cannot use it
         "nvidia/cufile/lib/libwmfakefile.so.1": False,  # not a library CuPy needs
+        "nvidia/cu13/lib/libnvrtc-builtins.so.13.99": True,  # CUDA 13 wheels: one shared folder ...
+        "nvidia/cu13/lib/libnppc.so.13": False,  # ... from which only CuPy's libraries are taken
     }
     for rel in files:
         path = root / rel

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 # Sub-folders of site-packages/nvidia/ that CuPy 13 needs (cuda_runtime: headers for NVRTC, nvjitlink: for cuSPARSE).
 CUDA_WHEEL_DIRS = ("cuda_runtime", "cuda_nvrtc", "nvjitlink", "cublas", "curand", "cusolver", "cusparse", "cufft",
                    "cudnn")
+# CUDA 13's wheels share one folder, site-packages/nvidia/cu13/lib; take only the libraries CuPy links.
+CUDA13_DIR, CUDA13_LIBS = "cu13", re.compile(r"^lib(cudart|nvrtc|nvJitLink|cublas|cublasLt|curand|cusolver|cusparse|"
+                                              r"cufft)(-builtins)?\.so")
 CUDNN_MAJOR = 8  # the cuDNN CuPy 13 links against (libcudnn.so.8); cuDNN 9 wheels are of no use to it
 # nvblas would interpose on the host BLAS; the .alt. NVRTC builds are an alternative CuPy never loads.
 SKIP_LIBRARY = re.compile(r"^libnvblas\.|\.alt\.")
@@ -76,14 +79,15 @@ def cuda_wheel_libraries(site_dirs: Iterable[str | os.PathLike] | None = None) -
     roots = [Path(p) for p in site_dirs] if site_dirs is not None else _site_dirs()
     found: list[Path] = []
     for root in roots:
-        for name in CUDA_WHEEL_DIRS:
+        for name in (*CUDA_WHEEL_DIRS, CUDA13_DIR):
             for path in sorted(Path(root, "nvidia", name, "lib").glob("lib*.so*")):
-                if SKIP_LIBRARY.search(path.name):
+                if SKIP_LIBRARY.search(path.name) or not path.is_file():
                     continue
                 if name == "cudnn" and not re.search(rf"\.so\.{CUDNN_MAJOR}(\.|$)", path.name):
                     continue
-                if path.is_file():
-                    found.append(path)
+                if name == CUDA13_DIR and not CUDA13_LIBS.search(path.name):
+                    continue
+                found.append(path)
     return found
 
 
