@@ -1,0 +1,63 @@
+"""Score the trained agent and, in the same run and on the same seeds, the random policy, in the real env."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .envs import action_dim as env_action_dim
+from .storage import RunPaths, atomic_write_json
+
+
+def _summary(returns: np.ndarray) -> dict:
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "min": float(returns.min()),
+            "max": float(returns.max()), "returns": [float(r) for r in returns]}
+
+
+def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> dict:
+    """N real episodes with the agent and N with the random policy; writes and returns eval.json's content."""
+    from tqdm import tqdm
+
+    from .controller import Controller
+    from .memory import load_mdnrnn
+    from .rollout import AgentWeights, Job, eval_seeds, play
+    from .vision import load_vae
+
+    n = int(episodes or cfg.evaluate.episodes)
+    paths = RunPaths(cfg.run_dir)
+    adim = env_action_dim(cfg.env.id)
+    ctrl = Controller.load(paths.controller_model)
+    vae = load_vae(paths.vae_model, cfg.vae.z_dim, cfg.vae.kl_tolerance)
+    mdnrnn = load_mdnrnn(paths.mdnrnn_model, cfg, adim)
+    weights = AgentWeights.from_models(vae, mdnrnn, ctrl.params[None])
+    seeds = eval_seeds(cfg.experiment.seed, n)
+    jobs = [Job(0, s) for s in seeds]
+    own = None
+    if executor is None:
+        from .parallel import make_executor
+
+        executor = own = make_executor(cfg.parallel)
+    try:
+        with tqdm(total=2 * n, desc="evaluate", unit="ep", file=sys.stderr, dynamic_ncols=True) as bar:
+            agent = play(executor, weights, jobs, cfg, progress=bar.update)
+            rand = play(executor, None, jobs, cfg, progress=bar.update)
+    finally:
+        if own is not None:
+            own.shutdown()
+    result = {"env": cfg.env.id, "episodes": n, "max_steps": cfg.env.max_steps, "seeds": seeds,
+              "controller_mode": cfg.controller.mode, "agent": _summary(agent), "random": _summary(rand)}
+    atomic_write_json(paths.eval_json, result)
+    return result
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """CLI: ``wm-trainer evaluate -c CONFIG [--episodes N]``; prints both scores as mean ± std."""
+    res = evaluate(cfg, getattr(args, "episodes", None))
+    print(f"{res['env']}, {res['episodes']} episodes")
+    for who in ("agent", "random"):
+        print(f"{who}: {res[who]['mean']:.1f} ± {res[who]['std']:.1f}")
+    print(f"eval: {RunPaths(cfg.run_dir).eval_json}")
+    return 0

@@ -1,0 +1,118 @@
+"""Media for a run: a GIF of the agent in the real env, a GIF of a dream decoded by V, a V reconstruction grid."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import chainer
+import numpy as np
+
+from .config import Config
+from .envs import action_dim as env_action_dim
+from .errors import UserError
+from .storage import RunPaths, atomic_write_bytes
+
+AGENT_GIF = "agent.gif"
+DREAM_GIF = "dream.gif"
+RECON_PNG = "vae_reconstructions.png"
+MEDIA_FILES = (AGENT_GIF, DREAM_GIF, RECON_PNG)
+
+
+def write_gif(path: Path, frames: list[np.ndarray], fps: int = 20) -> Path:
+    """An animated, looping GIF of uint8 HxWx3 frames, written atomically."""
+    import imageio.v3 as iio
+
+    data = iio.imwrite("<bytes>", np.stack(frames), extension=".gif", duration=1000 / fps, loop=0)
+    return atomic_write_bytes(path, data)
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    """A PNG of a uint8 HxWx3 image, written atomically."""
+    import imageio.v3 as iio
+
+    return atomic_write_bytes(path, iio.imwrite("<bytes>", image, extension=".png"))
+
+
+def _upscale(frames: np.ndarray, k: int = 2) -> np.ndarray:
+    return frames.repeat(k, axis=-3).repeat(k, axis=-2)
+
+
+def agent_frames(cfg: Config, weights, steps: int, seed: int) -> tuple[list[np.ndarray], float]:
+    """Frames and return of one real episode of the agent, at most ``steps`` steps."""
+    from .rollout import Job, run_jobs
+
+    (res,) = run_jobs(weights, [Job(0, seed)], cfg.env, steps, 1, record=True)
+    return res.frames, res.ret
+
+
+def dream_frames(vae, mdnrnn, ctrl, initial_z: np.ndarray, cfg: Config, steps: int, seed: int) -> list[np.ndarray]:
+    """One dream of the agent (batch of 1) decoded by V, at most ``steps`` frames, up to M's predicted end."""
+    from .dream import DreamEnv, decode_frames
+
+    env = DreamEnv(mdnrnn, temperature=cfg.controller.temperature, max_steps=steps, seed=seed)
+    z, h = env.reset(initial_z[None].astype(np.float32))
+    zs = [np.asarray(z)]
+    for _ in range(steps - 1):
+        z, h, _, done = env.step(ctrl.act_batch(ctrl.params, z, h))
+        zs.append(np.asarray(z))
+        if np.asarray(done).all():
+            break
+    return list(decode_frames(vae, np.concatenate(zs)))
+
+
+def reconstruction_grid(vae, frames: np.ndarray) -> np.ndarray:
+    """Originals over their reconstructions (V's mean latents), one column per frame."""
+    from .vision import frames_converter, to_uint8_frames
+
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        mu, _ = vae.encode(frames_converter(frames))
+        recon = to_uint8_frames(vae.decode(mu))
+    rows = [np.concatenate(list(frames), axis=1), np.concatenate(list(recon), axis=1)]
+    return np.concatenate(rows, axis=0)
+
+
+def _sample_frames(folder: Path, n: int, rng: np.random.Generator) -> np.ndarray:
+    from .episodes import list_episodes, load_episode
+
+    files = list_episodes(folder)
+    if not files:
+        raise UserError(f"{folder}: no episodes to reconstruct; run `wm-trainer collect` first")
+    out = []
+    for i in rng.choice(len(files), size=n, replace=len(files) < n):
+        frames = load_episode(files[i], keys=["frames"])["frames"]
+        out.append(frames[rng.integers(len(frames))])
+    return np.stack(out)
+
+
+def render(cfg: Config) -> list[Path]:
+    """Write the agent GIF, the dream GIF and the reconstruction grid to RunPaths.media."""
+    from .controller import Controller
+    from .dream import initial_latents
+    from .memory import load_mdnrnn
+    from .rollout import AgentWeights, eval_seeds
+    from .vision import load_vae
+
+    paths = RunPaths(cfg.run_dir)
+    adim = env_action_dim(cfg.env.id)
+    ctrl = Controller.load(paths.controller_model)
+    vae = load_vae(paths.vae_model, cfg.vae.z_dim, cfg.vae.kl_tolerance)
+    mdnrnn = load_mdnrnn(paths.mdnrnn_model, cfg, adim)
+    rng = np.random.default_rng(cfg.experiment.seed)
+    steps = cfg.evaluate.gif_steps
+    media = paths.media
+    frames, _ = agent_frames(cfg, AgentWeights.from_models(vae, mdnrnn, ctrl.params[None]), steps,
+                             eval_seeds(cfg.experiment.seed, 1)[0])
+    written = [write_gif(media / AGENT_GIF, [_upscale(f) for f in frames])]
+    z0 = np.asarray(initial_latents(paths.latents, 1, rng), np.float32)[0]
+    dream = dream_frames(vae, mdnrnn, ctrl, z0, cfg, steps, seed=cfg.experiment.seed)
+    written.append(write_gif(media / DREAM_GIF, [_upscale(f) for f in dream]))
+    grid = reconstruction_grid(vae, _sample_frames(paths.episodes, 8, rng))
+    written.append(write_png(media / RECON_PNG, _upscale(grid)))
+    return written
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """CLI: ``wm-trainer render -c CONFIG``."""
+    for path in render(cfg):
+        print(f"media: {path}")
+    return 0

@@ -1,0 +1,245 @@
+"""Real-environment episodes for many agents: V encode, M step and C act batched over lockstepped envs.
+
+A task is a list of episodes (agent row, seed). The worker that runs it steps up to
+``parallel.envs_per_worker`` environments in lockstep; every step it encodes all their frames
+with V in one batch, runs C with each env's own agent weights (one batched matmul) and M's
+LSTM step for all of them at once. When an episode ends, its env takes the task's next
+episode. Weights travel to workers once per generation as an :class:`AgentWeights` bundle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing.util
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import chainer
+import numpy as np
+
+from .controller import Controller
+
+_MODEL_CACHE: dict[str, tuple[Any, Any]] = {}  # bundle token -> (vae, mdnrnn), per worker process
+_ENV_CACHE: dict[tuple, list] = {}  # (env id, max steps) -> idle envs, per worker process
+
+
+@dataclasses.dataclass
+class AgentWeights:
+    """Everything a worker needs to rebuild V, M and C: sizes plus plain numpy weight arrays."""
+
+    z_dim: int
+    action_dim: int
+    hidden: int
+    mixtures: int
+    done_head: bool
+    vae: dict[str, np.ndarray]
+    mdnrnn: dict[str, np.ndarray]
+    params: np.ndarray  # (P, n_params) controller rows, one per agent (candidate)
+    token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # identifies V and M's arrays
+
+    @classmethod
+    def from_models(cls, vae: chainer.Link, mdnrnn: chainer.Link, params: np.ndarray) -> AgentWeights:
+        """Bundle trained V and M with a population of controller parameter rows."""
+        return cls(z_dim=vae.z_dim, action_dim=mdnrnn.action_dim, hidden=mdnrnn.hidden, mixtures=mdnrnn.mixtures,
+                   done_head=mdnrnn.has_done, vae=_arrays(vae), mdnrnn=_arrays(mdnrnn),
+                   params=np.atleast_2d(np.asarray(params, np.float32)))
+
+    def with_params(self, params: np.ndarray) -> AgentWeights:
+        """The same V and M (workers keep their built copies) with new controller rows."""
+        return dataclasses.replace(self, params=np.atleast_2d(np.asarray(params, np.float32)))
+
+    def models(self) -> tuple[Any, Any]:
+        """(V, M) rebuilt from the arrays; built once per worker process for each token."""
+        key = self.token
+        if key not in _MODEL_CACHE:
+            from .memory import MDNRNN
+            from .vision import ConvVAE
+
+            vae = ConvVAE(self.z_dim)
+            _load_arrays(vae, self.vae)
+            mdn = MDNRNN(self.z_dim, self.action_dim, self.hidden, self.mixtures, self.done_head)
+            _load_arrays(mdn, self.mdnrnn)
+            _MODEL_CACHE.clear()
+            _MODEL_CACHE[key] = (vae, mdn)
+        return _MODEL_CACHE[key]
+
+
+def _arrays(link: chainer.Link) -> dict[str, np.ndarray]:
+    return {name: np.asarray(chainer.backend.CpuDevice().send(p.array)) for name, p in link.namedparams()}
+
+
+def _load_arrays(link: chainer.Link, arrays: dict[str, np.ndarray]) -> None:
+    for name, p in link.namedparams():
+        p.array[...] = arrays[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One episode: which agent row plays it, and the env seed."""
+
+    row: int
+    seed: int
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+    """The return and length of one episode (and its frames when recorded)."""
+
+    row: int
+    seed: int
+    ret: float
+    steps: int
+    frames: list | None = None
+
+
+def _take_env(env_cfg: Any, max_steps: int):
+    from .envs import make_env
+
+    if not _ENV_CACHE:  # first env of this process: close them all when it exits (pool workers included)
+        multiprocessing.util.Finalize(None, close_envs, exitpriority=100)
+    pool = _ENV_CACHE.setdefault((env_cfg.id, max_steps), [])
+    return pool.pop() if pool else make_env(env_cfg, max_steps)
+
+
+def _give_env(env_cfg: Any, max_steps: int, env) -> None:
+    _ENV_CACHE.setdefault((env_cfg.id, max_steps), []).append(env)
+
+
+def close_envs() -> None:
+    """Close every cached environment of this process."""
+    for envs in _ENV_CACHE.values():
+        for env in envs:
+            env.close()
+    _ENV_CACHE.clear()
+
+
+class _AgentBrain:
+    """V + M + C for a batch of slots: actions from frames, then M's state advanced with (z, a)."""
+
+    def __init__(self, weights: AgentWeights):
+        self.vae, self.mdn = weights.models()
+        self.ctrl = Controller(weights.z_dim, weights.hidden, weights.action_dim)
+        self.params = weights.params
+
+    def start(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Zero (h, c) for n slots."""
+        h = np.zeros((n, self.mdn.hidden), np.float32)
+        return h, h.copy()
+
+    def act(self, frames: np.ndarray, rows: np.ndarray, state: tuple[np.ndarray, np.ndarray]):
+        """Actions (n, A) for the slots' frames and the advanced state."""
+        from .vision import frames_converter
+
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            mu, _ = self.vae.encode(frames_converter(frames))
+            z = mu.array
+            a = self.ctrl.act_batch(self.params[rows], z, state[0]).astype(np.float32)
+            _, (h, c) = self.mdn.step(z, a, state)
+        return a, (np.asarray(h.array), np.asarray(c.array))
+
+
+def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, max_steps: int,
+             n_envs: int, repeat_prob: float = 0.9, record: bool = False,
+             on_step: Callable[[], None] | None = None) -> list[EpisodeResult]:
+    """Play ``jobs`` on up to ``n_envs`` lockstepped envs; ``weights=None`` plays the random policy."""
+    from .envs import random_policy
+
+    jobs = list(jobs)
+    brain = _AgentBrain(weights) if weights is not None else None
+    envs = [_take_env(env_cfg, max_steps) for _ in range(min(n_envs, len(jobs)))]
+    results: list[EpisodeResult | None] = [None] * len(jobs)
+    slot_job = [-1] * len(envs)
+    frames: list[np.ndarray | None] = [None] * len(envs)
+    policies: list[Any] = [None] * len(envs)
+    next_job = 0
+    state = brain.start(len(envs)) if brain else None
+
+    def start(slot: int) -> None:
+        nonlocal next_job
+        j = jobs[next_job]
+        slot_job[slot] = next_job
+        results[next_job] = EpisodeResult(j.row, j.seed, 0.0, 0, [] if record else None)
+        next_job += 1
+        frames[slot] = envs[slot].reset(seed=j.seed)
+        if record:
+            results[slot_job[slot]].frames.append(frames[slot])
+        if brain is None:
+            policies[slot] = random_policy(env_cfg.id, np.random.default_rng(j.seed), repeat_prob)
+        else:
+            state[0][slot] = 0.0
+            state[1][slot] = 0.0
+
+    try:
+        for s in range(len(envs)):
+            start(s)
+        while True:
+            active = [s for s in range(len(envs)) if slot_job[s] >= 0]
+            if not active:
+                break
+            if brain is None:
+                actions = {s: policies[s]() for s in active}
+            else:
+                idx = np.asarray(active)
+                rows = np.asarray([jobs[slot_job[s]].row for s in active])
+                sub = (state[0][idx], state[1][idx])
+                acts, (h, c) = brain.act(np.stack([frames[s] for s in active]), rows, sub)
+                state[0][idx], state[1][idx] = h, c
+                actions = {s: acts[i] for i, s in enumerate(active)}
+            for s in active:
+                frame, reward, done = envs[s].step(actions[s])
+                res = results[slot_job[s]]
+                res.ret += reward
+                res.steps += 1
+                frames[s] = frame
+                if record:
+                    res.frames.append(frame)
+                if done:
+                    slot_job[s] = -1
+                    if next_job < len(jobs):
+                        start(s)
+            if on_step is not None:
+                on_step()
+    finally:
+        for env in envs:
+            _give_env(env_cfg, max_steps, env)
+    return results  # type: ignore[return-value]
+
+
+def _task(weights: AgentWeights | None, jobs: list[Job], env_cfg: Any, max_steps: int, n_envs: int,
+          repeat_prob: float) -> list[tuple[float, int]]:
+    """Worker entry point: (return, steps) per job, in job order."""
+    return [(r.ret, r.steps) for r in run_jobs(weights, jobs, env_cfg, max_steps, n_envs, repeat_prob)]
+
+
+def _chunks(jobs: list[Job], size: int) -> list[list[Job]]:
+    return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+
+
+def play(executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: Any,
+         progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Returns (len(jobs),) of episodes played by the executor's workers, weights broadcast once."""
+    jobs = list(jobs)
+    per_task = cfg.parallel.envs_per_worker
+    handle = executor.broadcast(weights) if weights is not None else None
+    chunks = _chunks(jobs, per_task)
+    futures = [executor.submit(_task, handle, chunk, cfg.env, cfg.env.max_steps, per_task, cfg.collect.repeat_prob)
+               for chunk in chunks]
+    out = np.zeros(len(jobs), np.float64)
+    pos = 0
+    for chunk, fut in zip(chunks, futures):
+        rets = fut.result()
+        out[pos:pos + len(chunk)] = [r for r, _ in rets]
+        pos += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+def eval_seeds(base_seed: int, n: int) -> list[int]:
+    """Seeds of the n evaluation episodes: fixed per run seed, disjoint from fitness seeds."""
+    return [10_000_000 + 1000 * base_seed + i for i in range(n)]
+
+
+def fitness_seeds(base_seed: int, generation: int, n: int) -> list[int]:
+    """Seeds for one generation's real-env fitness: shared by all candidates (common random numbers)."""
+    return [1_000 * base_seed + 997 * generation + i for i in range(n)]
