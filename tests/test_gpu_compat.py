@@ -281,3 +281,12 @@ def test_gpu_benchmark_imports_no_torch_or_cupy_without_a_gpu():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
     assert out.strip().splitlines()[-1] == "0 []"
+
+
+def test_enable_if_installed_only_with_cupy(fresh):
+    calls = []
+    fresh.setattr(gpu_compat, "preload_cuda_libraries", lambda libraries=None: calls.append(1) or [])
+    fresh.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else object())
+    assert gpu_compat.enable_if_installed() is False and calls == [] and not gpu_compat._state["enabled"]
+    fresh.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert gpu_compat.enable_if_installed() is True and calls == [1] and gpu_compat._state["enabled"]

@@ -18,8 +18,8 @@ Chainer 7.8.1 was written for CuPy 7. What goes wrong with CuPy 13, and the shim
   driver or no device only fails later, deep inside a kernel launch. :func:`use_device` probes the
   device and turns every such failure into one :class:`~wm_trainer.errors.UserError`.
 
-Importing this module imports neither Chainer nor CuPy; :func:`enable` must run before the first
-``import chainer`` for the preloading to help (the CLI does so when ``experiment.device >= 0``).
+Importing this module imports neither Chainer nor CuPy; :func:`enable` (or :func:`enable_if_installed`)
+must run before the first ``import chainer`` for the preloading to help.
 """
 from __future__ import annotations
 
@@ -131,6 +131,16 @@ def enable() -> None:
     quiet_known_warnings()
     preload_cuda_libraries()
     _state["enabled"] = True
+
+
+def enable_if_installed() -> bool:
+    """:func:`enable` when CuPy is installed (Chainer will import it anyway); True if it did. Imports no CuPy."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    enable()
+    return True
 
 
 def _cuda_backend():
