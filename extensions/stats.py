@@ -8,6 +8,7 @@ for an infinity; NaN/Inf counts are computed only when the total is not finite.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -19,12 +20,29 @@ import numpy as np
 STATS = ("norm", "mean", "std", "max_abs", "zero_frac", "nan", "inf")
 
 
+_KEYS: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+
+
+def _report_keys(prefix: str, names: tuple[str, ...]) -> list[str]:
+    key = (prefix, names)
+    keys = _KEYS.get(key)
+    if keys is None:
+        if len(_KEYS) > 64:
+            _KEYS.clear()
+        keys = _KEYS[key] = [f"{prefix}/{n}/{s}" for n in names for s in STATS]
+    return keys
+
+
 @dataclasses.dataclass
 class GradSummary:
-    """What one pass over the gradients found: total squared norm, per-parameter stats, gaps."""
+    """What one pass over the gradients found: total squared norm, per-parameter stats, gaps.
+
+    ``table`` has one row per name in ``names`` and one column per entry of ``STATS``.
+    """
 
     sqnorm: float
-    stats: dict[str, dict[str, float]] | None = None
+    names: tuple[str, ...] = ()
+    table: np.ndarray | None = None
     missing: list[str] = dataclasses.field(default_factory=list)
     nonfinite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
@@ -38,12 +56,18 @@ class GradSummary:
         """True when every gradient element is finite."""
         return math.isfinite(self.sqnorm)
 
+    @property
+    def stats(self) -> dict[str, dict[str, float]] | None:
+        """{path: {stat: value}}, or None when statistics were not computed this iteration."""
+        if self.table is None:
+            return None
+        return {n: dict(zip(STATS, row)) for n, row in zip(self.names, self.table.tolist())}
+
     def as_report(self, prefix: str = "grad") -> dict[str, float]:
         """Reporter keys ``grad/<path>/<stat>``, ``grad/<path>/missing`` and ``grad/global_norm``."""
         out = {f"{prefix}/global_norm": self.global_norm}
-        for path, stats in (self.stats or {}).items():
-            for key, value in stats.items():
-                out[f"{prefix}/{path}/{key}"] = value
+        if self.table is not None:
+            out.update(zip(_report_keys(prefix, self.names), self.table.ravel().tolist()))
         for path in self.missing:
             out[f"{prefix}/{path}/missing"] = 1.0
         return out
@@ -72,22 +96,34 @@ def _count_nonfinite_numpy(names, arrays, flat, offsets) -> dict[str, tuple[int,
     return {n: (int(a), int(b)) for n, a, b in zip(names, nan, inf) if a or b}
 
 
+_OFFSETS: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _layout(arrays: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, start offsets) of the arrays in the flat buffer, cached by their sizes."""
+    key = tuple([a.size for a in arrays])
+    layout = _OFFSETS.get(key)
+    if layout is None:
+        if len(_OFFSETS) > 64:
+            _OFFSETS.clear()
+        sizes = np.array(key, dtype=np.int64)
+        layout = _OFFSETS[key] = (sizes, np.concatenate(([0], np.cumsum(sizes)[:-1])))
+    return layout
+
+
 def _numpy_summary(names, arrays, missing, with_stats: bool) -> GradSummary:
     if not arrays:
-        return GradSummary(0.0, {} if with_stats else None, missing)
+        return GradSummary(0.0, (), np.zeros((0, len(STATS))) if with_stats else None, missing)
     flat = _flat(arrays)
     if not with_stats:
         sq = float(np.dot(flat, flat))
         if not math.isfinite(sq):  # overflow of a float32 dot, or a real NaN/Inf: settle it in float64
             sq = float(np.square(flat, dtype=np.float64).sum())
-        summary = GradSummary(sq, None, missing)
+        summary = GradSummary(sq, tuple(names), None, missing)
         if not summary.finite:
-            sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-            offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-            summary.nonfinite = _count_nonfinite_numpy(names, arrays, flat, offsets)
+            summary.nonfinite = _count_nonfinite_numpy(names, arrays, flat, _layout(arrays)[1])
         return summary
-    sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-    offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    sizes, offsets = _layout(arrays)
     sums = np.add.reduceat(flat, offsets, dtype=np.float64)
     sqs = np.add.reduceat(np.square(flat, dtype=np.float64), offsets)
     max_abs = np.maximum.reduceat(np.abs(flat), offsets)
@@ -98,31 +134,26 @@ def _numpy_summary(names, arrays, missing, with_stats: bool) -> GradSummary:
 
 
 def _assemble(names, sizes, sums, sqs, max_abs, zeros, nonfinite, total, missing) -> GradSummary:
-    with np.errstate(invalid="ignore", over="ignore"):
-        mean = sums / sizes
-        var = np.maximum(sqs / sizes - mean * mean, 0.0)
-        std = np.sqrt(var)
-        norm = np.sqrt(sqs)
-    stats = {}
+    counts = np.zeros((2, len(names)))
     for i, name in enumerate(names):
-        nan, inf = nonfinite.get(name, (0, 0))
-        stats[name] = {
-            "norm": float(norm[i]), "mean": float(mean[i]), "std": float(std[i]),
-            "max_abs": float(max_abs[i]), "zero_frac": float(zeros[i]) / float(sizes[i]),
-            "nan": float(nan), "inf": float(inf),
-        }
-    return GradSummary(total, stats, missing, nonfinite)
+        if name in nonfinite:
+            counts[:, i] = nonfinite[name]
+    with np.errstate(invalid="ignore", over="ignore") if nonfinite else contextlib.nullcontext():
+        mean = sums / sizes
+        std = np.sqrt(np.maximum(sqs / sizes - mean * mean, 0.0))
+        table = np.stack([np.sqrt(sqs), mean, std, max_abs, zeros / sizes, counts[0], counts[1]], axis=1)
+    return GradSummary(total, tuple(names), table, missing, nonfinite)
 
 
 def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary:
     if not arrays:
-        return GradSummary(0.0, {} if with_stats else None, missing)
+        return GradSummary(0.0, (), np.zeros((0, len(STATS))) if with_stats else None, missing)
     f64 = xp.float64
     if not with_stats:
         sq = float(sum(xp.vdot(a.ravel(), a.ravel()).astype(f64) for a in arrays))
         if not math.isfinite(sq):
             sq = float(sum(xp.square(a.astype(f64)).sum() for a in arrays))
-        summary = GradSummary(sq, None, missing)
+        summary = GradSummary(sq, tuple(names), None, missing)
         if not summary.finite:
             summary.nonfinite = nonfinite_counts(names, arrays)
         return summary
@@ -144,9 +175,9 @@ def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: boo
     ``grads`` holds one array (or None for a parameter that got no gradient) per name.
     """
     present_names, present, missing = _split(names, grads)
-    xp = chainer.backend.get_array_module(*present) if present else np
-    if xp is np:
+    if not present or all(type(a) is np.ndarray for a in present):
         return _numpy_summary(present_names, present, missing, with_stats)
+    xp = chainer.backend.get_array_module(*present)
     return _device_summary(xp, present_names, present, missing, with_stats)
 
 

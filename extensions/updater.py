@@ -199,7 +199,7 @@ class GradientLoggingMixin:
 
     def _param_table(self, target: chainer.Link) -> tuple[list[str], list[chainer.Parameter]]:
         cached = self._ext.table
-        if cached is None or cached[0] != id(target) or len(cached[2]) != sum(1 for _ in target.params()):
+        if cached is None or cached[0] != id(target):
             named = list(target.namedparams(include_uninit=True))
             cached = self._ext.table = (id(target), [n.lstrip("/") for n, _ in named], [p for _, p in named])
         return cached[1], cached[2]
@@ -231,7 +231,7 @@ class GradientLoggingMixin:
 
         updated = False
         if nf.check:
-            loss_value = float(chainer.backend.CpuDevice().send(loss.array).sum())
+            loss_value = _host_scalar(loss.array)
             if not math.isfinite(loss_value) or not summary.finite:
                 trigger = (f"loss is {loss_value}" if not math.isfinite(loss_value)
                            else f"global gradient norm is {summary.global_norm}")
@@ -315,6 +315,12 @@ class GradientLoggingMixin:
             st.skipped = int(serializer("ext_nonfinite_skipped", st.skipped))
         except KeyError:  # a snapshot written without the toolkit
             pass
+
+
+def _host_scalar(a: Any) -> float:
+    if type(a) is np.ndarray:
+        return float(a) if a.ndim == 0 else float(a.sum())
+    return float(chainer.backend.CpuDevice().send(a).sum())
 
 
 def _finite_params(params: list[chainer.Parameter]) -> bool:
