@@ -1,0 +1,41 @@
+"""Fused MDN negative log-likelihood: gradients and equality with wm_trainer.mdn.mdn_nll."""
+from __future__ import annotations
+
+import chainer
+import chainer.functions as F
+import numpy as np
+import pytest
+from chainer import gradient_check
+
+from wm_trainer import mdn
+from wm_trainer.ops import mdn_nll
+from wm_trainer.ops.mdn_loss import BLOCK_ROWS, MDNNegLogLikelihood
+
+
+def test_gradients_check_in_float64():
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s) for s in [(7, 3, 4), (7, 3, 4), (7, 3, 4), (7, 3)]]
+    gradient_check.check_backward(lambda *a: MDNNegLogLikelihood().apply(a), args, rng.standard_normal(7),
+                                  dtype=np.float64)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "no"])
+def test_matches_stock_composition_on_split_head_output_across_blocks(reduce):
+    rng = np.random.default_rng(1)
+    rows = BLOCK_ROWS + 5  # more than one block
+    y = rng.standard_normal((rows, 2, 9)).astype(np.float32)
+    target = rng.standard_normal((rows, 2)).astype(np.float32)
+    results = []
+    for fn in (mdn.mdn_nll, mdn_nll):
+        yv = chainer.Variable(y.copy())
+        out = fn(*F.split_axis(yv, 3, axis=2), target, reduce=reduce)
+        (F.sum(out) if reduce == "no" else out).backward()
+        results.append((out.array, yv.grad))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_reduce_is_an_error():
+    z = np.zeros((2, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="reduce"):
+        mdn_nll(z, z, z, np.zeros((2, 1), np.float32), reduce="sum")

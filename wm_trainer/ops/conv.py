@@ -1,0 +1,136 @@
+"""2-D convolution for the CPU as one GEMM over strided NHWC windows.
+
+Arrays keep Chainer's NCHW *shape* but the outputs live in NHWC *memory* (a transposed view), so
+the next layer gets its NHWC input for free: numpy's element-wise ufuncs (ReLU, sigmoid) preserve
+that layout. Each window matrix is built with one strided copy (rows = output pixels, columns =
+(ky, kx, channel)), the product is one GEMM, and the input gradient is folded back with kh*kw
+strided adds. On GPU arrays or for options this kernel does not cover (dilation, groups,
+cover_all, mixed dtypes) :func:`convolution_2d` calls Chainer's own function.
+"""
+from __future__ import annotations
+
+import chainer
+import chainer.functions as F
+import numpy as np
+from chainer import function_node
+from numpy.lib.stride_tricks import as_strided
+
+FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def pair(v) -> tuple[int, int]:
+    """``v`` or ``(v, v)`` as a pair of ints."""
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def to_nhwc(x: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """A C-contiguous NHWC copy of NCHW-shaped ``x`` (free when ``x`` already has NHWC memory)."""
+    ph, pw = pad
+    t = x.transpose(0, 2, 3, 1)
+    if ph == 0 and pw == 0:
+        return np.ascontiguousarray(t)
+    n, h, w, c = t.shape
+    out = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=x.dtype)
+    out[:, ph:ph + h, pw:pw + w, :] = t
+    return out
+
+
+def windows(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow: int) -> np.ndarray:
+    """Read-only strided view (N, oh, ow, kh, kw, C) of every kernel window of a contiguous NHWC array."""
+    s0, s1, s2, s3 = x_nhwc.strides
+    n, c = x_nhwc.shape[0], x_nhwc.shape[3]
+    return as_strided(x_nhwc, (n, oh, ow, kh, kw, c), (s0, s1 * sy, s2 * sx, s1, s2, s3), writeable=False)
+
+
+def im2row(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow: int) -> np.ndarray:
+    """The window matrix (N*oh*ow, kh*kw*C) of a contiguous NHWC array: one strided copy."""
+    n, c = x_nhwc.shape[0], x_nhwc.shape[3]
+    out = np.empty((n, oh, ow, kh, kw, c), dtype=x_nhwc.dtype)
+    np.copyto(out, windows(x_nhwc, kh, kw, sy, sx, oh, ow))
+    return out.reshape(n * oh * ow, kh * kw * c)
+
+
+def row2im_add(out_nhwc: np.ndarray, rows: np.ndarray, kh: int, kw: int, sy: int, sx: int) -> None:
+    """Scatter-add window rows (N, oh, ow, kh, kw, C) back onto ``out_nhwc`` (N, H, W, C): kh*kw strided adds."""
+    oh, ow = rows.shape[1], rows.shape[2]
+    for i in range(kh):
+        for j in range(kw):
+            dst = out_nhwc[:, i:i + sy * (oh - 1) + 1:sy, j:j + sx * (ow - 1) + 1:sx, :]
+            np.add(dst, rows[:, :, :, i, j, :], out=dst)
+
+
+def nchw_view(y_nhwc: np.ndarray) -> np.ndarray:
+    """NCHW-shaped view of an NHWC array (no copy)."""
+    return y_nhwc.transpose(0, 3, 1, 2)
+
+
+class Convolution2DFast(function_node.FunctionNode):
+    """y = conv(x, W) + b on the CPU, NCHW shapes, NHWC memory, one GEMM per pass."""
+
+    def __init__(self, stride: tuple[int, int], pad: tuple[int, int]):
+        self.sy, self.sx = stride
+        self.ph, self.pw = pad
+
+    def forward_cpu(self, inputs):
+        """Window matrix times the (kh*kw*C, out) weight matrix."""
+        x, W = inputs[:2]
+        b = inputs[2] if len(inputs) == 3 else None
+        n, c, h, w = x.shape
+        out_c, _, kh, kw = W.shape
+        oh = (h + 2 * self.ph - kh) // self.sy + 1
+        ow = (w + 2 * self.pw - kw) // self.sx + 1
+        self.x_shape, self.kh, self.kw = x.shape, kh, kw
+        self.rows = im2row(to_nhwc(x, (self.ph, self.pw)), kh, kw, self.sy, self.sx, oh, ow)
+        self.w_mat = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(kh * kw * c, out_c)
+        y = self.rows @ self.w_mat
+        if b is not None:
+            y += b
+        if not chainer.config.enable_backprop:
+            self.rows = self.w_mat = None
+        return nchw_view(y.reshape(n, oh, ow, out_c)),
+
+    def backward(self, indexes, grad_outputs):
+        """Gradients as plain arrays (first order only: double backprop is not supported)."""
+        if chainer.config.enable_backprop:
+            raise NotImplementedError("fast convolution_2d has no double backprop; use experiment.ops=chainer")
+        gy = grad_outputs[0].array
+        n, c, h, w = self.x_shape
+        out_c, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
+        kh, kw = self.kh, self.kw
+        gy2 = to_nhwc(gy).reshape(n * oh * ow, out_c)
+        grads = []
+        if 0 in indexes:
+            g_rows = (gy2 @ self.w_mat.T).reshape(n, oh, ow, kh, kw, c)
+            hp, wp = h + 2 * self.ph, w + 2 * self.pw
+            gx = np.zeros((n, hp, wp, c), dtype=gy.dtype)
+            row2im_add(gx, g_rows, kh, kw, self.sy, self.sx)
+            gx = gx[:, self.ph:self.ph + h, self.pw:self.pw + w, :]
+            grads.append(chainer.Variable(nchw_view(gx)))
+        else:
+            grads.append(None)
+        if 1 in indexes:
+            gw = (self.rows.T @ gy2).reshape(kh, kw, c, out_c)
+            grads.append(chainer.Variable(np.ascontiguousarray(gw.transpose(3, 2, 0, 1))))
+        else:
+            grads.append(None)
+        if len(self.inputs) == 3:
+            grads.append(chainer.Variable(gy2.sum(axis=0)) if 2 in indexes else None)
+        return tuple(grads)
+
+
+def fast_conv_supported(x, W, b, stride, pad, cover_all: bool, dilate, groups: int) -> bool:
+    """Whether :class:`Convolution2DFast` covers this call (CPU numpy arrays, one dtype, plain options)."""
+    arrays = [v.array if isinstance(v, chainer.Variable) else v for v in (x, W, b) if v is not None]
+    if not all(type(a) is np.ndarray for a in arrays):
+        return False
+    dtype = arrays[0].dtype
+    return (dtype in FLOAT_TYPES and all(a.dtype == dtype for a in arrays) and arrays[0].ndim == 4
+            and not cover_all and pair(dilate) == (1, 1) and groups == 1)
+
+
+def convolution_2d(x, W, b=None, stride=1, pad=0, cover_all: bool = False, dilate=1, groups: int = 1):
+    """Drop-in for :func:`chainer.functions.convolution_2d`; the fast kernel on CPU, Chainer's otherwise."""
+    if not fast_conv_supported(x, W, b, stride, pad, cover_all, dilate, groups):
+        return F.convolution_2d(x, W, b, stride, pad, cover_all=cover_all, dilate=dilate, groups=groups)
+    args = (x, W) if b is None else (x, W, b)
+    return Convolution2DFast(pair(stride), pair(pad)).apply(args)[0]

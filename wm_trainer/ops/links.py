@@ -1,0 +1,83 @@
+"""Drop-in links on the fast CPU kernels, with the stock links' parameter names, shapes and initialisers.
+
+The convolution links subclass the Chainer links they replace (``W``/``b`` of
+:class:`chainer.links.Convolution2D` and :class:`chainer.links.Deconvolution2D`), and the LSTM has
+``L.LSTM``'s ``upward``/``lateral`` layout, so a model saved with either kind loads into the other.
+"""
+from __future__ import annotations
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+
+from wm_trainer.ops.conv import convolution_2d
+from wm_trainer.ops.deconv import deconvolution_2d
+from wm_trainer.ops.lstm import lstm_sequence
+
+
+class FastConvolution2D(L.Convolution2D):
+    """:class:`chainer.links.Convolution2D` computed by :func:`wm_trainer.ops.conv.convolution_2d`."""
+
+    def forward(self, x):
+        """The convolution; Chainer's own path for cuDNN-only options and non-NCHW layouts."""
+        if self.cudnn_fast or self.x_layout is not None:
+            return super().forward(x)
+        if self.W.array is None:
+            self._initialize_params(x.shape[1])
+        return convolution_2d(x, self.W, self.b, self.stride, self.pad, dilate=self.dilate, groups=self.groups)
+
+
+class FastDeconvolution2D(L.Deconvolution2D):
+    """:class:`chainer.links.Deconvolution2D` computed by :func:`wm_trainer.ops.deconv.deconvolution_2d`."""
+
+    def forward(self, x):
+        """The transposed convolution."""
+        if self.W.array is None:
+            self._initialize_params(x.shape[1])
+        return deconvolution_2d(x, self.W, self.b, self.stride, self.pad, self.outsize,
+                                dilate=self.dilate, groups=self.groups)
+
+
+class FastSequenceLSTM(chainer.Chain):
+    """An LSTM layer whose ``forward_seq`` runs :func:`wm_trainer.ops.lstm.lstm_sequence` (one FunctionNode).
+
+    Same parameters, initialisation and methods as ``wm_trainer.memory.SeqLSTM`` (and ``L.LSTM``):
+    ``upward`` Linear(in, 4H) with bias, ``lateral`` Linear(H, 4H) without; gate rows interleaved per
+    unit in ``F.lstm``'s order (a, i, f, o); forget-gate bias 1. Weights saved from either load into
+    the other. ``step`` (one step for a batch, e.g. in the dream) uses Chainer's ``F.lstm``.
+    """
+
+    def __init__(self, in_size: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        with self.init_scope():
+            self.upward = L.Linear(in_size, 4 * hidden)
+            self.lateral = L.Linear(hidden, 4 * hidden, nobias=True)
+        self.upward.b.array.reshape(hidden, 4)[:, 2] = 1.0
+
+    def initial_state(self, batch: int) -> tuple:
+        """Zero (h, c) for ``batch`` sequences."""
+        z = self.xp.zeros((batch, self.hidden), dtype=self.upward.W.dtype)
+        return z, z.copy()
+
+    def step(self, x, state: tuple | None) -> tuple:
+        """One step for a batch: x (B, in) -> (h (B, H), (h, c))."""
+        gates = self.upward(x)
+        if state is None:
+            c = self.xp.zeros((gates.shape[0], self.hidden), dtype=gates.dtype)
+        else:
+            h, c = state
+            gates = gates + self.lateral(h)
+        c, h = F.lstm(c, gates)
+        return h, (h, c)
+
+    def forward_seq(self, xs, state: tuple | None = None) -> tuple:
+        """A whole batch of sequences: xs (B, T, in) -> (hs (B, T, H), final (h, c))."""
+        if state is None:
+            state = self.initial_state(xs.shape[0])
+        h0, c0 = state
+        dtype = self.upward.W.dtype
+        h0 = h0 if isinstance(h0, chainer.Variable) else h0.astype(dtype, copy=False)
+        c0 = c0 if isinstance(c0, chainer.Variable) else c0.astype(dtype, copy=False)
+        hs, h, c = lstm_sequence(xs, h0, c0, self.upward.W, self.lateral.W, self.upward.b)
+        return hs, (h, c)

@@ -1,0 +1,148 @@
+"""An LSTM over a whole sequence as one Chainer FunctionNode (CPU), equivalent to stepping ``F.lstm``.
+
+Parameters use ``L.LSTM``'s layout: ``W_x`` (4H, I) and ``b`` (4H,) of ``upward``, ``W_h`` (4H, H) of
+``lateral``, gate rows interleaved per unit in ``F.lstm``'s order (a, i, f, o): row ``4*j + g``.
+Inside, the rows are regrouped gate-major and the states kept feature-major (H, N) so every
+element-wise pass runs on a contiguous slab; each step is one GEMM with the input projection and bias
+folded in; backward runs the recurrence with one GEMM per step and gets the weight and input gradients
+of the whole sequence from two large GEMMs at the end. GPU arrays go to the stepped reference.
+"""
+from __future__ import annotations
+
+import chainer
+import chainer.functions as F
+import numpy as np
+from chainer import function_node
+
+from wm_trainer.ops.conv import FLOAT_TYPES
+
+
+def interleaved_to_blocked(w: np.ndarray) -> np.ndarray:
+    """Rows 4*j + g (per-unit gates a, i, f, o) -> rows g*H + j (gate blocks)."""
+    h4 = w.shape[0]
+    return np.ascontiguousarray(w.reshape((h4 // 4, 4) + w.shape[1:]).swapaxes(0, 1)).reshape(w.shape)
+
+
+def blocked_to_interleaved(w: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`interleaved_to_blocked`."""
+    h4 = w.shape[0]
+    return np.ascontiguousarray(w.reshape((4, h4 // 4) + w.shape[1:]).swapaxes(0, 1)).reshape(w.shape)
+
+
+class LSTMSequence(function_node.FunctionNode):
+    """(x (N, T, I), h0 (N, H), c0 (N, H), W_x, W_h, b) -> (hs (N, T, H), h_T, c_T).
+
+    Inside, everything is feature-major (features, N): the step input [x_t; h_{t-1}; 1] is column block t
+    of one buffer ``xh`` (I+H+1, T+1, N), so each step is a single GEMM (4H, I+H+1) x (I+H+1, N) with the
+    bias folded in, every gate block is a contiguous (H, N) slab for the element-wise work, and the weight
+    gradient of the whole sequence is one GEMM over ``xh``'s (T*N) columns.
+    """
+
+    def forward_cpu(self, inputs):
+        """The recurrence: one GEMM and nine contiguous element-wise passes per step."""
+        x, h0, c0, w_x, w_h, b = inputs
+        n, t_len, n_in = x.shape
+        hid = h0.shape[1]
+        dtype = x.dtype
+        k = n_in + hid + 1
+        w_cat = np.concatenate([interleaved_to_blocked(w_x), interleaved_to_blocked(w_h),
+                                interleaved_to_blocked(b)[:, None]], axis=1)
+        w_fwd = w_cat.copy()
+        w_fwd[hid:] *= 0.5  # sigmoid(z) = 0.5 * tanh(z / 2) + 0.5: one tanh over all four gates
+        xh = np.empty((k, t_len + 1, n), dtype=dtype)
+        xh[n_in:n_in + hid, 0] = h0.T
+        xh[k - 1] = 1
+        xh[:n_in, t_len] = 0
+        gates = np.empty((t_len, 4 * hid, n), dtype=dtype)
+        cs = np.empty((t_len + 1, hid, n), dtype=dtype)
+        tanh_c = np.empty((t_len, hid, n), dtype=dtype)
+        hs = np.empty((n, t_len, hid), dtype=dtype)
+        cs[0] = c0.T
+        tmp = np.empty((hid, n), dtype=dtype)
+        for t in range(t_len):
+            xh[:n_in, t] = x[:, t].T
+            g = gates[t]
+            np.matmul(w_fwd, xh[:, t], out=g)
+            np.tanh(g, out=g)
+            sig = g[hid:]
+            sig *= 0.5
+            sig += 0.5
+            a, i, f, o = g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:]
+            np.multiply(a, i, out=cs[t + 1])
+            np.multiply(f, cs[t], out=tmp)
+            cs[t + 1] += tmp
+            np.tanh(cs[t + 1], out=tanh_c[t])
+            h_t = xh[n_in:n_in + hid, t + 1]
+            np.multiply(o, tanh_c[t], out=h_t)
+            hs[:, t] = h_t.T
+        if chainer.config.enable_backprop:
+            self.w_cat, self.xh, self.gates, self.cs, self.tanh_c = w_cat, xh, gates, cs, tanh_c
+        return hs, hs[:, t_len - 1].copy(), np.ascontiguousarray(cs[t_len].T)
+
+    def backward(self, indexes, grad_outputs):
+        """Backward through time: one GEMM per step, then two whole-sequence GEMMs for weights and inputs."""
+        if chainer.config.enable_backprop:
+            raise NotImplementedError("fast lstm_sequence has no double backprop; use experiment.ops=chainer")
+        g_hs, g_h_last, g_c_last = (None if g is None else g.array for g in grad_outputs)
+        w_cat, xh, gates, cs, tanh_c = self.w_cat, self.xh, self.gates, self.cs, self.tanh_c
+        t_len, hid, n = tanh_c.shape
+        n_in = w_cat.shape[1] - hid - 1
+        dtype = tanh_c.dtype
+        gh = np.zeros((hid, n), dtype=dtype) if g_h_last is None else np.ascontiguousarray(g_h_last.T, dtype=dtype)
+        gc = np.zeros((hid, n), dtype=dtype) if g_c_last is None else np.ascontiguousarray(g_c_last.T, dtype=dtype)
+        w_h_t = np.ascontiguousarray(w_cat[:, n_in:n_in + hid].T)
+        d_gates = np.empty((4 * hid, t_len, n), dtype=dtype)
+        deriv = np.empty((4 * hid, n), dtype=dtype)
+        tmp = np.empty((hid, n), dtype=dtype)
+        for t in range(t_len - 1, -1, -1):
+            g = gates[t]
+            a, i, f, o = g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:]
+            if g_hs is not None:
+                gh += g_hs[:, t].T
+            np.multiply(tanh_c[t], tanh_c[t], out=tmp)  # gc += gh * o * (1 - tanh(c)^2)
+            np.subtract(1, tmp, out=tmp)
+            tmp *= o
+            tmp *= gh
+            gc += tmp
+            np.multiply(g, g, out=deriv)  # 1 - a^2 for the tanh block, s (1 - s) for the sigmoid blocks
+            np.subtract(1, deriv[:hid], out=deriv[:hid])
+            np.subtract(g[hid:], deriv[hid:], out=deriv[hid:])
+            dg = d_gates[:, t]
+            for lo, u, v in ((0, gc, i), (hid, gc, a), (2 * hid, gc, cs[t]), (3 * hid, gh, tanh_c[t])):
+                np.multiply(u, v, out=tmp)
+                np.multiply(tmp, deriv[lo:lo + hid], out=dg[lo:lo + hid])
+            gc *= f
+            np.matmul(w_h_t, dg, out=gh)
+        flat = d_gates.reshape(4 * hid, t_len * n)
+        g_x = g_wx = g_wh = g_b = None
+        if 0 in indexes:
+            g_x = np.ascontiguousarray((flat.T @ w_cat[:, :n_in]).reshape(t_len, n, n_in).transpose(1, 0, 2))
+        if 3 in indexes or 4 in indexes or 5 in indexes:
+            g_w = flat @ xh[:, :t_len].reshape(xh.shape[0], t_len * n).T
+            g_wx = blocked_to_interleaved(g_w[:, :n_in])
+            g_wh = blocked_to_interleaved(g_w[:, n_in:n_in + hid])
+            g_b = blocked_to_interleaved(g_w[:, -1])
+        g_h0 = np.ascontiguousarray(gh.T) if 1 in indexes else None
+        g_c0 = np.ascontiguousarray(gc.T) if 2 in indexes else None
+        return tuple(None if g is None else chainer.Variable(g) for g in (g_x, g_h0, g_c0, g_wx, g_wh, g_b))
+
+
+def lstm_sequence_reference(x, h0, c0, w_x, w_h, b):
+    """The same computation stepped with Chainer's stock ``F.linear`` and ``F.lstm`` (the fallback)."""
+    t_len = x.shape[1]
+    proj = F.reshape(F.linear(F.reshape(F.transpose(x, (1, 0, 2)), (t_len * x.shape[0], -1)), w_x, b),
+                     (t_len, x.shape[0], -1))
+    h, c, hs = h0, c0, []
+    for g in F.separate(proj, axis=0):
+        c, h = F.lstm(c, g + F.linear(h, w_h))
+        hs.append(h)
+    return F.stack(hs, axis=1), h, c
+
+
+def lstm_sequence(x, h0, c0, w_x, w_h, b):
+    """LSTM over x (N, T, I) from state (h0, c0): (hs (N, T, H), h_T, c_T); fast on CPU, stepped elsewhere."""
+    arrays = [v.array if isinstance(v, chainer.Variable) else v for v in (x, h0, c0, w_x, w_h, b)]
+    dtype = arrays[0].dtype
+    if all(type(a) is np.ndarray and a.dtype == dtype for a in arrays) and dtype in FLOAT_TYPES and x.shape[1] > 0:
+        return tuple(LSTMSequence().apply((x, h0, c0, w_x, w_h, b)))
+    return lstm_sequence_reference(x, h0, c0, w_x, w_h, b)

@@ -1,0 +1,117 @@
+"""The MDN negative log-likelihood as one Chainer FunctionNode (CPU), equal to ``wm_trainer.mdn.mdn_nll``.
+
+NLL per row = -sum_dims logsumexp_k(log_softmax(logits)_k + log N(t | mu_k, exp(log_std_k))). Chainer's
+composition of ~15 element-wise functions allocates a (rows, dims, K) temporary per step in forward and
+backward; this kernel works on blocks of rows laid out mixture-major (K, rows, dims) so the reductions over
+K are slab operations, keeps each block in cache, and recomputes what backward needs instead of storing it.
+GPU arrays go to the stock composition.
+"""
+from __future__ import annotations
+
+import math
+
+import chainer
+import chainer.functions as F
+import numpy as np
+from chainer import function_node
+
+from wm_trainer.ops.conv import FLOAT_TYPES
+
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+BLOCK_ROWS = 1024
+
+
+def _block_stats(logits, mu, log_std, target):
+    """Mixture-major intermediates of one block: (lg, zs, inv, s, lse_s, lse_l); s = lg - zs^2/2 - log_std."""
+    lg = np.ascontiguousarray(logits.transpose(2, 0, 1))
+    ls = np.ascontiguousarray(log_std.transpose(2, 0, 1))
+    inv = np.negative(ls)
+    np.exp(inv, out=inv)
+    zs = np.subtract(target, mu.transpose(2, 0, 1))
+    zs *= inv
+    s = np.multiply(zs, zs)
+    s *= -0.5
+    s -= ls
+    s += lg
+    return lg, zs, inv, s, _logsumexp0(s), _logsumexp0(lg)
+
+
+def _logsumexp0(a: np.ndarray) -> np.ndarray:
+    """logsumexp over axis 0 of a (K, rows, dims) array, slab by slab."""
+    m = a.max(axis=0)
+    e = np.subtract(a, m)
+    np.exp(e, out=e)
+    out = e.sum(axis=0)
+    np.log(out, out=out)
+    out += m
+    return out
+
+
+class MDNNegLogLikelihood(function_node.FunctionNode):
+    """(logits, mu, log_std (N, D, K), target (N, D)) -> per-row NLL (N,)."""
+
+    def forward_cpu(self, inputs):
+        """Block by block: the per-row sum over dims of -logsumexp_k."""
+        self.retain_inputs((0, 1, 2, 3))
+        logits, mu, log_std, target = inputs
+        n, d = target.shape
+        out = np.empty(n, dtype=mu.dtype)
+        for lo in range(0, n, BLOCK_ROWS):
+            sl = slice(lo, lo + BLOCK_ROWS)
+            *_, lse_s, lse_l = _block_stats(logits[sl], mu[sl], log_std[sl], target[sl])
+            lse_s -= lse_l
+            out[sl] = -lse_s.sum(axis=1)
+        out += d * LOG_SQRT_2PI
+        return out,
+
+    def backward(self, indexes, grad_outputs):
+        """Responsibilities r = softmax_k(s): d/dlogits = pi - r, d/dmu = -r zs / sigma, d/dlog_std = r (1 - zs^2)."""
+        if chainer.config.enable_backprop:
+            raise NotImplementedError("fast mdn_nll has no double backprop; use experiment.ops=chainer")
+        logits, mu, log_std, target = self.get_retained_inputs()
+        logits, mu, log_std, target = logits.array, mu.array, log_std.array, target.array
+        gy = grad_outputs[0].array
+        n = target.shape[0]
+        g_lg, g_mu, g_ls = (np.empty(a.shape, dtype=a.dtype) for a in (logits, mu, log_std))
+        g_t = np.empty(target.shape, dtype=target.dtype)
+        for lo in range(0, n, BLOCK_ROWS):
+            sl = slice(lo, lo + BLOCK_ROWS)
+            lg, zs, inv, s, lse_s, lse_l = _block_stats(logits[sl], mu[sl], log_std[sl], target[sl])
+            w = gy[sl, None]
+            r = np.subtract(s, lse_s, out=s)
+            np.exp(r, out=r)
+            r *= w
+            pi = np.subtract(lg, lse_l, out=lg)
+            np.exp(pi, out=pi)
+            pi *= w
+            pi -= r
+            g_lg[sl] = pi.transpose(1, 2, 0)
+            zs_sq = np.multiply(zs, zs)
+            np.subtract(1.0, zs_sq, out=zs_sq)
+            zs_sq *= r
+            g_ls[sl] = zs_sq.transpose(1, 2, 0)
+            r *= zs
+            r *= inv
+            g_t[sl] = r.sum(axis=0)
+            np.negative(r, out=r)
+            g_mu[sl] = r.transpose(1, 2, 0)
+        return tuple(chainer.Variable(g) if i in indexes else None
+                     for i, g in enumerate((g_lg, g_mu, g_ls, g_t)))
+
+
+def mdn_nll(logits, mu, log_std, target, reduce: str = "mean"):
+    """Drop-in for :func:`wm_trainer.mdn.mdn_nll`: mean over rows (``'mean'``) or per row (``'no'``)."""
+    from wm_trainer import mdn
+
+    if reduce not in ("mean", "no"):
+        raise ValueError(f"reduce must be 'mean' or 'no', got {reduce!r}")
+    arrays = [v.array if isinstance(v, chainer.Variable) else v for v in (logits, mu, log_std)]
+    t = target.array if isinstance(target, chainer.Variable) else target
+    dtype = arrays[0].dtype
+    if not (all(type(a) is np.ndarray and a.dtype == dtype for a in arrays) and type(t) is np.ndarray
+            and dtype in FLOAT_TYPES):
+        return mdn.mdn_nll(logits, mu, log_std, target, reduce=reduce)
+    if not isinstance(target, chainer.Variable):
+        target = np.asarray(t, dtype=dtype)
+    per_row = MDNNegLogLikelihood().apply((logits, mu, log_std, target))[0]
+    return per_row if reduce == "no" else F.mean(per_row)
