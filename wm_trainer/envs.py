@@ -1,0 +1,224 @@
+"""The two environments behind one small interface: 64x64 uint8 frames in, controller actions out.
+
+Controller space is what C emits, tanh outputs in [-1, 1]; the pure functions here map it to
+each environment's native action, and ``random_policy`` is the paper's collection policy.
+"""
+from __future__ import annotations
+
+import atexit
+import importlib
+import threading
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+DOOM_ID = "VizdoomTakeCover-v1"
+CARRACING_ID = "CarRacing-v3"
+FRAME_SIZE = 64
+
+# env id -> (action_dim, module to import for registration, what to pip install)
+ENVS: dict[str, tuple[int, str, str]] = {
+    DOOM_ID: (1, "vizdoom.gymnasium_wrapper", "vizdoom"),
+    CARRACING_ID: (3, "Box2D", "gymnasium[box2d]"),
+}
+
+# Indices of vizdoom's Discrete(3) for take_cover.cfg (buttons MOVE_LEFT, MOVE_RIGHT, at most one pressed):
+# its button_map is [(0, 0), (0, 1), (1, 0)], so 1 presses MOVE_RIGHT and 2 presses MOVE_LEFT.
+DOOM_NOOP, DOOM_RIGHT, DOOM_LEFT = 0, 1, 2
+DOOM_BUTTONS = {DOOM_NOOP: (0, 0), DOOM_RIGHT: (0, 1), DOOM_LEFT: (1, 0)}
+
+
+def action_dim(env_id: str) -> int:
+    """Controller outputs for ``env_id`` (Doom 1, CarRacing 3); UserError for an unknown id."""
+    _check_id(env_id)
+    return ENVS[env_id][0]
+
+
+def _check_id(env_id: str) -> None:
+    if env_id not in ENVS:
+        raise UserError(f"env.id: unknown environment {env_id!r}; supported: {', '.join(ENVS)}")
+
+
+def doom_action(action: np.ndarray) -> int:
+    """Controller action (1,) -> Discrete index: < -1/3 left, > 1/3 right, otherwise no move."""
+    a = float(np.asarray(action).reshape(-1)[0])
+    if a < -1.0 / 3.0:
+        return DOOM_LEFT
+    if a > 1.0 / 3.0:
+        return DOOM_RIGHT
+    return DOOM_NOOP
+
+
+def carracing_action(action: np.ndarray) -> np.ndarray:
+    """Controller action (3,) -> native (steer, gas, brake) = (a0, (a1+1)/2, clip(a2, 0, 1))."""
+    a = np.clip(np.asarray(action, dtype=np.float32).reshape(3), -1.0, 1.0)
+    return np.array([a[0], (a[1] + 1.0) / 2.0, max(a[2], 0.0)], dtype=np.float32)
+
+
+def native_action(env_id: str, action: np.ndarray) -> Any:
+    """Controller action -> the native action ``env_id``'s gymnasium env takes."""
+    _check_id(env_id)
+    return doom_action(action) if env_id == DOOM_ID else carracing_action(action)
+
+
+def resize_frame(image: np.ndarray, crop_rows: int | None = None) -> np.ndarray:
+    """Crop the top ``crop_rows`` rows (if given) and resize to 64x64x3 uint8 (PIL bilinear, antialiased)."""
+    from PIL import Image
+
+    if crop_rows is not None:
+        image = image[:crop_rows]
+    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    return np.asarray(img.resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR), dtype=np.uint8)
+
+
+class WorldEnv:
+    """A gymnasium env seen as frames (64,64,3) uint8 in and controller-space actions out."""
+
+    def __init__(self, env_id: str, gym_env: Any, max_steps: int):
+        self.env_id = env_id
+        self.action_dim = action_dim(env_id)
+        self.max_steps = int(max_steps)
+        self.gym_env = gym_env
+        self.steps = 0
+        self._crop = 84 if env_id == CARRACING_ID else None
+        self._closed = False
+
+    def _frame(self, obs: Any) -> np.ndarray:
+        image = obs["screen"] if isinstance(obs, dict) else obs
+        return resize_frame(image, self._crop)
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start an episode (deterministic for a given seed) and return its first frame."""
+        obs, _ = self.gym_env.reset(seed=None if seed is None else int(seed))
+        self.steps = 0
+        return self._frame(obs)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """Apply a controller-space action; (next frame, reward, done) with done including the step cap."""
+        obs, reward, terminated, truncated, _ = self.gym_env.step(native_action(self.env_id, action))
+        self.steps += 1
+        done = bool(terminated or truncated or self.steps >= self.max_steps)
+        return self._frame(obs), float(reward), done
+
+    def close(self) -> None:
+        """Release the emulator / renderer (safe to call twice)."""
+        if not self._closed:
+            self._closed = True
+            self.gym_env.close()
+
+    def __enter__(self) -> WorldEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _import_backend(env_id: str) -> None:
+    module, package = ENVS[env_id][1], ENVS[env_id][2]
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"env.id {env_id!r} needs the {package!r} package: pip install '{package}' ({e})") from None
+
+
+def _check_doom_buttons(gym_env: Any) -> None:
+    env = gym_env.unwrapped
+    names = [b.name for b in env.game.get_available_buttons()]
+    got = {i: tuple(int(v) for v in env.button_map[i]) for i in range(len(env.button_map))}
+    if names != ["MOVE_LEFT", "MOVE_RIGHT"] or got != DOOM_BUTTONS:
+        raise UserError(f"this vizdoom's {DOOM_ID} has buttons {names} with map {got}; "
+                        f"wm-trainer expects MOVE_LEFT, MOVE_RIGHT with map {DOOM_BUTTONS} (vizdoom>=1.2.3,<2)")
+
+
+def make_env(env_cfg: Any, max_steps: int | None = None) -> WorldEnv:
+    """Build ``env_cfg.id`` capped at ``max_steps`` (default ``env_cfg.max_steps``) steps per episode."""
+    import gymnasium as gym
+
+    env_id = env_cfg.id
+    _check_id(env_id)
+    _import_backend(env_id)
+    gym_env = gym.make(env_id)
+    if env_id == DOOM_ID:
+        _check_doom_buttons(gym_env)
+    return WorldEnv(env_id, gym_env, max_steps or env_cfg.max_steps)
+
+
+_LOCAL = threading.local()
+_OPEN: list[WorldEnv] = []
+_OPEN_LOCK = threading.Lock()
+_CLEANUP_REGISTERED = False
+
+
+def _close_cached() -> None:
+    with _OPEN_LOCK:
+        envs = list(_OPEN)
+        _OPEN.clear()
+    for env in envs:
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001 - best effort at process exit
+            pass
+
+
+def cached_env(env_cfg: Any, max_steps: int | None = None) -> WorldEnv:
+    """An env kept per thread and reused across episodes (worker tasks); closed when the process exits.
+
+    Closing matters for Doom: each env owns a vizdoom game process that outlives an unclosed env.
+    """
+    global _CLEANUP_REGISTERED
+    cache = _LOCAL.__dict__.setdefault("envs", {})
+    key = (env_cfg.id, max_steps or env_cfg.max_steps)
+    env = cache.get(key)
+    if env is None:
+        env = cache[key] = make_env(env_cfg, max_steps)
+        with _OPEN_LOCK:
+            if not _CLEANUP_REGISTERED:
+                _CLEANUP_REGISTERED = True
+                # multiprocessing children skip atexit but run Finalize callbacks; the main process runs atexit
+                import multiprocessing.util
+
+                multiprocessing.util.Finalize(None, _close_cached, exitpriority=100)
+                atexit.register(_close_cached)
+            _OPEN.append(env)
+    return env
+
+
+class RandomPolicy:
+    """The paper's random collection policy in controller space: repeat the last action with prob ``repeat_prob``."""
+
+    def __init__(self, env_id: str, rng: np.random.Generator, repeat_prob: float = 0.9):
+        self.env_id = env_id
+        self.action_dim = action_dim(env_id)
+        self.rng = rng
+        self.repeat_prob = float(repeat_prob)
+        self.previous: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Forget the previous action (call at each episode start)."""
+        self.previous = None
+
+    def sample(self) -> np.ndarray:
+        """A fresh random action: Doom uniform over {-1, 0, 1}; CarRacing a native action never all zero."""
+        if self.env_id == DOOM_ID:
+            return np.array([self.rng.choice((-1.0, 0.0, 1.0))], dtype=np.float32)
+        while True:
+            steer = self.rng.uniform(-1.0, 1.0)
+            gas = self.rng.uniform(-1.0, 1.0)
+            # brake is zero most of the time (controller value <= 0), as a driver mostly accelerates
+            brake = self.rng.uniform(0.0, 1.0) if self.rng.random() < 0.2 else self.rng.uniform(-1.0, 0.0)
+            a = np.array([steer, gas, brake], dtype=np.float32)
+            if np.abs(carracing_action(a)).max() >= 0.05:
+                return a
+
+    def __call__(self, frame: np.ndarray | None = None) -> np.ndarray:
+        """Next controller-space action (the frame is not looked at)."""
+        if self.previous is None or self.rng.random() >= self.repeat_prob:
+            self.previous = self.sample()
+        return self.previous.copy()
+
+
+def random_policy(env_id: str, rng: np.random.Generator, repeat_prob: float = 0.9) -> RandomPolicy:
+    """The paper's random policy for ``env_id``: call it once per step for a controller-space action."""
+    return RandomPolicy(env_id, rng, repeat_prob)
