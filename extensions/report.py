@@ -31,6 +31,7 @@ class Failure:
     trigger: str
     policy: str
     loss: float | None = None
+    replay_loss: float | None = None
     global_norm: float | None = None
     grads_nonfinite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     params_nonfinite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
@@ -86,7 +87,8 @@ class Failure:
         if self.verdict:
             lines.append(f"Verdict (float64 replay): {self.verdict} - {self.verdict_detail}")
         if self.loss is not None:
-            lines.append(f"Loss: {self.loss}")
+            lines.append(f"Loss: {self.loss}" + (f" (replayed: {self.replay_loss})" if self.replay_loss is not None
+                                                 else ""))
         if self.global_norm is not None:
             lines.append(f"Global gradient norm: {self.global_norm}")
         for title, table in (("Non-finite gradients", self.grads_nonfinite),

@@ -282,20 +282,23 @@ class GradientLoggingMixin:
         names, params = self._param_table(target)
         grads_nonfinite = summary.nonfinite or nonfinite_counts(names, [p.grad for p in params])
         birth: Birth | None = None
+        replay_loss = None
         if stage == "update":
             bad = sorted(params_nonfinite)
             rule = type(params[names.index(bad[0])].update_rule).__name__ if bad else None
             birth = Birth("update", "nan" if any(n for n, _ in params_nonfinite.values()) else "inf",
                           bad[0].rpartition("/")[0] or "/" if bad else None, rule, None)
         elif nf.localize:
-            birth, _ = localize(self.compute_loss, in_arrays, target, rng, nf.allow_inf_in, optimizer._loss_scale)
+            birth, replay_loss = localize(self.compute_loss, in_arrays, target, rng, nf.allow_inf_in,
+                                          optimizer._loss_scale)
         verdict = detail = None
         if nf.replay_float64 and stage != "update":
             result = replay_float64(self.compute_loss, in_arrays, target, rng)
             verdict, detail = result.verdict, result.detail
         failure = Failure(
             iteration=iteration, where=birth.where if birth else stage, trigger=trigger, policy=nf.policy,
-            loss=loss_value, global_norm=summary.global_norm, grads_nonfinite=grads_nonfinite,
+            loss=loss_value, replay_loss=replay_loss, global_norm=summary.global_norm,
+            grads_nonfinite=grads_nonfinite,
             params_nonfinite=params_nonfinite, missing_grads=summary.missing, birth=birth,
             verdict=verdict, verdict_detail=detail, skipped=st.skipped, failures=st.failures)
         report_path = write_report(out, failure, target, optimizer, in_arrays)
