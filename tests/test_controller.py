@@ -42,3 +42,76 @@ def test_save_and_load(tmp_path):
         assert f["W"].shape == (1, 8) and f["b"].shape == (1,)
     with pytest.raises(UserError, match="train-controller"):
         Controller.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("env_id", ["VizdoomTakeCover-v1", "CarRacing-v3"])
+def test_controller_outputs_map_to_each_envs_native_actions(env_id):
+    from wm_trainer import envs
+
+    adim = envs.action_dim(env_id)
+    c = Controller(z_dim=3, hidden=4, action_dim=adim)
+    rng = np.random.default_rng(0)
+    a = c.act_batch(rng.normal(scale=5.0, size=(200, c.n_params)), rng.normal(size=(200, 3)), rng.normal(size=(200, 4)))
+    assert a.shape == (200, adim) and np.all(np.abs(a) <= 1)
+    native = [envs.native_action(env_id, x) for x in a]
+    if env_id == envs.DOOM_ID:
+        assert set(native) == {envs.DOOM_LEFT, envs.DOOM_NOOP, envs.DOOM_RIGHT}
+        assert envs.native_action(env_id, np.array([-0.9])) == envs.DOOM_LEFT
+        assert envs.native_action(env_id, np.array([0.9])) == envs.DOOM_RIGHT
+    else:
+        n = np.stack(native)
+        assert np.all((n[:, 0] >= -1) & (n[:, 0] <= 1))  # steer
+        assert np.all((n[:, 1] >= 0) & (n[:, 1] <= 1))  # gas = (a + 1) / 2
+        assert np.all((n[:, 2] >= 0) & (n[:, 2] <= 1))  # brake = clip(a, 0, 1)
+        np.testing.assert_allclose(envs.native_action(env_id, np.array([0.5, -1.0, -0.3])), [0.5, 0.0, 0.0])
+
+
+def _train(cfg_path, out, *sets):
+    from wm_trainer.cli import main
+
+    args = ["train-controller", "-c", str(cfg_path), "--set", f"experiment.out_dir={out}",
+            "--set", "controller.eval_every=0"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+
+
+def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path):
+    import json
+
+    from test_rollout import make_tiny_run
+
+    from wm_trainer.storage import RunPaths
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cfg_path, cfg = make_tiny_run(straight)
+    make_tiny_run(killed)
+    _train(cfg_path, straight, "controller.generations=3")
+    _train(cfg_path, killed, "controller.generations=2")  # stops ("is killed") after generation 2
+    _train(cfg_path, killed, "controller.generations=3")  # resumes at generation 3
+
+    a, b = RunPaths(straight / cfg.experiment.name), RunPaths(killed / cfg.experiment.name)
+    log_a = json.loads((a.controller_dir / "log.json").read_text())
+    log_b = json.loads((b.controller_dir / "log.json").read_text())
+    assert [r["generation"] for r in log_a] == [1, 2, 3]
+    assert log_a == log_b
+    for row in log_a:  # fitness = steps survived in the dream, within the dream's cap
+        assert 1 <= row["worst"] <= row["mean"] <= row["best"] <= cfg.env.max_steps
+    ca, cb = Controller.load(a.controller_model), Controller.load(b.controller_model)
+    np.testing.assert_array_equal(ca.params, cb.params)
+    assert (ca.z_dim, ca.hidden, ca.action_dim) == (4, 8, 1)
+    assert (a.controller_dir / "log.csv").read_text().splitlines()[0].startswith("generation,mean,best,worst,sigma")
+    assert list((a.controller_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys):
+    from test_rollout import make_tiny_run
+
+    from wm_trainer.cli import main
+
+    cfg_path, _ = make_tiny_run(tmp_path)
+    _train(cfg_path, tmp_path, "controller.generations=1")
+    rc = main(["train-controller", "-c", str(cfg_path), "--set", f"experiment.out_dir={tmp_path}",
+               "--set", "controller.population=6", "--set", "controller.generations=2"])
+    assert rc == 2
+    assert "population 4" in capsys.readouterr().err

@@ -1,0 +1,40 @@
+"""`wm-trainer pipeline` on a tiny config: every stage end to end, then a re-run that skips them all."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wm_trainer.cli import main
+from wm_trainer.storage import RunPaths
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_doom.yaml"
+STAGES = ["collect", "train-vae", "encode", "train-mdnrnn", "train-controller", "evaluate", "render"]
+
+
+def test_pipeline_end_to_end_then_skips_complete_stages(tmp_path, capsys):
+    args = ["pipeline", "-c", str(TINY), "--set", f"experiment.out_dir={tmp_path}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for i, stage in enumerate(STAGES, 1):
+        assert f"[{i}/7] {stage}: running" in out
+    p = RunPaths(tmp_path / "tiny_doom")
+    assert len(list(p.episodes.glob("ep_*.npz"))) == 3 and len(list(p.latents.glob("ep_*.npz"))) == 3
+    for f in (p.vae_model, p.mdnrnn_model, p.controller_model, p.eval_json):
+        assert f.is_file(), f
+    res = json.loads(p.eval_json.read_text())
+    assert res["episodes"] == 3 and {"agent", "random"} <= set(res)
+    assert {f.name for f in p.media.iterdir()} == {"agent.gif", "dream.gif", "vae_reconstructions.png"}
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert all(f"{stage}: complete, skipped" in out for stage in STAGES), out
+
+    # more generations asked: C resumes from its saved CMA-ES state, and what depends on C runs again
+    assert main(args + ["--set", "controller.generations=3"]) == 0
+    out = capsys.readouterr().out
+    for stage in STAGES[:4]:
+        assert f"{stage}: complete, skipped" in out
+    for stage in STAGES[4:]:
+        assert f"{stage}: running" in out
+    log = json.loads((p.controller_dir / "log.json").read_text())
+    assert [r["generation"] for r in log] == [1, 2, 3]
