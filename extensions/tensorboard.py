@@ -3,8 +3,9 @@
 ``TensorBoardReport`` writes every scalar of the trainer's observation as it stands at the
 iteration (no averaging, so spikes stay visible), all of one iteration in a single event.
 ``add_histogram_safe`` histograms the finite values only and writes the NaN/Inf counts as
-scalars beside (tensorboardX's ``add_histogram`` fails on NaN). ``open_writer`` serves code
-that has no Trainer (e.g. CMA-ES) with the same writer class.
+scalars beside (``<tag>/nan_count``, ``<tag>/inf_count``), since tensorboardX's
+``add_histogram`` fails on NaN. ``open_writer`` serves code that has no Trainer (e.g.
+CMA-ES) with the same writer class.
 """
 from __future__ import annotations
 
@@ -68,7 +69,10 @@ def write_scalars(writer: SummaryWriter, values: dict[str, Any], step: int) -> i
 
 
 def add_histogram_safe(writer: SummaryWriter, tag: str, array: Any, step: int) -> dict[str, int]:
-    """Histogram of the finite values of ``array``; NaN/Inf counts go to ``<tag>/nan`` and ``<tag>/inf``."""
+    """Histogram of the finite values of ``array``; NaN/Inf counts go to ``<tag>/nan_count`` and ``<tag>/inf_count``.
+
+    Returns the counts as ``{"nan": n, "inf": m}``.
+    """
     a = _to_host(array).ravel()
     if a.dtype.kind not in "fc":
         a = a.astype(np.float64)
@@ -77,7 +81,7 @@ def add_histogram_safe(writer: SummaryWriter, tag: str, array: Any, step: int) -
     counts = {"nan": int(np.isnan(a).sum()), "inf": int(np.isinf(a).sum())}
     if n_finite:
         writer.add_histogram(tag, a if n_finite == a.size else a[finite], step)
-    write_scalars(writer, {f"{tag}/nan": counts["nan"], f"{tag}/inf": counts["inf"]}, step)
+    write_scalars(writer, {f"{tag}/nan_count": counts["nan"], f"{tag}/inf_count": counts["inf"]}, step)
     return counts
 
 

@@ -214,11 +214,13 @@ class GradientLoggingMixin:
         xp = target.xp
         rng = RngState.capture(xp, st.seeder) if nf.check and (nf.localize or nf.replay_float64) else None
 
+        if debug.float64 and not st.float64_checked:
+            check_float64(target)  # before the forward pass, where Chainer's type check would fail first
         target.cleargrads()
         loss = self.compute_loss(in_arrays)
         loss.backward(loss_scale=optimizer._loss_scale)
         if debug.float64 and not st.float64_checked:
-            check_float64(target)
+            check_float64(target)  # parameters initialised lazily by that forward pass
             st.float64_checked = True
 
         every = debug.gradients.every

@@ -1,0 +1,135 @@
+"""Per-parameter gradient logging through the reporter: values, cadence, missing gradients, seed forms."""
+from __future__ import annotations
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+import numpy as np
+import pytest
+
+import extensions as ext
+
+
+class MLP(chainer.Chain):
+    """Two Linear links under a ``predictor`` chain, plus one link that never gets a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.predictor = chainer.Sequential(L.Linear(3, 5), F.relu, L.Linear(5, 2))
+            self.unused = L.Linear(2, 2)
+
+    def forward(self, x, t):
+        return F.softmax_cross_entropy(self.predictor(x), t)
+
+
+def data(n=20):
+    rng = np.random.RandomState(0)
+    return chainer.datasets.TupleDataset(rng.randn(n, 3).astype(np.float32),
+                                         rng.randint(0, 2, n).astype(np.int32))
+
+
+def trainer_with_capture(tmp_path, debug=None, iterations=4):
+    np.random.seed(0)
+    model = MLP()
+    opt = chainer.optimizers.SGD(0.1)
+    opt.setup(model)
+    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data(), 5), opt, -1)
+    trainer = chainer.training.Trainer(updater, (iterations, "iteration"), out=str(tmp_path))
+    ext.install(trainer, {"tensorboard": {"logdir": False}, **(debug or {})})
+    seen = []
+
+    @chainer.training.make_extension(trigger=(1, "iteration"), priority=chainer.training.PRIORITY_READER)
+    def capture(t):
+        grads = {n.lstrip("/"): None if p.grad is None else p.grad.copy() for n, p in model.namedparams()}
+        seen.append((dict(t.observation), grads))
+
+    trainer.extend(capture)
+    return trainer, model, seen
+
+
+def test_per_parameter_stats_are_the_values_of_the_iteration(tmp_path):
+    trainer, model, seen = trainer_with_capture(tmp_path)
+    trainer.run()
+    assert len(seen) == 4
+    for obs, grads in seen:
+        total = 0.0
+        for path in ("predictor/0/W", "predictor/0/b", "predictor/1/W", "predictor/1/b"):
+            g = grads[path].astype(np.float64)
+            total += float((g ** 2).sum())
+            expect = {"norm": np.sqrt((g ** 2).sum()), "mean": g.mean(), "std": g.std(),
+                      "max_abs": np.abs(g).max(), "zero_frac": (g == 0).mean(), "nan": 0.0, "inf": 0.0}
+            for stat, value in expect.items():
+                assert obs[f"grad/{path}/{stat}"] == pytest.approx(value, rel=1e-5, abs=1e-7), (path, stat)
+        assert obs["grad/global_norm"] == pytest.approx(np.sqrt(total), rel=1e-5)
+        # a parameter with no gradient is reported as missing, not a crash
+        assert obs["grad/unused/W/missing"] == 1.0 and "grad/unused/W/norm" not in obs
+    assert seen[0][0]["grad/global_norm"] != seen[1][0]["grad/global_norm"]  # per iteration, not averaged
+
+
+def test_every_n_iterations(tmp_path):
+    trainer, _, seen = trainer_with_capture(tmp_path, {"gradients": {"every": 2}})
+    trainer.run()
+    assert ["grad/global_norm" in obs for obs, _ in seen] == [False, True, False, True]
+
+
+def test_stats_off_still_guards(tmp_path):
+    trainer, _, seen = trainer_with_capture(tmp_path, {"gradients": {"every": 0}}, iterations=2)
+    trainer.run()
+    assert not any(k.startswith("grad/") for obs, _ in seen for k in obs)
+
+
+def test_log_report_sees_the_stats(tmp_path):
+    trainer, _, _ = trainer_with_capture(tmp_path, iterations=2)
+    log = chainer.training.extensions.LogReport(trigger=(1, "iteration"), filename=None)
+    trainer.extend(log)
+    trainer.run()
+    assert "grad/predictor/0/W/norm" in log.log[-1] and "grad/global_norm" in log.log[-1]
+
+
+def test_seed_three_argument_form_and_print_mode(tmp_path, capsys):
+    model = MLP()
+    opt = chainer.optimizers.SGD(0.1)
+    opt.setup(model)
+    it = chainer.iterators.SerialIterator(data(), 5)
+    updater = ext.GradientLoggingUpdater(it, opt, -1)  # as the seed's CustomStandardUpdater was built
+    assert isinstance(updater, chainer.training.updaters.StandardUpdater)
+    trainer = chainer.training.Trainer(updater, (2, "iteration"), out=str(tmp_path))
+    trainer.run()
+    assert capsys.readouterr().out == ""
+    updater.debug = ext.DebugConfig.from_dict({"gradients": {"print": True}})
+    updater.update()
+    out = capsys.readouterr().out
+    assert out.count("/predictor/0/W [[") == 1 and "/predictor/1/b [" in out
+    assert "/unused/W" in out  # the optimizer allocated a zero gradient for it, as the seed would print
+
+
+def test_mixin_on_a_custom_updater_with_next_batch(tmp_path):
+    class PairUpdater(ext.GradientLoggingMixin, chainer.training.updaters.StandardUpdater):
+        def next_batch(self):
+            x, t = super().next_batch()
+            return {"x": x, "t": t}
+
+    model = MLP()
+    opt = chainer.optimizers.SGD(0.1)
+    opt.setup(model)
+    updater = PairUpdater(chainer.iterators.SerialIterator(data(), 5), opt, device=-1)
+    trainer = chainer.training.Trainer(updater, (2, "iteration"), out=str(tmp_path))
+    ext.install(trainer, {"tensorboard": {"logdir": False}})
+    seen = []
+    trainer.extend(lambda t: seen.append(t.observation.get("grad/predictor/0/W/norm")), trigger=(1, "iteration"))
+    trainer.run()
+    assert len(seen) == 2 and all(v > 0 for v in seen)
+
+
+def test_gradient_summary_api():
+    g = np.array([[0.0, 3.0], [-4.0, 0.0]], np.float32)
+    summary = ext.gradient_summary(["a", "b"], [g, None])
+    assert summary.global_norm == pytest.approx(5.0)
+    assert summary.stats["a"] == pytest.approx({"norm": 5.0, "mean": -0.25, "std": float(g.std()), "max_abs": 4.0,
+                                                "zero_frac": 0.5, "nan": 0.0, "inf": 0.0})
+    assert summary.missing == ["b"]
+    bad = ext.gradient_summary(["a"], [np.array([np.nan, np.inf, 1.0], np.float32)])
+    assert not bad.finite and bad.stats["a"]["nan"] == 1.0 and bad.stats["a"]["inf"] == 1.0
+    huge = ext.gradient_summary(["a"], [np.full(4, 1e20, np.float32)], with_stats=False)
+    assert huge.finite and huge.global_norm == pytest.approx(2e20)  # float32 squares would overflow

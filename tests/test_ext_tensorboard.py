@@ -1,0 +1,122 @@
+"""TensorBoard output read back with tensorboard's EventAccumulator: scalars, NaN-safe histograms, images."""
+from __future__ import annotations
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import extensions as ext
+
+
+def load(logdir):
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+class Net(chainer.Chain):
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.l1 = L.Linear(3, 4)
+            self.l2 = L.Linear(4, 1)
+
+    def forward(self, x, t):
+        loss = F.mean_squared_error(self.l2(F.relu(self.l1(x))), t)
+        chainer.reporter.report({"loss": loss}, self)
+        return loss
+
+
+def make(tmp_path, debug, iterations=4, bad_batch=None):
+    rng = np.random.RandomState(0)
+    x = rng.rand(20, 3).astype(np.float32)
+    if bad_batch is not None:
+        x[bad_batch * 5] = np.nan
+    data = chainer.datasets.TupleDataset(x, rng.rand(20, 1).astype(np.float32))
+    model = Net()
+    opt = chainer.optimizers.SGD(0.1)
+    opt.setup(model)
+    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 5, shuffle=False), opt, -1)
+    trainer = chainer.training.Trainer(updater, (iterations, "iteration"), out=str(tmp_path))
+    ext.install(trainer, debug)
+    return trainer
+
+
+def test_scalars_and_histograms_from_a_trainer(tmp_path):
+    trainer = make(tmp_path, {"gradients": {"histograms_every": 2}})
+    writer = ext.get_writer(trainer)
+    assert writer is not None
+    ext.install(trainer, {"gradients": {"histograms_every": 2}})  # idempotent: one writer, one extension
+    assert ext.get_writer(trainer) is writer
+    trainer.run()
+    acc = load(tmp_path / "tb")
+    tags = acc.Tags()
+    for tag in ("main/loss", "grad/global_norm", "grad/l1/W/norm", "grad/l2/b/max_abs", "grad/l1/W/nan"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4], tag
+    norms = [e.value for e in acc.Scalars("grad/global_norm")]
+    assert len(set(norms)) == 4  # a value per iteration
+    assert set(tags["histograms"]) == {"grad/l1/W", "grad/l1/b", "grad/l2/W", "grad/l2/b",
+                                       "param/l1/W", "param/l1/b", "param/l2/W", "param/l2/b"}
+    assert [e.step for e in acc.Histograms("param/l1/W")] == [2, 4]
+    assert acc.Histograms("param/l1/W")[0].histogram_value.num == 12
+
+
+def test_histograms_with_nan_present_during_training(tmp_path):
+    trainer = make(tmp_path, {"gradients": {"histograms_every": 1}, "nonfinite": {"policy": "skip"}}, bad_batch=1)
+    trainer.run()
+    acc = load(tmp_path / "tb")
+    nan_counts = {e.step: e.value for e in acc.Scalars("grad/l1/W/nan")}
+    assert nan_counts[2] > 0 and nan_counts[1] == 0 and nan_counts[3] == 0
+    hist_steps = [e.step for e in acc.Histograms("grad/l2/W")]
+    assert 1 in hist_steps and 3 in hist_steps
+    assert [e.value for e in acc.Scalars("nonfinite/skipped")] == [1.0]
+
+
+def test_add_histogram_safe_and_images(tmp_path):
+    writer = ext.open_writer(tmp_path / "plain")  # no Trainer (e.g. CMA-ES)
+    a = np.array([1.0, 2.0, np.nan, np.inf, -np.inf, 3.0], np.float32)
+    assert ext.add_histogram_safe(writer, "w", a, 5) == {"nan": 1, "inf": 2}
+    ext.add_histogram_safe(writer, "allnan", np.full(3, np.nan), 5)
+    images = np.random.RandomState(0).rand(5, 8, 6, 3)
+    grid = ext.add_image_grid(writer, "recon", images, 7)
+    ext.add_image_grid(writer, "gray", (np.ones((4, 8, 8)) * 255).astype(np.uint8), 7)
+    writer.close()
+    acc = load(tmp_path / "plain")
+    hist = acc.Histograms("w")[0].histogram_value
+    assert (hist.num, hist.min, hist.max) == (3, 1.0, 3.0)
+    assert "allnan" not in acc.Tags()["histograms"] and acc.Scalars("allnan/nan_count")[0].value == 3
+    assert acc.Scalars("w/inf_count")[0].value == 2
+    img = acc.Images("recon")[0]
+    assert (img.step, img.height, img.width) == (7, 16, 18) and grid.shape == (16, 18, 3)
+    assert grid.dtype == np.uint8 and grid[:8, :6].tolist() == (images[0] * 255 + 0.5).astype(np.uint8).tolist()
+    assert (acc.Images("gray")[0].height, acc.Images("gray")[0].width) == (16, 16)
+
+
+def test_tensorboard_off_and_custom_logdir(tmp_path):
+    trainer = make(tmp_path / "off", {"tensorboard": {"logdir": False}}, iterations=1)
+    assert ext.get_writer(trainer) is None
+    trainer.run()
+    assert not (tmp_path / "off" / "tb").exists()
+    trainer = make(tmp_path / "custom", {"tensorboard": {"logdir": str(tmp_path / "elsewhere")}}, iterations=2)
+    trainer.run()
+    assert [e.step for e in load(tmp_path / "elsewhere").Scalars("main/loss")] == [1, 2]
+
+
+def test_plain_updater_gets_monitor(tmp_path):
+    model = Net()
+    opt = chainer.optimizers.SGD(0.1)
+    opt.setup(model)
+    x = np.random.RandomState(0).rand(10, 3).astype(np.float32)
+    it = chainer.iterators.SerialIterator(chainer.datasets.TupleDataset(x, x[:, :1]), 5)
+    trainer = chainer.training.Trainer(chainer.training.updaters.StandardUpdater(it, opt, device=-1),
+                                       (2, "iteration"), out=str(tmp_path))
+    import pytest
+
+    with pytest.warns(UserWarning, match="GradientLoggingMixin"):
+        ext.install(trainer, {"gradients": {"histograms_every": 1}})
+    trainer.run()
+    acc = load(tmp_path / "tb")
+    assert [e.step for e in acc.Scalars("grad/l1/W/norm")] == [1, 2]
+    assert "param/l2/W" in acc.Tags()["histograms"]
