@@ -1,8 +1,7 @@
-"""2-D transposed convolution (deconvolution) for the CPU: one GEMM, then kh*kw strided adds.
+"""2-D transposed convolution (deconvolution) for the CPU: one GEMM, then a few plane adds per output phase.
 
-Same layout trick as :mod:`wm_trainer.ops.conv`: NCHW shapes, NHWC memory. Forward multiplies the
-(N*H*W, Cin) input rows by the (Cin, kh*kw*Cout) weight matrix and scatter-adds the windows onto the
-output; backward gathers the output gradient's windows with one strided copy and needs two GEMMs.
+NCHW shapes over channel-major ("CNHW") memory: the GEMMs see (features, N*H*W) matrices and every
+add or copy runs over contiguous image rows. See :class:`Deconvolution2DFast` for the phase split.
 GPU arrays and options this kernel does not cover (dilation, groups, an ``outsize`` other than the
 natural one, mixed dtypes) go to :func:`chainer.functions.deconvolution_2d`.
 """
@@ -12,60 +11,122 @@ import chainer
 import chainer.functions as F
 import numpy as np
 from chainer import function_node
+from numpy.lib.stride_tricks import as_strided
 
-from wm_trainer.ops.conv import FLOAT_TYPES, im2row, nchw_view, pair, row2im_add, to_nhwc
+from wm_trainer.ops.conv import FLOAT_TYPES, pair
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class Deconvolution2DFast(function_node.FunctionNode):
-    """y = deconv(x, W) + b on the CPU with W of shape (Cin, Cout, kh, kw) as in Chainer."""
+    """y = deconv(x, W) + b on the CPU with W of shape (Cin, Cout, kh, kw) as in Chainer.
+
+    Works channel-major ("CNHW" memory, NCHW shapes) and by output phase: with the kernel zero-padded to
+    A*sy x B*sx, output pixel (sy*Y + p, sx*X + q) only receives taps (sy*a + p, sx*b + q) from input
+    pixel (Y - a, X - b). So one GEMM (A*B*sy*sx*Cout, Cin) x (Cin, N*H*W) gives every tap, A*B shifted
+    adds of contiguous (H, W) planes assemble the phase images, and one transposing copy interleaves
+    the phases. Backward gathers the gradient's A*B shifted phase windows with one strided copy.
+    """
 
     def __init__(self, stride: tuple[int, int], pad: tuple[int, int]):
         self.sy, self.sx = stride
         self.ph, self.pw = pad
 
+    def one_pixel(self, x_shape) -> bool:
+        """A 1x1 input without padding: the output is just x times W's (Cin, Cout*kh*kw) matrix."""
+        return x_shape[2] == 1 and x_shape[3] == 1 and self.ph == 0 and self.pw == 0
+
+    def _backward_one_pixel(self, indexes, gy):
+        x, W = self.get_retained_inputs()
+        n, cin = x.shape[0], x.shape[1]
+        gy2 = gy.reshape(n, -1)
+        g_x = (gy2 @ W.array.reshape(cin, -1).T).reshape(x.shape) if 0 in indexes else None
+        g_w = (x.array.reshape(n, cin).T @ gy2).reshape(W.shape) if 1 in indexes else None
+        g_b = gy.sum(axis=(0, 2, 3)) if 2 in indexes and len(self.inputs) == 3 else None
+        grads = (g_x, g_w, g_b)[:len(self.inputs)]
+        return tuple(None if g is None else chainer.Variable(g) for g in grads)
+
+    def _tap_matrix(self, W: np.ndarray) -> np.ndarray:
+        """W (Cin, Cout, kh, kw) -> (A*B*sy*sx*Cout, Cin), rows ordered (a, b, p, q, cout)."""
+        cin, cout, kh, kw = W.shape
+        sy, sx = self.sy, self.sx
+        a_n, b_n = _ceil_div(kh, sy), _ceil_div(kw, sx)
+        wp = np.zeros((cin, cout, a_n * sy, b_n * sx), dtype=W.dtype)
+        wp[:, :, :kh, :kw] = W
+        return np.ascontiguousarray(wp.reshape(cin, cout, a_n, sy, b_n, sx).transpose(2, 4, 3, 5, 1, 0)).reshape(
+            a_n * b_n * sy * sx * cout, cin)
+
     def forward_cpu(self, inputs):
-        """Input rows times the weight matrix, scatter-added window by window."""
+        """One GEMM for all taps, A*B plane adds, one phase-interleaving copy."""
+        if self.one_pixel(inputs[0].shape):
+            self.retain_inputs((0, 1))
         x, W = inputs[:2]
         b = inputs[2] if len(inputs) == 3 else None
         n, cin, h, w = x.shape
         _, cout, kh, kw = W.shape
-        hf, wf = self.sy * (h - 1) + kh, self.sx * (w - 1) + kw
-        self.x_rows = to_nhwc(x).reshape(n * h * w, cin)
-        self.w_mat = np.ascontiguousarray(W.transpose(0, 2, 3, 1)).reshape(cin, kh * kw * cout)
-        self.kh, self.kw = kh, kw
-        cols = self.x_rows @ self.w_mat
-        if h == 1 and w == 1:
-            y = cols.reshape(n, kh, kw, cout)
-        else:
-            y = np.zeros((n, hf, wf, cout), dtype=x.dtype)
-            row2im_add(y, cols.reshape(n, h, w, kh, kw, cout), kh, kw, self.sy, self.sx)
-        if self.ph or self.pw:
-            y = np.ascontiguousarray(y[:, self.ph:hf - self.ph, self.pw:wf - self.pw, :])
+        sy, sx = self.sy, self.sx
+        a_n, b_n = _ceil_div(kh, sy), _ceil_div(kw, sx)
+        hp, wp = h + a_n - 1, w + b_n - 1
+        if self.one_pixel(x.shape):  # a 1x1 input (the decoder's first layer): one GEMM, no tap reordering
+            y = (x.reshape(n, cin) @ W.reshape(cin, cout * kh * kw)).reshape(n, cout, kh, kw)
+            if b is not None:
+                y += b[:, None, None]
+            return y,
+        x_cols = x.transpose(1, 0, 2, 3).reshape(cin, n * h * w)
+        taps = self._tap_matrix(W)
+        g = (taps @ x_cols).reshape(a_n, b_n, sy * sx * cout, n, h, w)
+        ph_img = np.zeros((sy * sx * cout, n, hp, wp), dtype=x.dtype)
+        for a in range(a_n):
+            for bb in range(b_n):
+                dst = ph_img[:, :, a:a + h, bb:bb + w]
+                np.add(dst, g[a, bb], out=dst)
+        oh, ow = sy * (h - 1) + kh - 2 * self.ph, sx * (w - 1) + kw - 2 * self.pw
+        full = ph_img.reshape(sy, sx, cout, n, hp, wp).transpose(2, 3, 4, 0, 5, 1)
+        y = np.empty((cout, n, oh, ow), dtype=x.dtype)
+        np.copyto(y, full.reshape(cout, n, hp * sy, wp * sx)[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow])
         if b is not None:
-            y += b
-        if not chainer.config.enable_backprop:
-            self.x_rows = self.w_mat = None
-        return nchw_view(y),
+            y += b[:, None, None, None]
+        if chainer.config.enable_backprop:
+            self.x_cols, self.taps = x_cols, taps
+        return y.transpose(1, 0, 2, 3),
 
     def backward(self, indexes, grad_outputs):
         """Gradients as plain arrays (first order only: double backprop is not supported)."""
         if chainer.config.enable_backprop:
             raise NotImplementedError("fast deconvolution_2d has no double backprop; use experiment.ops=chainer")
         gy = grad_outputs[0].array
-        n, cout = gy.shape[0], gy.shape[1]
-        cin = self.x_rows.shape[1]
-        h, w = self.inputs[0].shape[2], self.inputs[0].shape[3]
-        gy_nhwc = to_nhwc(gy, (self.ph, self.pw))
-        g_rows = im2row(gy_nhwc, self.kh, self.kw, self.sy, self.sx, h, w)
+        n, cin, h, w = self.inputs[0].shape
+        _, cout, kh, kw = self.inputs[1].shape
+        if self.one_pixel(self.inputs[0].shape):
+            return self._backward_one_pixel(indexes, gy)
+        sy, sx = self.sy, self.sx
+        a_n, b_n = _ceil_div(kh, sy), _ceil_div(kw, sx)
+        hp, wp = h + a_n - 1, w + b_n - 1
+        oh, ow = gy.shape[2], gy.shape[3]
+        gy_c = gy.transpose(1, 0, 2, 3)
+        if (oh, ow) != (hp * sy, wp * sx):
+            padded = np.zeros((cout, n, hp * sy, wp * sx), dtype=gy.dtype)
+            padded[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow] = gy_c
+            gy_c = padded
+        full = np.empty((sy, sx, cout, n, hp, wp), dtype=gy.dtype)
+        np.copyto(full.transpose(2, 3, 4, 0, 5, 1), gy_c.reshape(cout, n, hp, sy, wp, sx))
+        planes = full.reshape(sy * sx * cout, n, hp, wp)
+        s0, s1, s2, s3 = planes.strides
+        win = as_strided(planes, (a_n, b_n, sy * sx * cout, n, h, w), (s2, s3, s0, s1, s2, s3), writeable=False)
+        g_cols = np.empty(win.shape, dtype=gy.dtype)
+        np.copyto(g_cols, win)
+        g_cols = g_cols.reshape(a_n * b_n * sy * sx * cout, n * h * w)
         grads = [None, None]
         if 0 in indexes:
-            grads[0] = chainer.Variable(nchw_view((g_rows @ self.w_mat.T).reshape(n, h, w, cin)))
+            grads[0] = chainer.Variable((self.taps.T @ g_cols).reshape(cin, n, h, w).transpose(1, 0, 2, 3))
         if 1 in indexes:
-            gw = (self.x_rows.T @ g_rows).reshape(cin, self.kh, self.kw, cout)
-            grads[1] = chainer.Variable(np.ascontiguousarray(gw.transpose(0, 3, 1, 2)))
+            g_taps = (g_cols @ self.x_cols.T).reshape(a_n, b_n, sy, sx, cout, cin)
+            g_w = g_taps.transpose(5, 4, 0, 2, 1, 3).reshape(cin, cout, a_n * sy, b_n * sx)[:, :, :kh, :kw]
+            grads[1] = chainer.Variable(np.ascontiguousarray(g_w))
         if len(self.inputs) == 3:
-            gb = gy_nhwc[:, self.ph:gy_nhwc.shape[1] - self.ph, self.pw:gy_nhwc.shape[2] - self.pw, :]
-            grads.append(chainer.Variable(gb.sum(axis=(0, 1, 2))) if 2 in indexes else None)
+            grads.append(chainer.Variable(gy.sum(axis=(0, 2, 3))) if 2 in indexes else None)
         return tuple(grads)
 
 
