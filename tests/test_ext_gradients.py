@@ -133,3 +133,23 @@ def test_gradient_summary_api():
     assert not bad.finite and bad.stats["a"]["nan"] == 1.0 and bad.stats["a"]["inf"] == 1.0
     huge = ext.gradient_summary(["a"], [np.full(4, 1e20, np.float32)], with_stats=False)
     assert huge.finite and huge.global_norm == pytest.approx(2e20)  # float32 squares would overflow
+
+
+def test_updater_serialises_its_counters(tmp_path):
+    def make():
+        model = MLP()
+        opt = chainer.optimizers.SGD(0.1)
+        opt.setup(model)
+        return ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data(), 5), opt, -1)
+
+    updater = make()
+    updater.update()
+    updater._ext.skipped, updater._ext.failures = 2, 3
+    chainer.serializers.save_npz(str(tmp_path / "u.npz"), updater)
+    resumed = make()
+    chainer.serializers.load_npz(str(tmp_path / "u.npz"), resumed)
+    assert (resumed.iteration, resumed.skipped, resumed._ext.failures) == (1, 2, 3)
+    plain = chainer.training.updaters.StandardUpdater(chainer.iterators.SerialIterator(data(), 5),
+                                                      updater.get_optimizer("main"))
+    chainer.serializers.save_npz(str(tmp_path / "plain.npz"), plain)
+    chainer.serializers.load_npz(str(tmp_path / "plain.npz"), make())  # a snapshot from before the toolkit
