@@ -226,12 +226,16 @@ def play(executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: 
                for chunk in chunks]
     out = np.zeros(len(jobs), np.float64)
     pos = 0
-    for chunk, fut in zip(chunks, futures):
-        rets = fut.result()
-        out[pos:pos + len(chunk)] = [r for r, _ in rets]
-        pos += len(chunk)
-        if progress is not None:
-            progress(len(chunk))
+    try:
+        for chunk, fut in zip(chunks, futures):
+            rets = fut.result()
+            out[pos:pos + len(chunk)] = [r for r, _ in rets]
+            pos += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        if handle is not None:
+            executor.release(handle)
     return out
 
 
