@@ -25,7 +25,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet "torch==2.13.0" || echo "torch not available: PyTorch columns will say so"
-	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m benchmarks.run
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

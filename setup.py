@@ -33,7 +33,11 @@ setup(
     extras_require={
         "dev": ["pytest>=7.4,<9", "ruff>=0.5", "tensorboard>=2.14,<3", "threadpoolctl>=3.2"],
         "dask": ["dask[distributed]>=2024.1"],
-        "cuda": ["cupy-cuda12x>=13,<15"],
+        # CuPy 14 needs numpy>=2, which Chainer 7.8.1 cannot use; the nvidia wheels stand in for a CUDA toolkit
+        "cuda": ["cupy-cuda12x>=13,<14", "nvidia-cublas-cu12", "nvidia-cuda-nvrtc-cu12",
+                 "nvidia-cuda-runtime-cu12", "nvidia-curand-cu12"],
+        # CuPy 13's CUDA 12 build binds cuDNN 8 only
+        "cudnn": ["nvidia-cudnn-cu12>=8.9,<9"],
     },
     entry_points={"console_scripts": ["wm-trainer=wm_trainer.cli:main"]},
 )

@@ -1,7 +1,10 @@
 """Shared test setup: every test starts and ends with Chainer's default float32 configuration."""
 from __future__ import annotations
 
+# isort: off
+import wm_trainer  # noqa: F401  (applies the CuPy shims before chainer imports cupy)
 import chainer
+# isort: on
 import numpy as np
 import pytest
 
