@@ -93,7 +93,7 @@ def _train(model: chainer.Chain, x: np.ndarray, y: np.ndarray, toy: ToyConfig, d
     trainer.extend(chainer.training.extensions.ProgressBar(
         training_length=(toy.iterations, "iteration"), update_interval=max(1, toy.iterations // 100)))
     print(f"training the {label} network ({toy.iterations} iterations)")
-    trainer.run()
+    trainer.run(show_loop_exception_msg=False)
 
 
 def _gaussian_nll(residual: np.ndarray, var: float) -> float:
