@@ -44,8 +44,11 @@ def test_step_matches_mdnrnn_step_and_predict():
     np.testing.assert_array_equal(reward, np.ones(5, np.float32))
 
 
-def test_batch_equals_single_agent_runs_with_same_seeds():
-    m = _model(done_head=False)
+@pytest.mark.parametrize("done_head", [False, True])
+def test_batch_equals_single_agent_runs_with_same_seeds(done_head):
+    m = _model(done_head=done_head)
+    if done_head:  # agents end at different times
+        m.done.b.array[:] = -0.1
     env = DreamEnv(m, temperature=1.15, max_steps=50, seed=3)
     rng = np.random.default_rng(2)
     B, steps = 6, 15
@@ -53,12 +56,16 @@ def test_batch_equals_single_agent_runs_with_same_seeds():
     acts = rng.uniform(-1, 1, (steps, B, A)).astype(np.float32)
     z0[5], acts[:, 5] = z0[0], acts[:, 0]
     seeds = np.array([11, 12, 13, 14, 15, 11])
-    zb, hb, _, _ = _rollout(env, z0, seeds, acts)
+    zb, hb, rb, db = _rollout(env, z0, seeds, acts)
+    if done_head:
+        assert len(set(rb.sum(0))) >= 3, "agents should end at different steps"
     for i in range(B):
-        zi, hi, _, _ = _rollout(DreamEnv(m, temperature=1.15, max_steps=50, seed=99), z0[i:i + 1], seeds[i:i + 1],
+        zi, hi, ri, di = _rollout(DreamEnv(m, temperature=1.15, max_steps=50, seed=99), z0[i:i + 1], seeds[i:i + 1],
                                 acts[:, i:i + 1])
         np.testing.assert_allclose(zb[:, i], zi[:, 0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(hb[:, i], hi[:, 0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(rb[:, i], ri[:, 0])
+        np.testing.assert_array_equal(db[:, i], di[:, 0])
     # different seeds give different dreams; equal seeds and inputs give equal ones
     assert not np.allclose(zb[:, 0], zb[:, 1])
     np.testing.assert_allclose(zb[:, 0], zb[:, 5], rtol=1e-6)

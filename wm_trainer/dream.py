@@ -137,14 +137,41 @@ class DreamEnv:
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Advance every agent one step: returns (z, h, reward, done), each batched over agents.
 
-        Agents already done stay done with reward 0 and frozen z, h.
+        Agents already done stay done with reward 0 and frozen z, h; only the live ones are computed
+        (gathered into the leading rows of the work buffers), so a mostly finished batch is cheap.
         """
-        zd, A, H, K = self.z_dim, self.action_dim, self.hidden, self.K
+        zd, A = self.z_dim, self.action_dim
         b = self.batch
-        a = np.asarray(actions, dtype=self.dtype).reshape(b, A)
-        x, g = self._x, self._gates
-        x[:, zd:zd + A] = a
-        # LSTM: one matmul for [z, a, h]; gates a | i | f | o, with i, f, o pre-halved
+        x = self._x
+        x[:, zd:zd + A] = np.asarray(actions, dtype=self.dtype).reshape(b, A)
+        alive = ~self.done
+        rows = None if alive.all() else np.flatnonzero(alive)
+        self.t += 1
+        if rows is None:
+            h, c, z, done_logit = self._advance(x, self._c, self._keys)
+            self._c = c
+            x[:, :zd], x[:, zd + A:] = z, h
+        elif len(rows):
+            h, c, z, done_logit = self._advance(x[rows], self._c[rows], self._keys[rows])
+            self._c[rows] = c
+            x[rows, :zd], x[rows, zd + A:] = z, h
+        ended = np.full(b if rows is None else len(rows), self.t >= self.max_steps)
+        if self.m.has_done and (rows is None or len(rows)):
+            ended |= done_logit > 0
+        reward = np.where(alive, self.reward_per_step, 0.0).astype(np.float32)
+        if rows is None:
+            self.done = ended
+        else:
+            self.done = self.done.copy()
+            self.done[rows] = ended
+        return x[:, :zd].copy(), x[:, zd + A:].copy(), reward, self.done.copy()
+
+    def _advance(self, x: np.ndarray, c: np.ndarray, keys: np.ndarray):
+        """LSTM + heads + sampling for n agents' rows [z | a | h] and cells c: (h, c, z, done logit)."""
+        zd, H, K = self.z_dim, self.hidden, self.K
+        n = len(x)
+        g = self._gates[:n]
+        # one matmul for [z, a, h]; gates a | i | f | o, with i, f, o pre-halved so tanh gives all four
         np.dot(x, self._w_lstm, out=g)
         g += self._b_lstm
         np.tanh(g, out=g)
@@ -152,40 +179,24 @@ class DreamEnv:
         sig *= 0.5
         sig += 0.5
         c_new = g[:, :H] * g[:, H:2 * H]
-        c_new += g[:, 2 * H:3 * H] * self._c
+        c_new += g[:, 2 * H:3 * H] * c
         h_new = np.tanh(c_new)
         h_new *= g[:, 3 * H:]
-        # heads: mixture (z, 3K) and the done logit
-        y = np.dot(h_new, self._w_head, out=self._head)
+        # heads: the mixture as (3, K, z) blocks, then the done logit
+        y = np.dot(h_new, self._w_head, out=self._head[:n])
         y += self._b_head
-        mix = y[:, :zd * 3 * K].reshape(b, 3, K, zd)
-        z_new = self._sample(mix[:, 0], mix[:, 1], mix[:, 2])
-        alive = ~self.done
-        reward = np.where(alive, self.reward_per_step, 0.0).astype(np.float32)
-        self.t += 1
-        ended = np.full(b, self.t >= self.max_steps)
-        if self.m.has_done:
-            ended |= y[:, -1] > 0
-        # freeze finished agents
-        if not alive.all():
-            dead = self.done[:, None]
-            np.copyto(z_new, x[:, :zd], where=dead)
-            np.copyto(h_new, x[:, zd + A:], where=dead)
-            np.copyto(c_new, self._c, where=dead)
-        self.done = self.done | ended
-        self._c = c_new
-        x[:, :zd] = z_new
-        x[:, zd + A:] = h_new
-        return z_new, h_new, reward, self.done.copy()
+        mix = y[:, :zd * 3 * K].reshape(n, 3, K, zd)
+        z_new = self._sample(mix[:, 0], mix[:, 1], mix[:, 2], keys)
+        return h_new, c_new, z_new, y[:, -1]
 
-    def _sample(self, logits: np.ndarray, mu: np.ndarray, log_std: np.ndarray) -> np.ndarray:
+    def _sample(self, logits: np.ndarray, mu: np.ndarray, log_std: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """Per (agent, dim): mixture from softmax(logits / tau), then mu + exp(log_std) sqrt(tau) eps.
 
         Inputs are (B, K, z_dim); loops run over the K mixtures only.
         """
         K, zd = logits.shape[1], logits.shape[2]
         tau = max(self.temperature, 1e-6)
-        u = counter_uniform(self._keys, self.t, 3 * zd).astype(self.dtype)
+        u = counter_uniform(keys, self.t, 3 * zd).astype(self.dtype)
         top = logits.max(axis=1)
         p = np.exp((logits - top[:, None, :]) * (1.0 / tau))
         thresh = u[:, :zd] * p.sum(axis=1)
