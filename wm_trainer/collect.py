@@ -48,10 +48,13 @@ def rollout_random(env: WorldEnv, seed: int, repeat_prob: float) -> dict[str, np
     }
 
 
-def collect_one(env_cfg: Any, max_steps: int, repeat_prob: float, index: int, seed: int
+def collect_one(env_id: str, max_steps: int, repeat_prob: float, index: int, seed: int
                 ) -> tuple[int, dict[str, np.ndarray]]:
-    """Worker task: episode ``index`` with ``seed``; returns (index, arrays). Envs are reused per worker."""
-    return index, rollout_random(cached_env(env_cfg, max_steps), seed, repeat_prob)
+    """Worker task: episode ``index`` with ``seed``; returns (index, arrays). Envs are reused per worker.
+
+    Takes plain values, not the Config: unpickling a Config in a worker would import the whole toolkit.
+    """
+    return index, rollout_random(cached_env(env_id, max_steps), seed, repeat_prob)
 
 
 def _remove_stale_temps(folder: Path) -> None:
@@ -102,7 +105,7 @@ def collect_episodes(cfg: Any, executor: Executor | None = None) -> list[Path]:
 
 
 def _run(ex: Executor, cfg: Any, todo: list[int], folder: Path, max_steps: int, total: int, tqdm: Any) -> None:
-    futures = [ex.submit(collect_one, cfg.env, max_steps, cfg.collect.repeat_prob, i,
+    futures = [ex.submit(collect_one, cfg.env.id, max_steps, cfg.collect.repeat_prob, i,
                          episode_seed(cfg.experiment.seed, i)) for i in todo]
     frames, start = 0, time.perf_counter()
     with tqdm(total=total, initial=total - len(todo), unit="ep", desc="collect", dynamic_ncols=True) as bar:

@@ -134,15 +134,19 @@ def _check_doom_buttons(gym_env: Any) -> None:
 
 def make_env(env_cfg: Any, max_steps: int | None = None) -> WorldEnv:
     """Build ``env_cfg.id`` capped at ``max_steps`` (default ``env_cfg.max_steps``) steps per episode."""
+    return open_env(env_cfg.id, max_steps or env_cfg.max_steps)
+
+
+def open_env(env_id: str, max_steps: int) -> WorldEnv:
+    """Build an env from its id and step cap (what worker tasks get: plain values, not the Config)."""
     import gymnasium as gym
 
-    env_id = env_cfg.id
     _check_id(env_id)
     _import_backend(env_id)
     gym_env = gym.make(env_id)
     if env_id == DOOM_ID:
         _check_doom_buttons(gym_env)
-    return WorldEnv(env_id, gym_env, max_steps or env_cfg.max_steps)
+    return WorldEnv(env_id, gym_env, max_steps)
 
 
 _LOCAL = threading.local()
@@ -162,17 +166,17 @@ def _close_cached() -> None:
             pass
 
 
-def cached_env(env_cfg: Any, max_steps: int | None = None) -> WorldEnv:
+def cached_env(env_id: str, max_steps: int) -> WorldEnv:
     """An env kept per thread and reused across episodes (worker tasks); closed when the process exits.
 
     Closing matters for Doom: each env owns a vizdoom game process that outlives an unclosed env.
     """
     global _CLEANUP_REGISTERED
     cache = _LOCAL.__dict__.setdefault("envs", {})
-    key = (env_cfg.id, max_steps or env_cfg.max_steps)
+    key = (env_id, int(max_steps))
     env = cache.get(key)
     if env is None:
-        env = cache[key] = make_env(env_cfg, max_steps)
+        env = cache[key] = open_env(env_id, max_steps)
         with _OPEN_LOCK:
             if not _CLEANUP_REGISTERED:
                 _CLEANUP_REGISTERED = True

@@ -68,6 +68,9 @@ class FrameLoader(chainer.dataset.Iterator):
 
     def __init__(self, folder: str | os.PathLike, batch_size: int, *, memory_mb: float, seed: int = 0,
                  shuffle: bool = True, repeat: bool = True):
+        self._threads: cf.ThreadPoolExecutor | None = None
+        self._current: _Chunk | None = None
+        self._next: tuple[tuple[int, int], cf.Future] | None = None
         self.folder = Path(folder)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -87,8 +90,6 @@ class FrameLoader(chainer.dataset.Iterator):
             raise UserError(f"frame loader memory budget {memory_mb} MB is too small for batches of "
                             f"{self.batch_size} frames (needs at least {need:.1f} MB)")
         self._threads = cf.ThreadPoolExecutor(1, thread_name_prefix="frame-loader")
-        self._current: _Chunk | None = None
-        self._next: tuple[tuple[int, int], cf.Future] | None = None
         self.reset()
 
     # ---- the order of an epoch -------------------------------------------------------------
@@ -229,4 +230,5 @@ class FrameLoader(chainer.dataset.Iterator):
     def finalize(self) -> None:
         """Stop the reader thread and free the buffers."""
         self._drop_chunks()
-        self._threads.shutdown(wait=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)

@@ -27,6 +27,9 @@ from typing import Any
 
 from .errors import UserError
 
+# Imported once by the forkserver, so a new or rebuilt pool's workers start without re-importing them.
+FORKSERVER_PRELOAD = ["numpy", "gymnasium", "PIL.Image", "wm_trainer.collect"]
+
 _BROADCAST_CACHE: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _BROADCAST_CACHE_SIZE = 8
 _BROADCAST_LOCK = threading.Lock()
@@ -116,6 +119,8 @@ class LocalExecutor:
         if method is None:
             method = "forkserver" if sys.platform.startswith("linux") else "spawn"
         self._ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            self._ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the forkserver runs
         self._lock = threading.RLock()
         self._generation = 0
         self.restarts = 0
