@@ -115,3 +115,17 @@ def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys):
                "--set", "controller.population=6", "--set", "controller.generations=2"])
     assert rc == 2
     assert "population 4" in capsys.readouterr().err
+
+
+def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path):
+    import json
+
+    from test_rollout import make_tiny_run
+
+    from wm_trainer.storage import RunPaths
+
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    _train(cfg_path, tmp_path, "controller.mode=real", "controller.generations=1",
+           "controller.episodes_per_candidate=1", "env.max_steps=15")
+    (row,) = json.loads((RunPaths(cfg.run_dir).controller_dir / "log.json").read_text())
+    assert 0 < row["worst"] <= row["mean"] <= row["best"] <= 15  # Doom: +1 per tick, real episodes capped at 15
