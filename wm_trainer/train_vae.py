@@ -50,14 +50,10 @@ class TqdmProgress(training.Extension):
         self.total, self.desc, self.key = total, desc, key
         self._bar = None
 
-    def initialize(self, trainer) -> None:
-        """Open the bar at the (possibly resumed) iteration."""
-        self._bar = tqdm(total=self.total, initial=trainer.updater.iteration, desc=self.desc, unit="it",
-                         dynamic_ncols=True, disable=None)
-
     def __call__(self, trainer) -> None:
-        if self._bar is None:
-            self.initialize(trainer)
+        if self._bar is None:  # opened at the first call: after a snapshot's autoload, so resumes start mid-bar
+            self._bar = tqdm(total=self.total, initial=trainer.updater.iteration, desc=self.desc, unit="it",
+                             dynamic_ncols=True, disable=None)
         self._bar.update(trainer.updater.iteration - self._bar.n)
         loss = trainer.observation.get(self.key)
         if loss is not None:
