@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import extensions as ext
 
-from . import episodes, frames
+from . import episodes, frames, gpu_compat
 from .errors import UserError
 from .storage import RunPaths, atomic_write_bytes
 from .vision import ConvVAE, frames_converter, to_uint8_frames
@@ -30,14 +30,8 @@ SNAPSHOT_NAME = "snapshot_iter_{.updater.iteration}"
 
 
 def resolve_device(index: int) -> chainer.backend.Device:
-    """-1 -> CPU, N -> CUDA device N (UserError when CuPy or the GPU is missing)."""
-    if index < 0:
-        return chainer.get_device("@numpy")
-    try:
-        return chainer.get_device(f"@cupy:{index}")
-    except Exception as e:  # noqa: BLE001 - any failure here is an installation problem
-        raise UserError(f"experiment.device={index}: cannot use CUDA device {index} ({e}); "
-                        "install the cuda extra (pip install -e '.[cuda]') or set experiment.device=-1") from None
+    """-1 -> CPU, N -> CUDA device N through the CuPy shims (UserError when CuPy or the GPU is missing)."""
+    return gpu_compat.use_device(index)
 
 
 class TqdmProgress(training.Extension):
