@@ -24,6 +24,7 @@ import numpy as np
 
 from benchmarks.harness import machine_info
 from wm_trainer.ops import links as fast_links
+from wm_trainer.ops.threads import set_threads
 
 BATCH, Z, ACTION, HIDDEN, MIXTURES, SEQ = 100, 32, 3, 256, 5, 1000
 
@@ -353,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="vae,encode,mdnrnn", help="comma list of vae, encode, mdnrnn")
     ap.add_argument("--repeats", type=int, default=5, help="alternating rounds (medians are reported)")
     ap.add_argument("--seq", type=int, default=SEQ, help="MDN-RNN sequence length")
-    ap.add_argument("--threads", type=int, default=0, help="BLAS and torch threads (0 = library defaults)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="BLAS, torch and wm_trainer.ops threads (0 = library defaults)")
     ap.add_argument("--cpu-time", action="store_true", help="time with process CPU time instead of wall clock")
     ap.add_argument("--profile", action="store_true", help="print a per-function profile of the fast path")
     ap.add_argument("--json", default=None, help="also write the results to this file")
@@ -363,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(args.threads)
+        set_threads(args.threads)
         if torch_ok:
             import torch
 

@@ -15,6 +15,8 @@ import numpy as np
 from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
+from wm_trainer.ops.threads import run_chunks
+
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -27,11 +29,11 @@ def to_nhwc(x: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
     """A C-contiguous NHWC copy of NCHW-shaped ``x`` (free when ``x`` already has NHWC memory)."""
     ph, pw = pad
     t = x.transpose(0, 2, 3, 1)
-    if ph == 0 and pw == 0:
-        return np.ascontiguousarray(t)
+    if ph == 0 and pw == 0 and t.flags.c_contiguous:
+        return t
     n, h, w, c = t.shape
-    out = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=x.dtype)
-    out[:, ph:ph + h, pw:pw + w, :] = t
+    out = (np.empty if ph == 0 and pw == 0 else np.zeros)((n, h + 2 * ph, w + 2 * pw, c), dtype=x.dtype)
+    run_chunks(lambda lo, hi: np.copyto(out[lo:hi, ph:ph + h, pw:pw + w, :], t[lo:hi]), n)
     return out
 
 
@@ -46,17 +48,21 @@ def im2row(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow: 
     """The window matrix (N*oh*ow, kh*kw*C) of a contiguous NHWC array: one strided copy."""
     n, c = x_nhwc.shape[0], x_nhwc.shape[3]
     out = np.empty((n, oh, ow, kh, kw, c), dtype=x_nhwc.dtype)
-    np.copyto(out, windows(x_nhwc, kh, kw, sy, sx, oh, ow))
+    win = windows(x_nhwc, kh, kw, sy, sx, oh, ow)
+    run_chunks(lambda lo, hi: np.copyto(out[lo:hi], win[lo:hi]), n)
     return out.reshape(n * oh * ow, kh * kw * c)
 
 
 def row2im_add(out_nhwc: np.ndarray, rows: np.ndarray, kh: int, kw: int, sy: int, sx: int) -> None:
     """Scatter-add window rows (N, oh, ow, kh, kw, C) back onto ``out_nhwc`` (N, H, W, C): kh*kw strided adds."""
     oh, ow = rows.shape[1], rows.shape[2]
-    for i in range(kh):
-        for j in range(kw):
-            dst = out_nhwc[:, i:i + sy * (oh - 1) + 1:sy, j:j + sx * (ow - 1) + 1:sx, :]
-            np.add(dst, rows[:, :, :, i, j, :], out=dst)
+
+    def chunk(lo: int, hi: int) -> None:
+        for i in range(kh):
+            for j in range(kw):
+                dst = out_nhwc[lo:hi, i:i + sy * (oh - 1) + 1:sy, j:j + sx * (ow - 1) + 1:sx, :]
+                np.add(dst, rows[lo:hi, :, :, i, j, :], out=dst)
+    run_chunks(chunk, out_nhwc.shape[0])
 
 
 def nchw_view(y_nhwc: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
 from wm_trainer.ops.conv import FLOAT_TYPES, pair
+from wm_trainer.ops.threads import run_chunks
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -78,16 +79,20 @@ class Deconvolution2DFast(function_node.FunctionNode):
         taps = self._tap_matrix(W)
         g = (taps @ x_cols).reshape(a_n, b_n, sy * sx * cout, n, h, w)
         ph_img = np.zeros((sy * sx * cout, n, hp, wp), dtype=x.dtype)
-        for a in range(a_n):
-            for bb in range(b_n):
-                dst = ph_img[:, :, a:a + h, bb:bb + w]
-                np.add(dst, g[a, bb], out=dst)
         oh, ow = sy * (h - 1) + kh - 2 * self.ph, sx * (w - 1) + kw - 2 * self.pw
         full = ph_img.reshape(sy, sx, cout, n, hp, wp).transpose(2, 3, 4, 0, 5, 1)
         y = np.empty((cout, n, oh, ow), dtype=x.dtype)
-        np.copyto(y, full.reshape(cout, n, hp * sy, wp * sx)[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow])
-        if b is not None:
-            y += b[:, None, None, None]
+
+        def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
+            for a in range(a_n):
+                for bb in range(b_n):
+                    dst = ph_img[:, lo:hi, a:a + h, bb:bb + w]
+                    np.add(dst, g[a, bb, :, lo:hi], out=dst)
+            full_lo = full[:, lo:hi].reshape(cout, hi - lo, hp * sy, wp * sx)
+            np.copyto(y[:, lo:hi], full_lo[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow])
+            if b is not None:
+                y[:, lo:hi] += b[:, None, None, None]
+        run_chunks(chunk, n)
         if chainer.config.enable_backprop:
             self.x_cols, self.taps = x_cols, taps
         return y.transpose(1, 0, 2, 3),
@@ -106,17 +111,22 @@ class Deconvolution2DFast(function_node.FunctionNode):
         hp, wp = h + a_n - 1, w + b_n - 1
         oh, ow = gy.shape[2], gy.shape[3]
         gy_c = gy.transpose(1, 0, 2, 3)
-        if (oh, ow) != (hp * sy, wp * sx):
-            padded = np.zeros((cout, n, hp * sy, wp * sx), dtype=gy.dtype)
-            padded[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow] = gy_c
-            gy_c = padded
         full = np.empty((sy, sx, cout, n, hp, wp), dtype=gy.dtype)
-        np.copyto(full.transpose(2, 3, 4, 0, 5, 1), gy_c.reshape(cout, n, hp, sy, wp, sx))
         planes = full.reshape(sy * sx * cout, n, hp, wp)
         s0, s1, s2, s3 = planes.strides
         win = as_strided(planes, (a_n, b_n, sy * sx * cout, n, h, w), (s2, s3, s0, s1, s2, s3), writeable=False)
         g_cols = np.empty(win.shape, dtype=gy.dtype)
-        np.copyto(g_cols, win)
+        cropped = (oh, ow) != (hp * sy, wp * sx)
+
+        def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
+            src = gy_c[:, lo:hi]
+            if cropped:
+                padded = np.zeros((cout, hi - lo, hp * sy, wp * sx), dtype=gy.dtype)
+                padded[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow] = src
+                src = padded
+            np.copyto(full[:, :, :, lo:hi].transpose(2, 3, 4, 0, 5, 1), src.reshape(cout, hi - lo, hp, sy, wp, sx))
+            np.copyto(g_cols[:, :, :, lo:hi], win[:, :, :, lo:hi])
+        run_chunks(chunk, n)
         g_cols = g_cols.reshape(a_n * b_n * sy * sx * cout, n * h * w)
         grads = [None, None]
         if 0 in indexes:

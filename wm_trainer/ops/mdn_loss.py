@@ -16,6 +16,7 @@ import numpy as np
 from chainer import function_node
 
 from wm_trainer.ops.conv import FLOAT_TYPES
+from wm_trainer.ops.threads import run_chunks
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 BLOCK_ROWS = 1024
@@ -56,11 +57,14 @@ class MDNNegLogLikelihood(function_node.FunctionNode):
         logits, mu, log_std, target = inputs
         n, d = target.shape
         out = np.empty(n, dtype=mu.dtype)
-        for lo in range(0, n, BLOCK_ROWS):
-            sl = slice(lo, lo + BLOCK_ROWS)
-            *_, lse_s, lse_l = _block_stats(logits[sl], mu[sl], log_std[sl], target[sl])
-            lse_s -= lse_l
-            out[sl] = -lse_s.sum(axis=1)
+
+        def blocks(first: int, last: int) -> None:
+            for lo in range(first * BLOCK_ROWS, min(last * BLOCK_ROWS, n), BLOCK_ROWS):
+                sl = slice(lo, lo + BLOCK_ROWS)
+                *_, lse_s, lse_l = _block_stats(logits[sl], mu[sl], log_std[sl], target[sl])
+                lse_s -= lse_l
+                out[sl] = -lse_s.sum(axis=1)
+        run_chunks(blocks, -(-n // BLOCK_ROWS))
         out += d * LOG_SQRT_2PI
         return out,
 
@@ -74,8 +78,11 @@ class MDNNegLogLikelihood(function_node.FunctionNode):
         n = target.shape[0]
         g_lg, g_mu, g_ls = (np.empty(a.shape, dtype=a.dtype) for a in (logits, mu, log_std))
         g_t = np.empty(target.shape, dtype=target.dtype)
-        for lo in range(0, n, BLOCK_ROWS):
-            sl = slice(lo, lo + BLOCK_ROWS)
+        def blocks(first: int, last: int) -> None:
+            for lo in range(first * BLOCK_ROWS, min(last * BLOCK_ROWS, n), BLOCK_ROWS):
+                _block_grads(slice(lo, lo + BLOCK_ROWS))
+
+        def _block_grads(sl: slice) -> None:
             lg, zs, inv, s, lse_s, lse_l = _block_stats(logits[sl], mu[sl], log_std[sl], target[sl])
             w = gy[sl, None]
             r = np.subtract(s, lse_s, out=s)
@@ -95,6 +102,7 @@ class MDNNegLogLikelihood(function_node.FunctionNode):
             g_t[sl] = r.sum(axis=0)
             np.negative(r, out=r)
             g_mu[sl] = r.transpose(1, 2, 0)
+        run_chunks(blocks, -(-n // BLOCK_ROWS))
         return tuple(chainer.Variable(g) if i in indexes else None
                      for i, g in enumerate((g_lg, g_mu, g_ls, g_t)))
 

@@ -1,0 +1,44 @@
+"""Split the memory-bound parts of the kernels (strided copies, scatter-adds, the MDN loss blocks) over
+threads. numpy releases the GIL inside large copies and ufunc loops, so batch slices run in parallel on
+the cores OpenBLAS already uses for the GEMMs; without this the copies run on one core while the rest idle.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+_threads = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+_pool: ThreadPoolExecutor | None = None
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads (1 = run everything in the calling thread)."""
+    global _threads, _pool
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    if _pool is not None and n != _threads:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _threads = n
+
+
+def get_threads() -> int:
+    """The number of threads the kernels split their copies over."""
+    return _threads
+
+
+def run_chunks(fn: Callable[[int, int], object], n: int, min_chunk: int = 1) -> None:
+    """Call ``fn(lo, hi)`` over a split of ``range(n)`` into at most ``get_threads()`` chunks, concurrently."""
+    global _pool
+    parts = min(_threads, max(1, n // max(min_chunk, 1)))
+    if parts <= 1:
+        fn(0, n)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="wm-ops")
+    bounds = [n * i // parts for i in range(parts + 1)]
+    futures = [_pool.submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    fn(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
