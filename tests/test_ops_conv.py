@@ -133,3 +133,26 @@ def test_function_and_link_hooks_see_the_fast_ops():
         F.sum(conv(x)).backward()
     assert "Convolution2DFast" in hook.forward and "Convolution2DFast" in hook.backward
     assert seen == ["FastConvolution2D"]
+
+
+def test_results_do_not_depend_on_the_number_of_threads():
+    from wm_trainer.ops.threads import get_threads, set_threads
+
+    rng = np.random.default_rng(6)
+    x, w, b = _args(rng, (5, 3, 12, 12), (3, 4, 6, 6), 1)
+    before = get_threads()
+    outs = []
+    try:
+        for n in (1, 3):
+            set_threads(n)
+            xv = chainer.Variable(x.copy())
+            w_c = w.transpose(1, 0, 2, 3)
+            y = deconvolution_2d(convolution_2d(xv, w_c, None, 2), w_c, b[:3], 2)
+            F.sum(y * y).backward()
+            outs.append((y.array, xv.grad))
+    finally:
+        set_threads(before)
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-12)
+    np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-12)
+    with pytest.raises(ValueError):
+        set_threads(0)
