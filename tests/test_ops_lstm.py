@@ -5,6 +5,7 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 import numpy as np
+import pytest
 from chainer import gradient_check
 
 from wm_trainer.mdn import MDNHead
@@ -111,3 +112,10 @@ def test_float64_parameters_run_the_fast_kernel_in_float64():
     lstm.cleargrads()
     F.sum(hs).backward()
     assert lstm.lateral.W.grad.dtype == np.float64 and np.isfinite(lstm.lateral.W.grad).all()
+
+
+def test_double_backprop_is_refused_with_a_clear_error():
+    args = [chainer.Variable(a) for a in _inputs(np.random.default_rng(5))]
+    hs, _, _ = lstm_sequence(*args)
+    with pytest.raises(NotImplementedError, match="experiment.ops=chainer"):
+        F.sum(hs).backward(enable_double_backprop=True)
