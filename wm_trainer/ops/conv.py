@@ -95,6 +95,35 @@ class Convolution2DFast(function_node.FunctionNode):
             self.rows = self.w_mat = None
         return nchw_view(y.reshape(n, oh, ow, out_c)),
 
+    def _grad_x_by_phase(self, gy_nhwc: np.ndarray, hp: int, wp: int) -> np.ndarray:
+        """Input gradient (N, hp, wp, C) when the kernel is a multiple of the stride, as a compute-bound GEMM.
+
+        Input pixel (sy*Y + p, sx*X + q) gets taps (sy*a + p, sx*b + q) from output pixel (Y - a, X - b):
+        gather the A x B windows of the zero-padded output gradient (one strided copy), multiply by the
+        (A*B*Cout, sy*sx*C) tap matrix, and interleave the sy*sx phase images.
+        """
+        sy, sx, kh, kw = self.sy, self.sx, self.kh, self.kw
+        a_n, b_n = kh // sy, kw // sx
+        n, oh, ow, out_c = gy_nhwc.shape
+        c = self.w_mat.shape[0] // (kh * kw)
+        hq, wq = oh + a_n - 1, ow + b_n - 1
+        gy_pad = np.zeros((n, oh + 2 * (a_n - 1), ow + 2 * (b_n - 1), out_c), dtype=gy_nhwc.dtype)
+        run_chunks(lambda lo, hi: np.copyto(gy_pad[lo:hi, a_n - 1:a_n - 1 + oh, b_n - 1:b_n - 1 + ow],
+                                            gy_nhwc[lo:hi]), n)
+        rows = im2row(gy_pad, a_n, b_n, 1, 1, hq, wq)  # columns (a', b', cout) with a' = A - 1 - a
+        w6 = self.w_mat.reshape(a_n, sy, b_n, sx, c, out_c)[::-1, :, ::-1]
+        taps = np.ascontiguousarray(w6.transpose(0, 2, 5, 1, 3, 4)).reshape(a_n * b_n * out_c, sy * sx * c)
+        phases = (rows @ taps).reshape(n, hq, wq, sy, sx, c)
+        gx = np.empty((n, hp, wp, c), dtype=gy_nhwc.dtype)
+
+        def chunk(lo: int, hi: int) -> None:
+            inner = gx[lo:hi, :hq * sy, :wq * sx].reshape(hi - lo, hq, sy, wq, sx, c)
+            np.copyto(inner, phases[lo:hi].transpose(0, 1, 3, 2, 4, 5))
+            gx[lo:hi, hq * sy:] = 0
+            gx[lo:hi, :, wq * sx:] = 0
+        run_chunks(chunk, n)
+        return gx
+
     def backward(self, indexes, grad_outputs):
         """Gradients as plain arrays (first order only: double backprop is not supported)."""
         if chainer.config.enable_backprop:
@@ -106,10 +135,13 @@ class Convolution2DFast(function_node.FunctionNode):
         gy2 = to_nhwc(gy).reshape(n * oh * ow, out_c)
         grads = []
         if 0 in indexes:
-            g_rows = (gy2 @ self.w_mat.T).reshape(n, oh, ow, kh, kw, c)
             hp, wp = h + 2 * self.ph, w + 2 * self.pw
-            gx = np.zeros((n, hp, wp, c), dtype=gy.dtype)
-            row2im_add(gx, g_rows, kh, kw, self.sy, self.sx)
+            if kh % self.sy == 0 and kw % self.sx == 0:
+                gx = self._grad_x_by_phase(gy2.reshape(n, oh, ow, out_c), hp, wp)
+            else:
+                g_rows = (gy2 @ self.w_mat.T).reshape(n, oh, ow, kh, kw, c)
+                gx = np.zeros((n, hp, wp, c), dtype=gy.dtype)
+                row2im_add(gx, g_rows, kh, kw, self.sy, self.sx)
             gx = gx[:, self.ph:self.ph + h, self.pw:self.pw + w, :]
             grads.append(chainer.Variable(nchw_view(gx)))
         else:
