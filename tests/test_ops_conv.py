@@ -13,7 +13,8 @@ from wm_trainer.ops.conv import Convolution2DFast
 from wm_trainer.ops.deconv import Deconvolution2DFast
 from wm_trainer.ops.links import FastConvolution2D, FastDeconvolution2D
 
-CONV_CASES = [((2, 3, 9, 8), (4, 3, 4, 4), 2, 0), ((2, 3, 7, 8), (4, 3, 3, 2), (1, 2), 1), ((2, 3, 9, 9), (4, 3, 3, 3), 2, 0)]
+CONV_CASES = [((2, 3, 9, 8), (4, 3, 4, 4), 2, 0), ((2, 3, 7, 8), (4, 3, 3, 2), (1, 2), 1),
+              ((2, 3, 9, 9), (4, 3, 3, 3), 2, 0)]
 DECONV_CASES = [((2, 3, 4, 5), (3, 4, 5, 4), 2, 0), ((2, 3, 1, 1), (3, 4, 5, 5), 2, 0),
                 ((2, 3, 3, 3), (3, 4, 6, 4), (2, 1), 1), ((2, 2, 3, 4), (2, 3, 6, 6), 2, 0)]
 
