@@ -119,3 +119,25 @@ def test_double_backprop_is_refused_with_a_clear_error():
     hs, _, _ = lstm_sequence(*args)
     with pytest.raises(NotImplementedError, match="experiment.ops=chainer"):
         F.sum(hs).backward(enable_double_backprop=True)
+
+
+def test_batch_split_over_threads_gives_the_same_values_and_gradients():
+    from wm_trainer.ops.threads import get_threads, set_threads
+
+    rng = np.random.default_rng(6)
+    args = _inputs(rng, n=37, t=3, i=4, h=5)  # 37 sequences: two parts of >= 16 columns with 2 threads
+    before = get_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            set_threads(threads)
+            vs = [chainer.Variable(a.copy()) for a in args]
+            hs, h, c = lstm_sequence(*vs)
+            (F.sum(hs * hs) + F.sum(h) + F.sum(c * c)).backward()
+            results.append([hs.array, h.array, c.array] + [v.grad for v in vs])
+    finally:
+        set_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+    ref = lstm_sequence_reference(*args)
+    np.testing.assert_allclose(results[1][0], ref[0].array, rtol=1e-10, atol=1e-12)

@@ -15,6 +15,14 @@ import numpy as np
 from chainer import function_node
 
 from wm_trainer.ops.conv import FLOAT_TYPES
+from wm_trainer.ops.threads import get_threads, run_chunks
+
+try:
+    from threadpoolctl import threadpool_limits as _threadpool_limits
+except ImportError:  # without it the sequence runs as one part on multi-threaded BLAS
+    _threadpool_limits = None
+
+MIN_PART_COLUMNS = 16
 
 
 def interleaved_to_blocked(w: np.ndarray) -> np.ndarray:
@@ -29,101 +37,152 @@ def blocked_to_interleaved(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape((4, h4 // 4) + w.shape[1:]).swapaxes(0, 1)).reshape(w.shape)
 
 
+def _forward_part(x, h0, c0, w_fwd, hs_out) -> tuple:
+    """The recurrence for a slice of the batch; writes hs_out (n, T, H); returns (c_T, saved for backward)."""
+    n, t_len, n_in = x.shape
+    hid = h0.shape[1]
+    dtype = x.dtype
+    k = w_fwd.shape[1]
+    xh = np.empty((k, t_len + 1, n), dtype=dtype)
+    xh[n_in:n_in + hid, 0] = h0.T
+    xh[k - 1] = 1
+    xh[:n_in, t_len] = 0
+    gates = np.empty((t_len, 4 * hid, n), dtype=dtype)
+    cs = np.empty((t_len + 1, hid, n), dtype=dtype)
+    tanh_c = np.empty((t_len, hid, n), dtype=dtype)
+    cs[0] = c0.T
+    tmp = np.empty((hid, n), dtype=dtype)
+    for t in range(t_len):
+        xh[:n_in, t] = x[:, t].T
+        g = gates[t]
+        np.matmul(w_fwd, xh[:, t], out=g)
+        np.tanh(g, out=g)
+        sig = g[hid:]
+        sig *= 0.5
+        sig += 0.5
+        a, i, f, o = g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:]
+        np.multiply(a, i, out=cs[t + 1])
+        np.multiply(f, cs[t], out=tmp)
+        cs[t + 1] += tmp
+        np.tanh(cs[t + 1], out=tanh_c[t])
+        h_t = xh[n_in:n_in + hid, t + 1]
+        np.multiply(o, tanh_c[t], out=h_t)
+        hs_out[:, t] = h_t.T
+    return np.ascontiguousarray(cs[t_len].T), (xh, gates, cs, tanh_c)
+
+
+def _backward_part(saved, w_cat, w_h_t, g_hs, g_h_last, g_c_last, g_x_out) -> tuple:
+    """Backward through time for a slice of the batch; writes g_x_out if given; returns (g_w, g_h0, g_c0)."""
+    xh, gates, cs, tanh_c = saved
+    t_len, hid, n = tanh_c.shape
+    n_in = w_cat.shape[1] - hid - 1
+    dtype = tanh_c.dtype
+    gh = np.zeros((hid, n), dtype=dtype) if g_h_last is None else np.ascontiguousarray(g_h_last.T, dtype=dtype)
+    gc = np.zeros((hid, n), dtype=dtype) if g_c_last is None else np.ascontiguousarray(g_c_last.T, dtype=dtype)
+    d_gates = np.empty((4 * hid, t_len, n), dtype=dtype)
+    deriv = np.empty((4 * hid, n), dtype=dtype)
+    tmp = np.empty((hid, n), dtype=dtype)
+    for t in range(t_len - 1, -1, -1):
+        g = gates[t]
+        a, i, f, o = g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:]
+        if g_hs is not None:
+            gh += g_hs[:, t].T
+        np.multiply(tanh_c[t], tanh_c[t], out=tmp)  # gc += gh * o * (1 - tanh(c)^2)
+        np.subtract(1, tmp, out=tmp)
+        tmp *= o
+        tmp *= gh
+        gc += tmp
+        np.multiply(g, g, out=deriv)  # 1 - a^2 for the tanh block, s (1 - s) for the sigmoid blocks
+        np.subtract(1, deriv[:hid], out=deriv[:hid])
+        np.subtract(g[hid:], deriv[hid:], out=deriv[hid:])
+        dg = d_gates[:, t]
+        for lo, u, v in ((0, gc, i), (hid, gc, a), (2 * hid, gc, cs[t]), (3 * hid, gh, tanh_c[t])):
+            np.multiply(u, v, out=tmp)
+            np.multiply(tmp, deriv[lo:lo + hid], out=dg[lo:lo + hid])
+        gc *= f
+        np.matmul(w_h_t, dg, out=gh)
+    flat = d_gates.reshape(4 * hid, t_len * n)
+    if g_x_out is not None:
+        g_x_out[...] = (flat.T @ w_cat[:, :n_in]).reshape(t_len, n, n_in).transpose(1, 0, 2)
+    g_w = flat @ xh[:, :t_len].reshape(xh.shape[0], t_len * n).T
+    return g_w, np.ascontiguousarray(gh.T), np.ascontiguousarray(gc.T)
+
+
+def _batch_parts(n: int) -> list[tuple[int, int]]:
+    """Independent batch slices, one per thread, each running its own recurrence with 1-thread BLAS."""
+    parts = min(get_threads(), n // MIN_PART_COLUMNS) if _threadpool_limits is not None else 1
+    parts = max(parts, 1)
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run_parts(fn, parts: list[tuple[int, int]]) -> dict:
+    """fn(lo, hi) for every part, concurrently (BLAS limited to one thread meanwhile); results by lo."""
+    results: dict = {}
+    if len(parts) == 1:
+        results[parts[0][0]] = fn(*parts[0])
+        return results
+
+    def one(i0: int, i1: int) -> None:
+        for lo, hi in parts[i0:i1]:
+            results[lo] = fn(lo, hi)
+    with _threadpool_limits(limits=1, user_api="blas"):
+        run_chunks(one, len(parts))
+    return results
+
+
 class LSTMSequence(function_node.FunctionNode):
     """(x (N, T, I), h0 (N, H), c0 (N, H), W_x, W_h, b) -> (hs (N, T, H), h_T, c_T).
 
     Inside, everything is feature-major (features, N): the step input [x_t; h_{t-1}; 1] is column block t
     of one buffer ``xh`` (I+H+1, T+1, N), so each step is a single GEMM (4H, I+H+1) x (I+H+1, N) with the
     bias folded in, every gate block is a contiguous (H, N) slab for the element-wise work, and the weight
-    gradient of the whole sequence is one GEMM over ``xh``'s (T*N) columns.
+    gradient of the whole sequence is one GEMM over ``xh``'s (T*N) columns. With several threads the batch
+    is split and each slice runs its own recurrence on its own core (element-wise work included).
     """
 
     def forward_cpu(self, inputs):
         """The recurrence: one GEMM and nine contiguous element-wise passes per step."""
         x, h0, c0, w_x, w_h, b = inputs
-        n, t_len, n_in = x.shape
+        n, t_len, _ = x.shape
         hid = h0.shape[1]
-        dtype = x.dtype
-        k = n_in + hid + 1
         w_cat = np.concatenate([interleaved_to_blocked(w_x), interleaved_to_blocked(w_h),
                                 interleaved_to_blocked(b)[:, None]], axis=1)
         w_fwd = w_cat.copy()
         w_fwd[hid:] *= 0.5  # sigmoid(z) = 0.5 * tanh(z / 2) + 0.5: one tanh over all four gates
-        xh = np.empty((k, t_len + 1, n), dtype=dtype)
-        xh[n_in:n_in + hid, 0] = h0.T
-        xh[k - 1] = 1
-        xh[:n_in, t_len] = 0
-        gates = np.empty((t_len, 4 * hid, n), dtype=dtype)
-        cs = np.empty((t_len + 1, hid, n), dtype=dtype)
-        tanh_c = np.empty((t_len, hid, n), dtype=dtype)
-        hs = np.empty((n, t_len, hid), dtype=dtype)
-        cs[0] = c0.T
-        tmp = np.empty((hid, n), dtype=dtype)
-        for t in range(t_len):
-            xh[:n_in, t] = x[:, t].T
-            g = gates[t]
-            np.matmul(w_fwd, xh[:, t], out=g)
-            np.tanh(g, out=g)
-            sig = g[hid:]
-            sig *= 0.5
-            sig += 0.5
-            a, i, f, o = g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:]
-            np.multiply(a, i, out=cs[t + 1])
-            np.multiply(f, cs[t], out=tmp)
-            cs[t + 1] += tmp
-            np.tanh(cs[t + 1], out=tanh_c[t])
-            h_t = xh[n_in:n_in + hid, t + 1]
-            np.multiply(o, tanh_c[t], out=h_t)
-            hs[:, t] = h_t.T
+        hs = np.empty((n, t_len, hid), dtype=x.dtype)
+        self.parts = _batch_parts(n)
+        res = _run_parts(lambda lo, hi: _forward_part(x[lo:hi], h0[lo:hi], c0[lo:hi], w_fwd, hs[lo:hi]),
+                         self.parts)
+        c_last = np.concatenate([res[lo][0] for lo, _ in self.parts])
         if chainer.config.enable_backprop:
-            self.w_cat, self.xh, self.gates, self.cs, self.tanh_c = w_cat, xh, gates, cs, tanh_c
-        return hs, hs[:, t_len - 1].copy(), np.ascontiguousarray(cs[t_len].T)
+            self.w_cat, self.saved = w_cat, {lo: res[lo][1] for lo, _ in self.parts}
+        return hs, hs[:, t_len - 1].copy(), c_last
 
     def backward(self, indexes, grad_outputs):
         """Backward through time: one GEMM per step, then two whole-sequence GEMMs for weights and inputs."""
         if chainer.config.enable_backprop:
             raise NotImplementedError("fast lstm_sequence has no double backprop; use experiment.ops=chainer")
         g_hs, g_h_last, g_c_last = (None if g is None else g.array for g in grad_outputs)
-        w_cat, xh, gates, cs, tanh_c = self.w_cat, self.xh, self.gates, self.cs, self.tanh_c
-        t_len, hid, n = tanh_c.shape
-        n_in = w_cat.shape[1] - hid - 1
-        dtype = tanh_c.dtype
-        gh = np.zeros((hid, n), dtype=dtype) if g_h_last is None else np.ascontiguousarray(g_h_last.T, dtype=dtype)
-        gc = np.zeros((hid, n), dtype=dtype) if g_c_last is None else np.ascontiguousarray(g_c_last.T, dtype=dtype)
+        w_cat = self.w_cat
+        x_shape = self.inputs[0].shape
+        hid = self.inputs[1].shape[1]
+        n_in = x_shape[2]
         w_h_t = np.ascontiguousarray(w_cat[:, n_in:n_in + hid].T)
-        d_gates = np.empty((4 * hid, t_len, n), dtype=dtype)
-        deriv = np.empty((4 * hid, n), dtype=dtype)
-        tmp = np.empty((hid, n), dtype=dtype)
-        for t in range(t_len - 1, -1, -1):
-            g = gates[t]
-            a, i, f, o = g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:]
-            if g_hs is not None:
-                gh += g_hs[:, t].T
-            np.multiply(tanh_c[t], tanh_c[t], out=tmp)  # gc += gh * o * (1 - tanh(c)^2)
-            np.subtract(1, tmp, out=tmp)
-            tmp *= o
-            tmp *= gh
-            gc += tmp
-            np.multiply(g, g, out=deriv)  # 1 - a^2 for the tanh block, s (1 - s) for the sigmoid blocks
-            np.subtract(1, deriv[:hid], out=deriv[:hid])
-            np.subtract(g[hid:], deriv[hid:], out=deriv[hid:])
-            dg = d_gates[:, t]
-            for lo, u, v in ((0, gc, i), (hid, gc, a), (2 * hid, gc, cs[t]), (3 * hid, gh, tanh_c[t])):
-                np.multiply(u, v, out=tmp)
-                np.multiply(tmp, deriv[lo:lo + hid], out=dg[lo:lo + hid])
-            gc *= f
-            np.matmul(w_h_t, dg, out=gh)
-        flat = d_gates.reshape(4 * hid, t_len * n)
-        g_x = g_wx = g_wh = g_b = None
-        if 0 in indexes:
-            g_x = np.ascontiguousarray((flat.T @ w_cat[:, :n_in]).reshape(t_len, n, n_in).transpose(1, 0, 2))
-        if 3 in indexes or 4 in indexes or 5 in indexes:
-            g_w = flat @ xh[:, :t_len].reshape(xh.shape[0], t_len * n).T
-            g_wx = blocked_to_interleaved(g_w[:, :n_in])
-            g_wh = blocked_to_interleaved(g_w[:, n_in:n_in + hid])
-            g_b = blocked_to_interleaved(g_w[:, -1])
-        g_h0 = np.ascontiguousarray(gh.T) if 1 in indexes else None
-        g_c0 = np.ascontiguousarray(gc.T) if 2 in indexes else None
+        g_x = np.empty(x_shape, dtype=w_cat.dtype) if 0 in indexes else None
+
+        def part(lo: int, hi: int) -> tuple:
+            return _backward_part(self.saved[lo], w_cat, w_h_t, None if g_hs is None else g_hs[lo:hi],
+                                  None if g_h_last is None else g_h_last[lo:hi],
+                                  None if g_c_last is None else g_c_last[lo:hi],
+                                  None if g_x is None else g_x[lo:hi])
+        res = _run_parts(part, self.parts)
+        g_w = sum(res[lo][0] for lo, _ in self.parts)
+        g_wx = blocked_to_interleaved(g_w[:, :n_in]) if 3 in indexes else None
+        g_wh = blocked_to_interleaved(g_w[:, n_in:n_in + hid]) if 4 in indexes else None
+        g_b = blocked_to_interleaved(g_w[:, -1]) if 5 in indexes else None
+        g_h0 = np.concatenate([res[lo][1] for lo, _ in self.parts]) if 1 in indexes else None
+        g_c0 = np.concatenate([res[lo][2] for lo, _ in self.parts]) if 2 in indexes else None
         return tuple(None if g is None else chainer.Variable(g) for g in (g_x, g_h0, g_c0, g_wx, g_wh, g_b))
 
 
