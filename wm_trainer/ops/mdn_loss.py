@@ -3,7 +3,8 @@
 NLL per row = -sum_dims logsumexp_k(log_softmax(logits)_k + log N(t | mu_k, exp(log_std_k))). Chainer's
 composition of ~15 element-wise functions allocates a (rows, dims, K) temporary per step in forward and
 backward; this kernel works on blocks of rows laid out mixture-major (K, rows, dims) so the reductions over
-K are slab operations, keeps each block in cache, and recomputes what backward needs instead of storing it.
+K are slab operations, keeps each block in cache, and (when a backward pass will follow) computes the
+gradients in the same sweep.
 GPU arrays go to the stock composition.
 """
 from __future__ import annotations
@@ -48,63 +49,74 @@ def _logsumexp0(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _block_unit_grads(lg, zs, inv, s, lse_s, lse_l) -> tuple:
+    """Per-row-unit gradients of one block, mixture-major: (d logits, d mu, d log_std, d target).
+
+    With responsibilities r = softmax_k(s) and pi = softmax_k(logits): d/dlogits = pi - r,
+    d/dmu = -r zs / sigma, d/dlog_std = r (1 - zs^2), d/dtarget = sum_k r zs / sigma.
+    """
+    r = np.subtract(s, lse_s, out=s)
+    np.exp(r, out=r)
+    pi = np.subtract(lg, lse_l, out=lg)
+    np.exp(pi, out=pi)
+    pi -= r
+    g_ls = np.multiply(zs, zs)
+    np.subtract(1.0, g_ls, out=g_ls)
+    g_ls *= r
+    r *= zs
+    r *= inv
+    g_t = r.sum(axis=0)
+    np.negative(r, out=r)
+    return pi, r, g_ls, g_t
+
+
 class MDNNegLogLikelihood(function_node.FunctionNode):
-    """(logits, mu, log_std (N, D, K), target (N, D)) -> per-row NLL (N,)."""
+    """(logits, mu, log_std (N, D, K), target (N, D)) -> per-row NLL (N,).
+
+    When a backward pass will follow, forward also computes the gradients for a unit upstream gradient
+    while the block's intermediates are in cache (backward then only scales them by each row's gradient)
+    instead of recomputing everything block by block.
+    """
 
     def forward_cpu(self, inputs):
-        """Block by block: the per-row sum over dims of -logsumexp_k."""
-        self.retain_inputs((0, 1, 2, 3))
+        """Block by block: the per-row sum over dims of -logsumexp_k (and the unit gradients)."""
         logits, mu, log_std, target = inputs
         n, d = target.shape
         out = np.empty(n, dtype=mu.dtype)
+        keep = chainer.config.enable_backprop
+        if keep:
+            self.unit = tuple(np.empty(a.shape, dtype=a.dtype) for a in (logits, mu, log_std, target))
+        else:
+            self.unit = None
 
         def blocks(first: int, last: int) -> None:
             for lo in range(first * BLOCK_ROWS, min(last * BLOCK_ROWS, n), BLOCK_ROWS):
                 sl = slice(lo, lo + BLOCK_ROWS)
-                *_, lse_s, lse_l = _block_stats(logits[sl], mu[sl], log_std[sl], target[sl])
-                lse_s -= lse_l
-                out[sl] = -lse_s.sum(axis=1)
+                lg, zs, inv, s, lse_s, lse_l = _block_stats(logits[sl], mu[sl], log_std[sl], target[sl])
+                out[sl] = (lse_l - lse_s).sum(axis=1)
+                if keep:
+                    g_lg, g_mu, g_ls, g_t = _block_unit_grads(lg, zs, inv, s, lse_s, lse_l)
+                    for dst, src in zip(self.unit[:3], (g_lg, g_mu, g_ls)):
+                        dst[sl] = src.transpose(1, 2, 0)
+                    self.unit[3][sl] = g_t
         run_chunks(blocks, -(-n // BLOCK_ROWS))
         out += d * LOG_SQRT_2PI
         return out,
 
     def backward(self, indexes, grad_outputs):
-        """Responsibilities r = softmax_k(s): d/dlogits = pi - r, d/dmu = -r zs / sigma, d/dlog_std = r (1 - zs^2)."""
+        """The unit gradients from forward, scaled by each row's upstream gradient."""
         if chainer.config.enable_backprop:
             raise NotImplementedError("fast mdn_nll has no double backprop; use experiment.ops=chainer")
-        logits, mu, log_std, target = self.get_retained_inputs()
-        logits, mu, log_std, target = logits.array, mu.array, log_std.array, target.array
         gy = grad_outputs[0].array
-        n = target.shape[0]
-        g_lg, g_mu, g_ls = (np.empty(a.shape, dtype=a.dtype) for a in (logits, mu, log_std))
-        g_t = np.empty(target.shape, dtype=target.dtype)
-        def blocks(first: int, last: int) -> None:
-            for lo in range(first * BLOCK_ROWS, min(last * BLOCK_ROWS, n), BLOCK_ROWS):
-                _block_grads(slice(lo, lo + BLOCK_ROWS))
-
-        def _block_grads(sl: slice) -> None:
-            lg, zs, inv, s, lse_s, lse_l = _block_stats(logits[sl], mu[sl], log_std[sl], target[sl])
-            w = gy[sl, None]
-            r = np.subtract(s, lse_s, out=s)
-            np.exp(r, out=r)
-            r *= w
-            pi = np.subtract(lg, lse_l, out=lg)
-            np.exp(pi, out=pi)
-            pi *= w
-            pi -= r
-            g_lg[sl] = pi.transpose(1, 2, 0)
-            zs_sq = np.multiply(zs, zs)
-            np.subtract(1.0, zs_sq, out=zs_sq)
-            zs_sq *= r
-            g_ls[sl] = zs_sq.transpose(1, 2, 0)
-            r *= zs
-            r *= inv
-            g_t[sl] = r.sum(axis=0)
-            np.negative(r, out=r)
-            g_mu[sl] = r.transpose(1, 2, 0)
-        run_chunks(blocks, -(-n // BLOCK_ROWS))
-        return tuple(chainer.Variable(g) if i in indexes else None
-                     for i, g in enumerate((g_lg, g_mu, g_ls, g_t)))
+        grads = [None] * 4
+        for i in indexes:
+            unit = self.unit[i]
+            g = np.empty_like(unit)
+            w = gy.reshape((-1,) + (1,) * (unit.ndim - 1))
+            run_chunks(lambda lo, hi, unit=unit, g=g, w=w: np.multiply(unit[lo:hi], w[lo:hi], out=g[lo:hi]),
+                       len(gy), min_chunk=BLOCK_ROWS)
+            grads[i] = chainer.Variable(g)
+        return tuple(grads)
 
 
 def mdn_nll(logits, mu, log_std, target, reduce: str = "mean"):
