@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -95,6 +96,19 @@ def test_corrupt_episode_is_reported_and_recollected(tmp_path, pool):
         _assert_same(path, original)
 
 
+def _live_members_of_group(pgid: int) -> list[str]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{proc.pid} {proc.info['name']}")
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
 def test_worker_killed_mid_collection_loses_nothing(tmp_path):
     cfg = _cfg(tmp_path, "collect.episodes=10", "collect.max_steps=60")
     folder = tmp_path / "run" / "episodes"
@@ -106,7 +120,7 @@ def test_worker_killed_mid_collection_loses_nothing(tmp_path):
             pids = ex.worker_pids()
             if list_episodes(folder) and pids:
                 os.kill(pids[0], signal.SIGKILL)
-                killed.append(len(list_episodes(folder)))
+                killed.append((pids[0], len(list_episodes(folder))))
             time.sleep(0.005)
 
     with LocalExecutor(workers=2) as ex:
@@ -114,18 +128,22 @@ def test_worker_killed_mid_collection_loses_nothing(tmp_path):
         killer.start()
         paths = collect_episodes(cfg, executor=ex)
         killer.join()
-        assert killed and killed[0] < 10, "no worker was killed mid-run: the test proved nothing"
+        assert killed and killed[0][1] < 10, "no worker was killed mid-run: the test proved nothing"
         assert ex.restarts == 1
+        # the dead worker's vizdoom game process did not outlive it
+        assert _live_members_of_group(killed[0][0]) == []
     assert [p.name for p in list_episodes(folder)] == [episode_path(folder, i).name for i in range(10)]
     _assert_reproducible(cfg, paths)
 
 
-def test_collect_on_dask_localcluster(tmp_path):
+def test_collect_on_dask_localcluster_compressed(tmp_path):
     pytest.importorskip("distributed")
     cfg = _cfg(tmp_path, "collect.episodes=2", "collect.max_steps=20", "parallel.backend=dask",
-               "parallel.workers=1", "env.id=CarRacing-v3")
+               "parallel.workers=1", "env.id=CarRacing-v3", "collect.compress=true")
     paths = collect_episodes(cfg)
     for p in paths:
         ep = load_episode(p)
         assert ep["actions"].shape == (20, 3) and ep["frames"].shape == (20, 64, 64, 3)
+        with zipfile.ZipFile(p) as zf:
+            assert zf.getinfo("frames.npy").compress_type == zipfile.ZIP_DEFLATED
     _assert_reproducible(cfg, paths)

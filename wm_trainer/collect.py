@@ -89,8 +89,8 @@ def collect_episodes(cfg: Any, executor: Executor | None = None) -> list[Path]:
     total = cfg.collect.episodes
     todo = pending_episodes(folder, total)
     max_steps = cfg.collect.max_steps or cfg.env.max_steps
-    make_env(cfg.env, max_steps).close()  # a missing package or unknown id fails here, before any worker starts
     if todo:
+        make_env(cfg.env, max_steps).close()  # an unknown id or missing package fails here, not in a worker
         own = executor is None
         ex = make_executor(cfg.parallel) if own else executor
         try:
@@ -111,7 +111,7 @@ def _run(ex: Executor, cfg: Any, todo: list[int], folder: Path, max_steps: int, 
     with tqdm(total=total, initial=total - len(todo), unit="ep", desc="collect", dynamic_ncols=True) as bar:
         for future in ex.as_completed(futures):
             index, arrays = future.result()
-            save_episode(episode_path(folder, index), **arrays)
+            save_episode(episode_path(folder, index), compress=cfg.collect.compress, **arrays)
             frames += len(arrays["frames"])
             rate = frames / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(frames=frames, fps=f"{rate:.0f}", refresh=False)

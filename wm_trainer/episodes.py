@@ -78,9 +78,9 @@ def list_episodes(folder: str | os.PathLike) -> list[Path]:
     return sorted(paths, key=episode_index)
 
 
-def save_episode(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    """Write one episode atomically, uncompressed (so readers can read members in place)."""
-    return atomic_savez(path, compress=False, **arrays)
+def save_episode(path: str | os.PathLike, compress: bool = False, **arrays: np.ndarray) -> Path:
+    """Write one episode atomically; uncompressed by default, so readers can read members in place."""
+    return atomic_savez(path, compress=compress, **arrays)
 
 
 def _parse_npy_header(raw: bytes, path: Path, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
