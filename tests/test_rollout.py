@@ -88,3 +88,52 @@ def test_play_on_the_process_pool_matches_in_process_and_random_policy_runs(tiny
     np.testing.assert_array_equal(pooled, local)
     np.testing.assert_array_equal(rand1, rand2)
     assert pooled.shape == (6,) and np.all(pooled > 0)
+
+
+class _InProcess:
+    """The executor interface, run in this process (so a test can break an env here)."""
+
+    def broadcast(self, obj):
+        return obj
+
+    def release(self, handle):
+        pass
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+
+def test_a_crashed_emulator_costs_a_replay_not_the_generation(tiny, monkeypatch):
+    from wm_trainer import envs
+
+    cfg, weights = tiny
+    jobs = [Job(0, 21), Job(1, 22), Job(2, 23)]
+    close_envs()
+    expected = play(_InProcess(), weights, jobs, cfg)
+    close_envs()
+    real_make, crashes = envs.make_env, []
+
+    def flaky_make(env_cfg, max_steps=None):
+        env = real_make(env_cfg, max_steps)
+        if not crashes:  # the first env built dies on its 5th step
+            real_step, count = env.step, [0]
+
+            def step(action):
+                count[0] += 1
+                if count[0] == 5:
+                    crashes.append(1)
+                    raise RuntimeError("Unexpected ViZDoom instance crash.")
+                return real_step(action)
+
+            env.step = step
+        return env
+
+    monkeypatch.setattr(envs, "make_env", flaky_make)
+    got = play(_InProcess(), weights, jobs, cfg)
+    assert crashes == [1]
+    np.testing.assert_array_equal(got, expected)
+    close_envs()

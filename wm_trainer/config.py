@@ -93,6 +93,8 @@ class ControllerConfig:
     eval_every: int = field(25, min=0, help="evaluate the best in the real env every N generations (0 = off)")
     eval_episodes: int = field(16, min=1, help="real episodes for the periodic evaluation")
     keep: Literal["mean", "best"] = field("mean", help="final controller: the CMA-ES mean, or the best candidate seen")
+    dream_done: Literal["threshold", "sample"] = field(
+        "threshold", help="dream episode end: done logit > 0 (paper), or also sampled from sigmoid(logit) each step")
 
 
 @dataclasses.dataclass

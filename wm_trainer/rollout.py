@@ -206,9 +206,31 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
 
 
 def _task(weights: AgentWeights | None, jobs: list[Job], env_cfg: Any, max_steps: int, n_envs: int,
-          repeat_prob: float) -> list[tuple[float, int]]:
-    """Worker entry point: (return, steps) per job, in job order."""
-    return [(r.ret, r.steps) for r in run_jobs(weights, jobs, env_cfg, max_steps, n_envs, repeat_prob)]
+          repeat_prob: float, retries: int = 2) -> list[tuple[float, int]]:
+    """Worker entry point: (return, steps) per job, in job order.
+
+    An emulator that crashes mid-task (ViZDoom's "instance crash") takes only its episodes with it:
+    this worker's envs are closed and the task's episodes replayed on fresh ones (same seeds, same results).
+    """
+    for attempt in range(retries + 1):
+        try:
+            return [(r.ret, r.steps) for r in run_jobs(weights, jobs, env_cfg, max_steps, n_envs, repeat_prob)]
+        except Exception as e:  # noqa: BLE001 - any env failure; re-raised after the last attempt
+            _discard_envs()
+            if attempt == retries:
+                raise RuntimeError(f"episodes {[j.seed for j in jobs]} failed {retries + 1} times: "
+                                   f"{type(e).__name__}: {e}") from e
+    raise AssertionError("unreachable")
+
+
+def _discard_envs() -> None:
+    for envs in _ENV_CACHE.values():
+        for env in envs:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001, S110 - a crashed emulator may fail to close too
+                pass
+    _ENV_CACHE.clear()
 
 
 def _chunks(jobs: list[Job], size: int) -> list[list[Job]]:

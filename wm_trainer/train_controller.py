@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import chainer
 import numpy as np
 
 from .cmaes import CMAES
@@ -27,15 +28,32 @@ STATE_FILE = "cmaes.npz"
 LOG_FIELDS = ("generation", "mean", "best", "worst", "sigma", "best_so_far", "eval_mean", "eval_std")
 
 
+def _done_logit(mdnrnn: Any) -> Any:
+    """h (B, hidden) -> M's done logits (B,), on the host; None when M has no done head."""
+    if not getattr(mdnrnn, "has_done", False):
+        return None
+    cpu = chainer.backend.CpuDevice()
+    w = np.asarray(cpu.send(mdnrnn.done.W.array), np.float32)[0]
+    b = float(cpu.send(mdnrnn.done.b.array)[0])
+    return lambda h: np.asarray(h, np.float32) @ w + b
+
+
 def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episodes: int, initial_z: np.ndarray,
-                  temperature: float, max_steps: int, seed: int) -> np.ndarray:
-    """Mean steps survived per candidate: all population x episodes agents in one batched dream rollout."""
+                  temperature: float, max_steps: int, seed: int, done_mode: str = "threshold") -> np.ndarray:
+    """Mean steps survived per candidate: all population x episodes agents in one batched dream rollout.
+
+    ``done_mode='threshold'`` ends an agent when M's done logit is > 0 (DreamEnv's rule, the paper's);
+    ``'sample'`` also ends it with probability sigmoid(done logit) each step, i.e. M's done head read as a
+    per-step hazard -- the useful reading while M is too briefly trained to be sure of any single step.
+    """
     from .dream import DreamEnv
 
     params = np.repeat(np.asarray(population, np.float32), episodes, axis=0)
     n = len(params)
     env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed)
     z, h = env.reset(initial_z[:n])
+    hazard = _done_logit(mdnrnn) if done_mode == "sample" else None
+    rng = np.random.default_rng([seed, 1])
     returns = np.zeros(n, np.float64)
     alive = np.ones(n, bool)
     for _ in range(max_steps):
@@ -43,6 +61,8 @@ def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episode
         z, h, reward, done = env.step(a)
         returns += np.where(alive, np.asarray(reward, np.float64), 0.0)
         alive &= ~np.asarray(done, bool)
+        if hazard is not None:
+            alive &= rng.random(n) >= 1.0 / (1.0 + np.exp(-hazard(h)))
         if not alive.any():
             break
     return returns.reshape(len(population), episodes).mean(axis=1)
@@ -148,7 +168,8 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                 rng = np.random.default_rng([cfg.experiment.seed, g])
                 idx = rng.integers(len(initial_pool), size=cc.population * cc.episodes_per_candidate)
                 fit = dream_fitness(mdnrnn, ctrl, X, cc.episodes_per_candidate, initial_pool[idx],
-                                    cc.temperature, max_steps, seed=cfg.experiment.seed * 100_003 + g)
+                                    cc.temperature, max_steps, seed=cfg.experiment.seed * 100_003 + g,
+                                    done_mode=cc.dream_done)
             else:
                 seeds = fitness_seeds(cfg.experiment.seed, g, cc.episodes_per_candidate)
                 jobs = [Job(p, s) for p in range(cc.population) for s in seeds]
