@@ -76,7 +76,10 @@ class SeqLSTM(chainer.Chain):
 
 def lstm_layer(in_size: int, hidden: int) -> chainer.Link:
     """The one place M's recurrent layer is built (so faster kernels can be switched in)."""
-    return SeqLSTM(in_size, hidden)
+    from .ops import fast_ops_enabled
+    from .ops.links import FastSequenceLSTM
+
+    return FastSequenceLSTM(in_size, hidden) if fast_ops_enabled() else SeqLSTM(in_size, hidden)
 
 
 def weighted_sigmoid_bce(logit, target, weight_pos: float, mask):

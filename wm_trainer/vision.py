@@ -18,12 +18,20 @@ DECODER_LAYERS = ((128, 5), (64, 5), (32, 6), (3, 6))  # (out channels, kernel),
 
 def conv_layer(in_channels: int, out_channels: int, ksize: int, stride: int) -> chainer.Link:
     """The one place a convolution link is built (so faster kernels can be switched in)."""
-    return L.Convolution2D(in_channels, out_channels, ksize=ksize, stride=stride)
+    from .ops import fast_ops_enabled
+    from .ops.links import FastConvolution2D
+
+    link = FastConvolution2D if fast_ops_enabled() else L.Convolution2D
+    return link(in_channels, out_channels, ksize=ksize, stride=stride)
 
 
 def deconv_layer(in_channels: int, out_channels: int, ksize: int, stride: int) -> chainer.Link:
     """The one place a transposed-convolution link is built."""
-    return L.Deconvolution2D(in_channels, out_channels, ksize=ksize, stride=stride)
+    from .ops import fast_ops_enabled
+    from .ops.links import FastDeconvolution2D
+
+    link = FastDeconvolution2D if fast_ops_enabled() else L.Deconvolution2D
+    return link(in_channels, out_channels, ksize=ksize, stride=stride)
 
 
 class ConvVAE(chainer.Chain):
