@@ -157,3 +157,15 @@ def test_results_do_not_depend_on_the_number_of_threads():
     np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-12)
     with pytest.raises(ValueError):
         set_threads(0)
+
+
+def test_callers_floating_point_error_settings_reach_the_worker_threads():
+    import warnings
+
+    x = np.full((8, 2, 5, 5), 3e38, dtype=np.float32)
+    w = np.full((2, 2, 3, 3), 3e38, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning from any thread would fail the test
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = deconvolution_2d(x, w, stride=2)
+    assert not np.isfinite(y.array).all()

@@ -8,6 +8,8 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 _threads = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 _pool: ThreadPoolExecutor | None = None
 
@@ -38,7 +40,12 @@ def run_chunks(fn: Callable[[int, int], object], n: int, min_chunk: int = 1) -> 
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="wm-ops")
     bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [_pool.submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    err = np.geterr()  # numpy's floating-point error settings are per thread: carry the caller's over
+
+    def work(lo: int, hi: int) -> None:
+        with np.errstate(**err):
+            fn(lo, hi)
+    futures = [_pool.submit(work, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     fn(bounds[0], bounds[1])
     for f in futures:
         f.result()
