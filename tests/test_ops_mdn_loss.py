@@ -39,3 +39,12 @@ def test_bad_reduce_is_an_error():
     z = np.zeros((2, 1, 1), np.float32)
     with pytest.raises(ValueError, match="reduce"):
         mdn_nll(z, z, z, np.zeros((2, 1), np.float32), reduce="sum")
+
+
+def test_unsupported_dtype_falls_back_to_the_stock_composition():
+    rng = np.random.default_rng(2)
+    args = [rng.standard_normal(s).astype(np.float16) for s in [(3, 2, 2), (3, 2, 2), (3, 2, 2)]]
+    target = rng.standard_normal((3, 2)).astype(np.float16)
+    out = mdn_nll(*args, target, reduce="no")
+    assert not isinstance(out.creator, MDNNegLogLikelihood)
+    np.testing.assert_allclose(out.array, mdn.mdn_nll(*args, target, reduce="no").array, rtol=1e-3)

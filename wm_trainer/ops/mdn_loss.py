@@ -130,7 +130,8 @@ def mdn_nll(logits, mu, log_std, target, reduce: str = "mean"):
     dtype = arrays[0].dtype
     if not (all(type(a) is np.ndarray and a.dtype == dtype for a in arrays) and type(t) is np.ndarray
             and dtype in FLOAT_TYPES):
-        return mdn.mdn_nll(logits, mu, log_std, target, reduce=reduce)
+        nll = -mdn.mdn_log_prob(logits, mu, log_std, target)  # the stock composition (no dispatch back here)
+        return nll if reduce == "no" else F.mean(nll)
     if not isinstance(target, chainer.Variable):
         target = np.asarray(t, dtype=dtype)
     per_row = MDNNegLogLikelihood().apply((logits, mu, log_std, target))[0]
