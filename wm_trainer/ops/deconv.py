@@ -49,6 +49,28 @@ class Deconvolution2DFast(function_node.FunctionNode):
         grads = (g_x, g_w, g_b)[:len(self.inputs)]
         return tuple(None if g is None else chainer.Variable(g) for g in grads)
 
+    def _phases_from_windows(self, x: np.ndarray, W: np.ndarray, a_n: int, b_n: int) -> np.ndarray:
+        """Phase images (sy*sx*Cout, N, hp, wp) as (sy*sx*Cout, A*B*Cin) x windows of the zero-padded input."""
+        n, cin, h, w = x.shape
+        _, cout, kh, kw = W.shape
+        sy, sx = self.sy, self.sx
+        hp, wp = h + a_n - 1, w + b_n - 1
+        x_pad = np.zeros((cin, n, h + 2 * (a_n - 1), w + 2 * (b_n - 1)), dtype=x.dtype)
+        s0, s1, s2, s3 = x_pad.strides
+        win = as_strided(x_pad, (a_n, b_n, cin, n, hp, wp), (s2, s3, s0, s1, s2, s3), writeable=False)
+        cols = np.empty(win.shape, dtype=x.dtype)
+        x_c = x.transpose(1, 0, 2, 3)
+
+        def chunk(lo: int, hi: int) -> None:
+            np.copyto(x_pad[:, lo:hi, a_n - 1:a_n - 1 + h, b_n - 1:b_n - 1 + w], x_c[:, lo:hi])
+            np.copyto(cols[:, :, :, lo:hi], win[:, :, :, lo:hi])
+        run_chunks(chunk, n)
+        wpad = np.zeros((cin, cout, a_n * sy, b_n * sx), dtype=W.dtype)
+        wpad[:, :, :kh, :kw] = W
+        w6 = wpad.reshape(cin, cout, a_n, sy, b_n, sx)[:, :, ::-1, :, ::-1, :]  # tap a' = A - 1 - a
+        w_ph = np.ascontiguousarray(w6.transpose(3, 5, 1, 2, 4, 0)).reshape(sy * sx * cout, a_n * b_n * cin)
+        return (w_ph @ cols.reshape(a_n * b_n * cin, n * hp * wp)).reshape(sy * sx * cout, n, hp, wp)
+
     def _tap_matrix(self, W: np.ndarray) -> np.ndarray:
         """W (Cin, Cout, kh, kw) -> (A*B*sy*sx*Cout, Cin), rows ordered (a, b, p, q, cout)."""
         cin, cout, kh, kw = W.shape
@@ -76,18 +98,23 @@ class Deconvolution2DFast(function_node.FunctionNode):
                 y += b[:, None, None]
             return y,
         x_cols = x.transpose(1, 0, 2, 3).reshape(cin, n * h * w)
-        taps = self._tap_matrix(W)
-        g = (taps @ x_cols).reshape(a_n, b_n, sy * sx * cout, n, h, w)
-        ph_img = np.zeros((sy * sx * cout, n, hp, wp), dtype=x.dtype)
+        taps = self._tap_matrix(W)  # backward's gather formulation needs it either way
+        by_windows = cin * hp * wp < 0.8 * sy * sx * cout * h * w
+        if by_windows:  # fewer bytes to move: gather the input's windows, one GEMM straight to the phases
+            ph_img = self._phases_from_windows(x, W, a_n, b_n)
+        else:  # gather-free: one GEMM for every tap, then A*B shifted adds into the phases
+            g = (taps @ x_cols).reshape(a_n, b_n, sy * sx * cout, n, h, w)
+            ph_img = np.zeros((sy * sx * cout, n, hp, wp), dtype=x.dtype)
         oh, ow = sy * (h - 1) + kh - 2 * self.ph, sx * (w - 1) + kw - 2 * self.pw
         full = ph_img.reshape(sy, sx, cout, n, hp, wp).transpose(2, 3, 4, 0, 5, 1)
         y = np.empty((cout, n, oh, ow), dtype=x.dtype)
 
         def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
-            for a in range(a_n):
-                for bb in range(b_n):
-                    dst = ph_img[:, lo:hi, a:a + h, bb:bb + w]
-                    np.add(dst, g[a, bb, :, lo:hi], out=dst)
+            if not by_windows:
+                for a in range(a_n):
+                    for bb in range(b_n):
+                        dst = ph_img[:, lo:hi, a:a + h, bb:bb + w]
+                        np.add(dst, g[a, bb, :, lo:hi], out=dst)
             full_lo = full[:, lo:hi].reshape(cout, hi - lo, hp * sy, wp * sx)
             np.copyto(y[:, lo:hi], full_lo[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow])
             if b is not None:
