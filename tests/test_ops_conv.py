@@ -169,3 +169,17 @@ def test_callers_floating_point_error_settings_reach_the_worker_threads():
         with np.errstate(over="ignore", invalid="ignore"):
             y = deconvolution_2d(x, w, stride=2)
     assert not np.isfinite(y.array).all()
+
+
+def test_scratch_buffers_are_reused_and_never_leak_into_results():
+    from wm_trainer.ops import scratch
+
+    rng = np.random.default_rng(7)
+    x, w, b = _args(rng, (3, 4, 5, 5), (4, 2, 6, 6), 1)
+    first = deconvolution_2d(x, w, b, 2).array.copy()
+    a = scratch.scratch("test", (2, 3), np.float32)
+    assert scratch.scratch("test", (2, 3), np.float32) is a
+    for _ in range(2):  # the same shapes again: same buffers, same results
+        np.testing.assert_array_equal(deconvolution_2d(x, w, b, 2).array, first)
+    scratch.clear()
+    assert scratch.scratch("test", (2, 3), np.float32) is not a

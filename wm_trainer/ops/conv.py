@@ -15,6 +15,7 @@ import numpy as np
 from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
+from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import run_chunks
 
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -44,10 +45,11 @@ def windows(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow:
     return as_strided(x_nhwc, (n, oh, ow, kh, kw, c), (s0, s1 * sy, s2 * sx, s1, s2, s3), writeable=False)
 
 
-def im2row(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow: int) -> np.ndarray:
-    """The window matrix (N*oh*ow, kh*kw*C) of a contiguous NHWC array: one strided copy."""
+def im2row(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow: int,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """The window matrix (N*oh*ow, kh*kw*C) of a contiguous NHWC array: one strided copy (into ``out``)."""
     n, c = x_nhwc.shape[0], x_nhwc.shape[3]
-    out = np.empty((n, oh, ow, kh, kw, c), dtype=x_nhwc.dtype)
+    out = np.empty((n, oh, ow, kh, kw, c), dtype=x_nhwc.dtype) if out is None else out.reshape(n, oh, ow, kh, kw, c)
     win = windows(x_nhwc, kh, kw, sy, sx, oh, ow)
     run_chunks(lambda lo, hi: np.copyto(out[lo:hi], win[lo:hi]), n)
     return out.reshape(n * oh * ow, kh * kw * c)
@@ -107,13 +109,17 @@ class Convolution2DFast(function_node.FunctionNode):
         n, oh, ow, out_c = gy_nhwc.shape
         c = self.w_mat.shape[0] // (kh * kw)
         hq, wq = oh + a_n - 1, ow + b_n - 1
-        gy_pad = np.zeros((n, oh + 2 * (a_n - 1), ow + 2 * (b_n - 1), out_c), dtype=gy_nhwc.dtype)
+        gy_pad = scratch("conv.grad_pad", (n, oh + 2 * (a_n - 1), ow + 2 * (b_n - 1), out_c), gy_nhwc.dtype)
+        gy_pad.fill(0)
         run_chunks(lambda lo, hi: np.copyto(gy_pad[lo:hi, a_n - 1:a_n - 1 + oh, b_n - 1:b_n - 1 + ow],
                                             gy_nhwc[lo:hi]), n)
-        rows = im2row(gy_pad, a_n, b_n, 1, 1, hq, wq)  # columns (a', b', cout) with a' = A - 1 - a
+        rows = im2row(gy_pad, a_n, b_n, 1, 1, hq, wq,  # columns (a', b', cout) with a' = A - 1 - a
+                      out=scratch("conv.grad_rows", (n * hq * wq, a_n * b_n * out_c), gy_nhwc.dtype))
         w6 = self.w_mat.reshape(a_n, sy, b_n, sx, c, out_c)[::-1, :, ::-1]
         taps = np.ascontiguousarray(w6.transpose(0, 2, 5, 1, 3, 4)).reshape(a_n * b_n * out_c, sy * sx * c)
-        phases = (rows @ taps).reshape(n, hq, wq, sy, sx, c)
+        phases = scratch("conv.grad_phases", (n * hq * wq, sy * sx * c), gy_nhwc.dtype)
+        np.matmul(rows, taps, out=phases)
+        phases = phases.reshape(n, hq, wq, sy, sx, c)
         gx = np.empty((n, hp, wp, c), dtype=gy_nhwc.dtype)
 
         def chunk(lo: int, hi: int) -> None:

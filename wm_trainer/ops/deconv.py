@@ -14,6 +14,7 @@ from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
 from wm_trainer.ops.conv import FLOAT_TYPES, pair
+from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import run_chunks
 
 
@@ -55,10 +56,11 @@ class Deconvolution2DFast(function_node.FunctionNode):
         _, cout, kh, kw = W.shape
         sy, sx = self.sy, self.sx
         hp, wp = h + a_n - 1, w + b_n - 1
-        x_pad = np.zeros((cin, n, h + 2 * (a_n - 1), w + 2 * (b_n - 1)), dtype=x.dtype)
+        x_pad = scratch("deconv.x_pad", (cin, n, h + 2 * (a_n - 1), w + 2 * (b_n - 1)), x.dtype)
+        x_pad.fill(0)
         s0, s1, s2, s3 = x_pad.strides
         win = as_strided(x_pad, (a_n, b_n, cin, n, hp, wp), (s2, s3, s0, s1, s2, s3), writeable=False)
-        cols = np.empty(win.shape, dtype=x.dtype)
+        cols = scratch("deconv.cols", win.shape, x.dtype)
         x_c = x.transpose(1, 0, 2, 3)
 
         def chunk(lo: int, hi: int) -> None:
@@ -69,7 +71,9 @@ class Deconvolution2DFast(function_node.FunctionNode):
         wpad[:, :, :kh, :kw] = W
         w6 = wpad.reshape(cin, cout, a_n, sy, b_n, sx)[:, :, ::-1, :, ::-1, :]  # tap a' = A - 1 - a
         w_ph = np.ascontiguousarray(w6.transpose(3, 5, 1, 2, 4, 0)).reshape(sy * sx * cout, a_n * b_n * cin)
-        return (w_ph @ cols.reshape(a_n * b_n * cin, n * hp * wp)).reshape(sy * sx * cout, n, hp, wp)
+        out = scratch("deconv.phases", (sy * sx * cout, n * hp * wp), x.dtype)
+        np.matmul(w_ph, cols.reshape(a_n * b_n * cin, n * hp * wp), out=out)
+        return out.reshape(sy * sx * cout, n, hp, wp)
 
     def _tap_matrix(self, W: np.ndarray) -> np.ndarray:
         """W (Cin, Cout, kh, kw) -> (A*B*sy*sx*Cout, Cin), rows ordered (a, b, p, q, cout)."""
@@ -103,8 +107,11 @@ class Deconvolution2DFast(function_node.FunctionNode):
         if by_windows:  # fewer bytes to move: gather the input's windows, one GEMM straight to the phases
             ph_img = self._phases_from_windows(x, W, a_n, b_n)
         else:  # gather-free: one GEMM for every tap, then A*B shifted adds into the phases
-            g = (taps @ x_cols).reshape(a_n, b_n, sy * sx * cout, n, h, w)
-            ph_img = np.zeros((sy * sx * cout, n, hp, wp), dtype=x.dtype)
+            g = scratch("deconv.taps_out", (taps.shape[0], n * h * w), x.dtype)
+            np.matmul(taps, x_cols, out=g)
+            g = g.reshape(a_n, b_n, sy * sx * cout, n, h, w)
+            ph_img = scratch("deconv.phases", (sy * sx * cout, n, hp, wp), x.dtype)
+            ph_img.fill(0)
         oh, ow = sy * (h - 1) + kh - 2 * self.ph, sx * (w - 1) + kw - 2 * self.pw
         full = ph_img.reshape(sy, sx, cout, n, hp, wp).transpose(2, 3, 4, 0, 5, 1)
         y = np.empty((cout, n, oh, ow), dtype=x.dtype)
@@ -138,11 +145,11 @@ class Deconvolution2DFast(function_node.FunctionNode):
         hp, wp = h + a_n - 1, w + b_n - 1
         oh, ow = gy.shape[2], gy.shape[3]
         gy_c = gy.transpose(1, 0, 2, 3)
-        full = np.empty((sy, sx, cout, n, hp, wp), dtype=gy.dtype)
+        full = scratch("deconv.grad_phases", (sy, sx, cout, n, hp, wp), gy.dtype)
         planes = full.reshape(sy * sx * cout, n, hp, wp)
         s0, s1, s2, s3 = planes.strides
         win = as_strided(planes, (a_n, b_n, sy * sx * cout, n, h, w), (s2, s3, s0, s1, s2, s3), writeable=False)
-        g_cols = np.empty(win.shape, dtype=gy.dtype)
+        g_cols = scratch("deconv.grad_cols", win.shape, gy.dtype)
         cropped = (oh, ow) != (hp * sy, wp * sx)
 
         def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
