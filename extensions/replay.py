@@ -7,7 +7,9 @@ observation of the real iteration is not overwritten and the random state is put
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,12 +24,83 @@ def _cupy_in_use(xp: Any) -> bool:
     return xp is not np and getattr(xp, "__name__", "") == "cupy"
 
 
+_MT_BYTES = 624 * 4 + 4  # MT19937's C state: uint32 key[624], int pos
+_AUG = struct.Struct("<i4xd")  # the legacy RandomState's cached Gaussian: int has_gauss, double gauss
+
+
+def _legacy_tuple(raw: bytes) -> tuple:
+    """``np.random.get_state()``'s tuple from the bytes ``_RawReader.read`` returned."""
+    key = np.frombuffer(raw, dtype="<u4", count=624).astype(np.uint32)
+    pos = int.from_bytes(raw[_MT_BYTES - 4:_MT_BYTES], "little", signed=True)
+    has_gauss, gauss = _AUG.unpack_from(raw, _MT_BYTES)
+    return ("MT19937", key, pos, has_gauss, gauss)
+
+
+class _RawReader:
+    """Reads NumPy's global RandomState (MT19937 key and position, cached Gaussian) as 2.5 KB of raw memory.
+
+    ``np.random.get_state()`` copies the 624-word key one element at a time (30-60 us: more
+    than the toolkit's whole per-iteration budget on a small net); a memory read costs ~1 us.
+    The addresses come from the bit generator's documented ctypes interface and, for the
+    cached Gaussian (no interface exposes it), from the RandomState's own pointer to its
+    bit generator. ``create`` returns None unless every byte read provably matches
+    ``get_state()`` (checked on set states, then the user's state is put back), so another
+    NumPy layout falls back to ``get_state``.
+    """
+
+    def __init__(self, state_address: int, aug_address: int):
+        self.state_address, self.aug_address = state_address, aug_address
+
+    def read(self) -> bytes:
+        """The current state as bytes: key, position, has_gauss, gauss."""
+        return ctypes.string_at(self.state_address, _MT_BYTES) + ctypes.string_at(self.aug_address, _AUG.size)
+
+    @classmethod
+    def create(cls, random_state: Any) -> _RawReader | None:
+        """A verified reader for ``random_state`` (NumPy's legacy ``RandomState``), or None."""
+        try:
+            bit_generator = random_state._bit_generator
+            if type(bit_generator).__name__ != "MT19937":
+                return None
+            state_address = bit_generator.ctypes.state_address
+            base, size = id(random_state), type(random_state).__basicsize__
+            memory = ctypes.string_at(base, size)
+            # the aug state starts with a pointer to the RandomState's own bitgen_t, whose first
+            # field points to the MT19937 state: find that pointer, the cached Gaussian follows it
+            aug_address = None
+            for offset in range(0, size - 8 - _AUG.size + 1, 8):
+                target = int.from_bytes(memory[offset:offset + 8], "little") - base
+                if 0 <= target <= size - 8 and int.from_bytes(memory[target:target + 8], "little") == state_address:
+                    aug_address = base + offset + 8
+                    break
+            if aug_address is None:
+                return None
+            reader = cls(state_address, aug_address)
+            saved = random_state.get_state()
+            try:
+                for probe in (saved[:3] + (1, 0.1234567890123), saved[:3] + (0, 0.0), saved):
+                    random_state.set_state(probe)
+                    got, want = _legacy_tuple(reader.read()), random_state.get_state()
+                    if not (np.array_equal(got[1], want[1]) and got[2:] == tuple(want[2:])):
+                        return None
+            finally:
+                random_state.set_state(saved)
+            return reader
+        except Exception:  # no ctypes interface, another layout: capture the slow way
+            return None
+
+
 @dataclasses.dataclass
 class RngState:
-    """The random state an iteration started from: NumPy's global RNG, and CuPy's seed if in use."""
+    """The random state an iteration started from: NumPy's global RNG, and CuPy's seed if in use.
+
+    NumPy's state is kept as ``get_state()``'s tuple (``numpy_state``) or, when captured by an
+    ``RngTracker``, as the raw bytes it is rebuilt from (``raw``).
+    """
 
     numpy_state: tuple | None = None
     cupy_seed: int | None = None
+    raw: bytes | None = None
 
     @classmethod
     def capture(cls, xp: Any = np, seeder: np.random.Generator | None = None) -> RngState:
@@ -37,19 +110,48 @@ class RngState:
         recorded seed drawn from ``seeder`` (the updater's own generator, not NumPy's global one).
         """
         state = cls(np.random.get_state())
-        if _cupy_in_use(xp) and seeder is not None:
-            state.cupy_seed = int(seeder.integers(2 ** 63 - 1))
-            xp.random.seed(state.cupy_seed)
+        state.reseed_cupy(xp, seeder)
         return state
+
+    def reseed_cupy(self, xp: Any, seeder: np.random.Generator | None) -> None:
+        """On CuPy, reseed its global RNG from ``seeder`` and remember the seed (no-op otherwise)."""
+        if _cupy_in_use(xp) and seeder is not None:
+            self.cupy_seed = int(seeder.integers(2 ** 63 - 1))
+            xp.random.seed(self.cupy_seed)
+
+    def legacy_state(self) -> tuple | None:
+        """NumPy's state as ``np.random.get_state()`` returned it (None if not captured)."""
+        if self.numpy_state is None and self.raw is not None:
+            self.numpy_state = _legacy_tuple(self.raw)
+        return self.numpy_state
 
     def restore(self) -> None:
         """Put the random generators back to this state."""
-        if self.numpy_state is not None:
-            np.random.set_state(self.numpy_state)
+        state = self.legacy_state()
+        if state is not None:
+            np.random.set_state(state)
         if self.cupy_seed is not None:
             from chainer.backends import cuda
 
             cuda.cupy.random.seed(self.cupy_seed)
+
+
+class RngTracker:
+    """``RngState.capture`` for every iteration at the cost of a memory read (see ``_RawReader``)."""
+
+    def __init__(self) -> None:
+        self._random_state: Any = None
+        self._reader: _RawReader | None = None
+
+    def capture(self, xp: Any = np, seeder: np.random.Generator | None = None) -> RngState:
+        """The random state now, as ``RngState.capture(xp, seeder)`` would save it."""
+        random_state = getattr(np.random.mtrand, "_rand", None)
+        if random_state is not self._random_state:
+            self._random_state = random_state
+            self._reader = _RawReader.create(random_state) if random_state is not None else None
+        state = RngState(raw=self._reader.read()) if self._reader is not None else RngState(np.random.get_state())
+        state.reseed_cupy(xp, seeder)
+        return state
 
 
 @contextlib.contextmanager

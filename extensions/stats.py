@@ -1,14 +1,16 @@
 """Per-parameter gradient statistics in a few vectorised passes, and the cheap finiteness checks.
 
-On NumPy every gradient is flattened into one buffer and each statistic is one segmented
-reduction (``ufunc.reduceat``) over all parameters at once; on other backends (CuPy) the
-per-parameter statistics are stacked on the device and copied to the host in one transfer.
-Squared norms accumulate in float64 so a large but finite float32 gradient is not mistaken
-for an infinity; NaN/Inf counts are computed only when the total is not finite.
+On NumPy, small gradients are gathered into one buffer and each statistic is one segmented
+reduction (``ufunc.reduceat``) over all of them at once; each large gradient is reduced in
+place with five read-only passes (sum, squared norm by chunked BLAS dots, max, min, zero
+count): no concatenation copy and no float64 temporaries, so a 4M-parameter net costs a few
+milliseconds. On other backends (CuPy) the per-parameter statistics are stacked on the device
+and copied to the host in one transfer. Squared norms that overflow float32 are recomputed in
+float64, so a large but finite gradient is not mistaken for an infinity; NaN/Inf counts are
+computed only when the total is not finite.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -37,7 +39,8 @@ def _report_keys(prefix: str, names: tuple[str, ...]) -> list[str]:
 class GradSummary:
     """What one pass over the gradients found: total squared norm, per-parameter stats, gaps.
 
-    ``table`` has one row per name in ``names`` and one column per entry of ``STATS``.
+    ``table`` has one row per name in ``names`` and one column per entry of ``STATS``;
+    ``values`` holds the same numbers row by row as Python floats (what the reporter gets).
     """
 
     sqnorm: float
@@ -45,6 +48,7 @@ class GradSummary:
     table: np.ndarray | None = None
     missing: list[str] = dataclasses.field(default_factory=list)
     nonfinite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    values: list[float] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def global_norm(self) -> float:
@@ -67,7 +71,8 @@ class GradSummary:
         """Reporter keys ``grad/<path>/<stat>``, ``grad/<path>/missing`` and ``grad/global_norm``."""
         out = {f"{prefix}/global_norm": self.global_norm}
         if self.table is not None:
-            out.update(zip(_report_keys(prefix, self.names), self.table.ravel().tolist()))
+            values = self.values if self.values is not None else self.table.ravel().tolist()
+            out.update(zip(_report_keys(prefix, self.names), values))
         for path in self.missing:
             out[f"{prefix}/{path}/missing"] = 1.0
         return out
@@ -85,64 +90,114 @@ def _split(names: Sequence[str], arrays: Sequence[Any]) -> tuple[list[str], list
 
 
 def _flat(arrays: Sequence[Any]) -> Any:
-    if len(arrays) == 1:
-        return arrays[0].ravel()
-    return np.concatenate([a.ravel() for a in arrays])
+    return arrays[0].ravel() if len(arrays) == 1 else np.concatenate(arrays, axis=None)
 
 
-def _count_nonfinite_numpy(names, arrays, flat, offsets) -> dict[str, tuple[int, int]]:
-    nan = np.add.reduceat(np.isnan(flat), offsets, dtype=np.int64)
-    inf = np.add.reduceat(np.isinf(flat), offsets, dtype=np.int64)
-    return {n: (int(a), int(b)) for n, a, b in zip(names, nan, inf) if a or b}
+# Arrays at least this large are reduced one by one, in place (no concatenation copy, no float64
+# temporaries); smaller ones are gathered into one float64 buffer and reduced together with
+# ``reduceat``: a handful of NumPy calls whatever their number.
+BIG = 1 << 14
+# Squared norms of big arrays: one BLAS dot per chunk of this many elements, summed in float64
+# (a single float32 dot over millions of elements loses about 5 digits; chunks keep ~8).
+_CHUNK = 1 << 16
 
 
-_OFFSETS: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+class _Layout:
+    """Where each array of a given list of sizes goes: reduced alone (big) or in the gathered buffer (small)."""
+
+    def __init__(self, sizes: tuple[int, ...]):
+        self.sizes = list(sizes)
+        self.big = [i for i, n in enumerate(sizes) if n >= BIG]
+        self.small = [i for i, n in enumerate(sizes) if n < BIG]
+        small_sizes = np.array([sizes[i] for i in self.small], dtype=np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum(small_sizes)[:-1])).astype(np.int64)
+        self.work = np.empty((3, int(small_sizes.sum())))  # gathered values, their squares, zero flags
 
 
-def _layout(arrays: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(sizes, start offsets) of the arrays in the flat buffer, cached by their sizes."""
+_LAYOUTS: dict[tuple[int, ...], _Layout] = {}
+
+
+def _layout(arrays: Sequence[Any]) -> _Layout:
+    """The layout of ``arrays``, cached by their sizes."""
     key = tuple([a.size for a in arrays])
-    layout = _OFFSETS.get(key)
+    layout = _LAYOUTS.get(key)
     if layout is None:
-        if len(_OFFSETS) > 64:
-            _OFFSETS.clear()
-        sizes = np.array(key, dtype=np.int64)
-        layout = _OFFSETS[key] = (sizes, np.concatenate(([0], np.cumsum(sizes)[:-1])))
+        if len(_LAYOUTS) > 64:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _Layout(key)
     return layout
+
+
+def _sqnorm(a: np.ndarray) -> float:
+    """Sum of squares of a flat array: BLAS dots over chunks summed in float64; float64 if float32 overflows."""
+    n = a.size
+    if n <= _CHUNK:
+        sq = float(np.dot(a, a))
+    else:
+        sq = 0.0
+        for i in range(0, n, _CHUNK):
+            c = a[i:i + _CHUNK]
+            sq += float(np.dot(c, c))
+    if not math.isfinite(sq) and a.dtype != np.float64:  # overflow of float32, or a real NaN/Inf: settle it
+        a = a.astype(np.float64)
+        sq = float(np.dot(a, a))
+    return sq
+
+
+def _small_sums(layout: _Layout, arrays: Sequence[Any]) -> tuple[list[float], list[float], list[float],
+                                                                   list[float]]:
+    """(sums, sums of squares, zero counts, max |g|) of the small arrays, gathered into one float64 buffer."""
+    work = layout.work
+    np.concatenate(arrays, axis=None, out=work[0])
+    np.multiply(work[0], work[0], out=work[1])
+    np.equal(work[0], 0, out=work[2])
+    sums, sqs, zeros = np.add.reduceat(work, layout.offsets, axis=1).tolist()
+    np.abs(work[0], out=work[2])
+    return sums, sqs, zeros, np.maximum.reduceat(work[2], layout.offsets).tolist()
 
 
 def _numpy_summary(names, arrays, missing, with_stats: bool) -> GradSummary:
     if not arrays:
-        return GradSummary(0.0, (), np.zeros((0, len(STATS))) if with_stats else None, missing)
-    flat = _flat(arrays)
-    if not with_stats:
-        sq = float(np.dot(flat, flat))
-        if not math.isfinite(sq):  # overflow of a float32 dot, or a real NaN/Inf: settle it in float64
-            sq = float(np.square(flat, dtype=np.float64).sum())
-        summary = GradSummary(sq, tuple(names), None, missing)
-        if not summary.finite:
-            summary.nonfinite = _count_nonfinite_numpy(names, arrays, flat, _layout(arrays)[1])
-        return summary
-    sizes, offsets = _layout(arrays)
-    sums = np.add.reduceat(flat, offsets, dtype=np.float64)
-    sqs = np.add.reduceat(np.square(flat, dtype=np.float64), offsets)
-    max_abs = np.maximum.reduceat(np.abs(flat), offsets)
-    zeros = np.add.reduceat(flat == 0, offsets, dtype=np.int64)
-    total = float(sqs.sum())
-    nonfinite = _count_nonfinite_numpy(names, arrays, flat, offsets) if not math.isfinite(total) else {}
-    return _assemble(names, sizes, sums, sqs, max_abs, zeros, nonfinite, total, missing)
+        return GradSummary(0.0, (), np.zeros((0, len(STATS))) if with_stats else None, missing, values=[])
+    layout = _layout(arrays)
+    if not with_stats:  # the guard alone: the global squared norm
+        small = [arrays[i] for i in layout.small] if layout.big else arrays
+        total = _sqnorm(_flat(small)) if layout.small else 0.0
+        for i in layout.big:
+            total += _sqnorm(arrays[i].ravel())
+        nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
+        return GradSummary(total, tuple(names), None, missing, nonfinite)
+    n = len(arrays)
+    sums, sqs, zeros, max_abs = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    if layout.small:
+        small = [arrays[i] for i in layout.small] if layout.big else arrays
+        for i, s, q, z, m in zip(layout.small, *_small_sums(layout, small)):
+            sums[i], sqs[i], zeros[i], max_abs[i] = s, q, z, m
+    for i in layout.big:
+        a = arrays[i].ravel()
+        sq = sqs[i] = _sqnorm(a)
+        # a finite float32 sum of squares bounds |sum| far below float32's range: no overflow here
+        sums[i] = float(a.sum() if math.isfinite(sq) else a.sum(dtype=np.float64))
+        hi, lo = float(a.max()), float(a.min())
+        max_abs[i] = hi if hi != hi else max(hi, -lo)  # NaN stays NaN
+        zeros[i] = float(np.count_nonzero(a == 0))
+    total = math.fsum(sqs)
+    nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
+    return _assemble(names, layout.sizes, sums, sqs, max_abs, zeros, nonfinite, total, missing)
 
 
 def _assemble(names, sizes, sums, sqs, max_abs, zeros, nonfinite, total, missing) -> GradSummary:
-    counts = np.zeros((2, len(names)))
-    for i, name in enumerate(names):
-        if name in nonfinite:
-            counts[:, i] = nonfinite[name]
-    with np.errstate(invalid="ignore", over="ignore") if nonfinite else contextlib.nullcontext():
-        mean = sums / sizes
-        std = np.sqrt(np.maximum(sqs / sizes - mean * mean, 0.0))
-        table = np.stack([np.sqrt(sqs), mean, std, max_abs, zeros / sizes, counts[0], counts[1]], axis=1)
-    return GradSummary(total, tuple(names), table, missing, nonfinite)
+    """The summary from per-array sums (Python floats or sequences of them), one row of ``STATS`` each."""
+    values: list[float] = []
+    sqrt = math.sqrt
+    for name, n, s, q, m, z in zip(names, sizes, sums, sqs, max_abs, zeros):
+        mean = s / n
+        var = q / n - mean * mean
+        nan, inf = nonfinite.get(name, (0, 0))
+        values += (sqrt(q) if q >= 0 else q, mean, sqrt(var) if var > 0 else (0.0 if var == var else var), m,
+                   z / n, float(nan), float(inf))
+    table = np.array(values).reshape(len(names), len(STATS))
+    return GradSummary(total, tuple(names), table, missing, nonfinite, values)
 
 
 def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary:
@@ -163,10 +218,9 @@ def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary
         rows.append(xp.stack([g.sum(), xp.square(g).sum(), xp.abs(g).max(), (g == 0).sum().astype(f64),
                               xp.isnan(g).sum().astype(f64), xp.isinf(g).sum().astype(f64)]))
     table = chainer.backend.CpuDevice().send(xp.stack(rows))  # one device->host transfer
-    sizes = np.array([a.size for a in arrays], dtype=np.int64)
-    total = float(table[:, 1].sum())
-    nonfinite = {n: (int(r[4]), int(r[5])) for n, r in zip(names, table) if r[4] or r[5]}
-    return _assemble(names, sizes, table[:, 0], table[:, 1], table[:, 2], table[:, 3], nonfinite, total, missing)
+    sums, sqs, max_abs, zeros, nans, infs = table.T.tolist()
+    nonfinite = {n: (int(a), int(b)) for n, a, b in zip(names, nans, infs) if a or b}
+    return _assemble(names, [a.size for a in arrays], sums, sqs, max_abs, zeros, nonfinite, math.fsum(sqs), missing)
 
 
 def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: bool = True) -> GradSummary:
@@ -195,15 +249,21 @@ def nonfinite_counts(names: Sequence[str], arrays: Sequence[Any]) -> dict[str, t
 
 
 def all_finite(arrays: Sequence[Any]) -> bool:
-    """Cheap check that every float array is finite: one summation, exact check only if it is not."""
+    """Cheap check that every float array is finite: one read-only summation, exact check only if it is not."""
     arrays = [a for a in arrays if a is not None and a.size and a.dtype.kind == "f"]
     if not arrays:
         return True
     xp = chainer.backend.get_array_module(*arrays)
     if xp is np:
-        total = _flat(arrays).sum()
+        layout = _layout(arrays)
+        total = 0.0
+        if layout.small:
+            small = [arrays[i] for i in layout.small] if layout.big else arrays
+            total = float(np.concatenate(small, axis=None, out=layout.work[0]).sum())
+        for i in layout.big:
+            total += float(arrays[i].sum())
     else:
-        total = sum(a.sum(dtype=xp.float64) for a in arrays)
-    if math.isfinite(float(total)):
+        total = float(sum(a.sum(dtype=xp.float64) for a in arrays))
+    if math.isfinite(total):
         return True
     return all(bool(chainer.backend.get_array_module(a).isfinite(a).all()) for a in arrays)

@@ -24,7 +24,7 @@ from .config import DebugConfig
 from .dtype import check_float64, float64_converter
 from .errors import NonFiniteError
 from .localize import Birth, localize
-from .replay import RngState, replay_float64
+from .replay import RngState, RngTracker, replay_float64
 from .report import Failure, update_counts, write_report
 from .stats import GradSummary, all_finite, gradient_summary, nonfinite_counts
 from .tensorboard import add_histogram_safe
@@ -45,38 +45,67 @@ class _State:
         self.failures = 0
         self.skipped = 0
         self.last_failure: Failure | None = None
+        self.backup = _Backup()
+        self.rng = RngTracker()
 
 
 class _Backup:
-    """Pre-update copy of parameters and update-rule state: one concatenation per dtype."""
+    """Pre-update copy of parameters and update-rule state, into buffers reused from one iteration to the next.
 
-    def __init__(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer):
+    Arrays are grouped per dtype and copied with one ``concatenate(..., out=buffer)`` each: no
+    fresh allocation (whose page faults cost as much as the copy itself on a big net).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[Any, Any] = {}
+        self.groups: dict[Any, list[Any]] = {}
+        self.rules: list[tuple[Any, int, bool]] = []
+        self.optimizer_t = 0
+
+    def save(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> None:
+        """Copy every parameter and float optimizer-state array (the values the update will overwrite)."""
         self.optimizer_t = optimizer.t
-        self.rules = []
+        rules = self.rules = []
         arrays = []
         for p in params:
-            if p.array is None:
+            a = p.array
+            if a is None:
                 continue
-            arrays.append(p.array)
+            arrays.append(a)
             rule = p.update_rule
             if rule is None:
                 continue
             state = rule._state
-            self.rules.append((rule, rule.t, state is None))
+            rules.append((rule, rule.t, state is None))
             if state:
-                arrays.extend(v for v in state.values() if hasattr(v, "dtype") and v.dtype.kind == "f")
-        self.arrays = arrays
-        groups: dict[Any, list[Any]] = {}
-        for a in arrays:
-            groups.setdefault(a.dtype, []).append(a)
-        self.copies = {}
+                arrays.extend([v for v in state.values() if getattr(v, "dtype", None) is not None
+                               and v.dtype.kind == "f"])
+        dtype = arrays[0].dtype if arrays else None
+        if all(a.dtype == dtype for a in arrays):
+            groups = {dtype: arrays} if arrays else {}
+        else:
+            groups = {}
+            for a in arrays:
+                groups.setdefault(a.dtype, []).append(a)
+        self.groups = groups
         for dtype, group in groups.items():
             xp = chainer.backend.get_array_module(group[0])
-            self.copies[dtype] = (group, xp.concatenate([a.ravel() for a in group]))
+            size = sum([a.size for a in group])
+            buf = self.buffers.get(dtype)
+            if buf is None or buf.size != size or chainer.backend.get_array_module(buf) is not xp:
+                buf = self.buffers[dtype] = xp.empty(size, dtype)
+            if xp is np:
+                np.concatenate(group, axis=None, out=buf)
+            else:
+                offset = 0
+                for a in group:
+                    xp.copyto(buf[offset:offset + a.size], a.ravel())
+                    offset += a.size
 
     def restore(self, optimizer: chainer.Optimizer) -> None:
         """Write the saved values back into the same arrays; forget state the update created."""
-        for group, flat in self.copies.values():
+        for dtype, group in self.groups.items():
+            flat = self.buffers[dtype]
             xp = chainer.backend.get_array_module(flat)
             offset = 0
             for a in group:
@@ -212,7 +241,7 @@ class GradientLoggingMixin:
         target = optimizer.target
         names, params = self._param_table(target)
         xp = target.xp
-        rng = RngState.capture(xp, st.seeder) if nf.check and (nf.localize or nf.replay_float64) else None
+        rng = st.rng.capture(xp, st.seeder) if nf.check and (nf.localize or nf.replay_float64) else None
 
         if debug.float64 and not st.float64_checked:
             check_float64(target)  # before the forward pass, where Chainer's type check would fail first
@@ -222,25 +251,27 @@ class GradientLoggingMixin:
         if debug.float64 and not st.float64_checked:
             check_float64(target)  # parameters initialised lazily by that forward pass
             st.float64_checked = True
+        loss_value = _host_scalar(loss.array) if nf.check else math.nan
+        del loss  # free the graph before the update, as Optimizer.update(lossfun) does
 
         every = debug.gradients.every
         summary = gradient_summary(names, [p.grad for p in params], with_stats=every > 0 and iteration % every == 0)
-        if summary.stats is not None:
-            chainer.reporter.report(summary.as_report())
+        if summary.table is not None:
+            _report(summary.as_report())
         hist = debug.gradients.histograms_every
         if st.writer is not None and hist > 0 and iteration % hist == 0:
             self._histograms(names, params, iteration)
 
         updated = False
         if nf.check:
-            loss_value = _host_scalar(loss.array)
             if not math.isfinite(loss_value) or not summary.finite:
                 trigger = (f"loss is {loss_value}" if not math.isfinite(loss_value)
                            else f"global gradient norm is {summary.global_norm}")
                 self._on_nonfinite(optimizer, in_arrays, rng, trigger, "forward" if
                                    not math.isfinite(loss_value) else "backward", loss_value, summary, {})
             else:
-                backup = _Backup(params, optimizer)
+                backup = st.backup
+                backup.save(params, optimizer)
                 optimizer._ext_grad_sqnorm = (optimizer.t, summary.sqnorm)
                 optimizer.update()
                 bad = nonfinite_counts(names, [p.array for p in params]) if not _finite_params(params) else {}
@@ -320,6 +351,15 @@ class GradientLoggingMixin:
             st.skipped = int(serializer("ext_nonfinite_skipped", st.skipped))
         except KeyError:  # a snapshot written without the toolkit
             pass
+
+
+def _report(values: dict[str, float]) -> None:
+    """``chainer.reporter.report(values)`` for plain floats, without its per-value Variable copy."""
+    try:
+        reporter = chainer.reporter.get_current_reporter()
+    except IndexError:  # outside any reporter scope, as report() would be: nothing to do
+        return
+    reporter.observation.update(values)
 
 
 def _host_scalar(a: Any) -> float:
