@@ -153,3 +153,46 @@ def test_updater_serialises_its_counters(tmp_path):
                                                       updater.get_optimizer("main"))
     chainer.serializers.save_npz(str(tmp_path / "plain.npz"), plain)
     chainer.serializers.load_npz(str(tmp_path / "plain.npz"), make())  # a snapshot from before the toolkit
+
+
+def _reference_stats(g):
+    g = g.astype(np.float64).ravel()
+    return {"norm": np.sqrt((g ** 2).sum()), "mean": g.mean(), "std": g.std(), "max_abs": np.abs(g).max(),
+            "zero_frac": (g == 0).mean(), "nan": 0.0, "inf": 0.0}
+
+
+def test_stats_of_big_and_small_gradients_match_float64():
+    """Big gradients are reduced in place (chunked dots), small ones gathered: both agree with float64."""
+    from extensions.stats import BIG
+
+    rng = np.random.RandomState(1)
+    shapes = {"a": (3, 4), "big": (BIG + 3,), "huge": (300, 300), "b": (7,)}
+    grads = {n: (rng.randn(*s) * 1e-3 + 2e-4).astype(np.float32) for n, s in shapes.items()}
+    grads["big"][::5] = 0.0
+    grads["huge"][:10] = 0.0
+    names = list(grads)
+    summary = ext.gradient_summary(names, list(grads.values()))
+    for name, g in grads.items():
+        assert summary.stats[name] == pytest.approx(_reference_stats(g), rel=1e-5, abs=1e-9), name
+    total = sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())
+    assert summary.global_norm == pytest.approx(np.sqrt(total), rel=1e-6)
+    guard_only = ext.gradient_summary(names, list(grads.values()), with_stats=False)
+    assert guard_only.stats is None and guard_only.global_norm == pytest.approx(np.sqrt(total), rel=1e-6)
+    report = summary.as_report()
+    assert report["grad/huge/max_abs"] == pytest.approx(np.abs(grads["huge"]).max())
+    assert all(type(v) is float for v in report.values())
+
+
+def test_nonfinite_and_float32_overflow_in_big_gradients():
+    from extensions.stats import BIG
+
+    g = np.ones(BIG * 2, np.float32)
+    g[3], g[10], g[11] = np.nan, np.inf, -np.inf
+    bad = ext.gradient_summary(["w", "b"], [g, np.ones(3, np.float32)])
+    assert not bad.finite and bad.nonfinite == {"w": (1, 2)}
+    assert bad.stats["w"]["nan"] == 1.0 and bad.stats["w"]["inf"] == 2.0 and bad.stats["b"]["nan"] == 0.0
+    assert np.isnan(bad.stats["w"]["max_abs"]) and bad.stats["b"]["norm"] == pytest.approx(np.sqrt(3))
+    huge = np.full(BIG * 2, 1e20, np.float32)  # every square overflows float32; the norm is finite
+    for with_stats in (True, False):
+        s = ext.gradient_summary(["w"], [huge], with_stats=with_stats)
+        assert s.finite and s.global_norm == pytest.approx(1e20 * np.sqrt(huge.size), rel=1e-6)

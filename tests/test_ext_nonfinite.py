@@ -316,3 +316,72 @@ def test_replay_uses_the_saved_random_state(tmp_path):
     assert failure.where == "backward" and np.isfinite(failure.loss)
     assert failure.replay_loss == failure.loss
     assert failure.verdict == "bug"
+
+
+class Wide(chainer.Chain):
+    """A net with one parameter big enough for the toolkit's per-array (in-place) paths."""
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.l1 = L.Linear(200, 100)
+            self.l2 = L.Linear(100, 1)
+
+    def forward(self, x, t):
+        return F.mean_squared_error(self.l2(F.tanh(self.l1(x))), t)
+
+
+def test_adam_update_that_overflows_is_rolled_back_with_its_state(tmp_path):
+    """Good updates, then one whose step overflows: parameters, Adam's moments and t come back bit for bit."""
+    np.random.seed(0)
+    model = Wide()
+    opt = chainer.optimizers.Adam(1e-3)
+    opt.setup(model)
+    rng = np.random.RandomState(0)
+    data = chainer.datasets.TupleDataset(rng.randn(40, 200).astype(np.float32), rng.randn(40, 1).astype(np.float32))
+    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 10), opt, -1, out=str(tmp_path),
+                                         debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
+    updater.update()
+    updater.update()
+
+    def state():
+        return {n: (p.array.copy(), p.update_rule.state["m"].copy(), p.update_rule.state["v"].copy(),
+                    p.update_rule.t) for n, p in model.namedparams()}
+
+    before = state()
+    opt.alpha = 1e39  # the step overflows float32: every weight would become +-inf
+    updater.update()
+    assert updater.skipped == 1 and updater.last_failure.where == "update" and opt.t == 2
+    for name, (w, m, v, t) in state().items():
+        np.testing.assert_array_equal(w, before[name][0])
+        np.testing.assert_array_equal(m, before[name][1])
+        np.testing.assert_array_equal(v, before[name][2])
+        assert t == before[name][3]
+    opt.alpha = 1e-3
+    updater.update()  # training goes on from the restored state
+    assert opt.t == 3 and all(np.isfinite(p.array).all() for p in model.params())
+    assert not np.array_equal(model.l1.W.array, before["/l1/W"][0])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_rng_tracker_captures_the_exact_state_cheaply(monkeypatch, fast):
+    """The raw-memory capture equals get_state(), cached Gaussian included, and replays the same draws."""
+    from extensions import replay
+    from extensions.replay import RngState, RngTracker
+
+    if not fast:  # a NumPy whose memory layout cannot be verified: get_state() instead
+        monkeypatch.setattr(replay._RawReader, "create", classmethod(lambda cls, random_state: None))
+    tracker = RngTracker()
+    np.random.seed(7)
+    for draws in (0, 1, 2, 3):  # odd draws leave a cached Gaussian, even ones do not
+        np.random.normal(size=draws)
+        captured = tracker.capture()
+        want = np.random.get_state()
+        got = captured.legacy_state()
+        assert got[0] == want[0] and np.array_equal(got[1], want[1]) and got[2:] == want[2:]
+        first = np.random.normal(size=5)
+        np.random.permutation(10)
+        captured.restore()
+        np.testing.assert_array_equal(np.random.normal(size=5), first)
+    assert (tracker._reader is not None) == fast  # the fast path is in use on this NumPy
+    assert RngState.capture().legacy_state()[2] == np.random.get_state()[2]
