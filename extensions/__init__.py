@@ -19,7 +19,7 @@ from .localize import Birth
 from .report import Failure
 from .schema import ConfigError
 from .stats import GradSummary, gradient_summary
-from .tensorboard import add_histogram_safe, add_image_grid, get_writer, open_writer
+from .tensorboard import add_histogram_safe, add_histograms_safe, add_image_grid, get_writer, open_writer
 from .updater import GradientLoggingMixin, GradientLoggingUpdater
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "NonFiniteError",
     "TensorBoardConfig",
     "add_histogram_safe",
+    "add_histograms_safe",
     "add_image_grid",
     "cast_link",
     "check_float64",

@@ -19,7 +19,7 @@ from .dtype import check_float64, float64_converter
 from .errors import NonFiniteError
 from .report import Failure, write_report
 from .stats import gradient_summary, nonfinite_counts
-from .tensorboard import EXTENSION_NAME, TensorBoardReport, add_histogram_safe, open_writer
+from .tensorboard import EXTENSION_NAME, TensorBoardReport, add_histograms_safe, open_writer
 from .updater import GradientLoggingMixin
 
 MONITOR_NAME = "ext_monitor"
@@ -53,10 +53,9 @@ class PlainUpdaterMonitor(training.Extension):
         if every > 0 and it % every == 0:
             chainer.reporter.report(gradient_summary(names, [p.grad for p in params]).as_report())
         if self.writer is not None and hist > 0 and it % hist == 0:
-            for name, p in named:
-                if p.grad is not None:
-                    add_histogram_safe(self.writer, f"grad/{name}", p.grad, it)
-                add_histogram_safe(self.writer, f"param/{name}", p.array, it)
+            arrays = {f"grad/{name}": p.grad for name, p in named if p.grad is not None}
+            arrays.update((f"param/{name}", p.array) for name, p in named)
+            add_histograms_safe(self.writer, arrays, it)
         if self.debug.nonfinite.check:
             bad = nonfinite_counts(names, [p.array for p in params])
             if bad:

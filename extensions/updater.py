@@ -27,7 +27,7 @@ from .localize import Birth, localize
 from .replay import RngState, RngTracker, replay_float64
 from .report import Failure, update_counts, write_report
 from .stats import GradSummary, all_finite, gradient_summary, nonfinite_counts
-from .tensorboard import add_histogram_safe
+from .tensorboard import add_histograms_safe
 
 logger = logging.getLogger("extensions")
 
@@ -290,11 +290,9 @@ class GradientLoggingMixin:
         return updated
 
     def _histograms(self, names: list[str], params: list[chainer.Parameter], step: int) -> None:
-        for name, p in zip(names, params):
-            if p.grad is not None:
-                add_histogram_safe(self.writer, f"grad/{name}", p.grad, step)
-            if p.array is not None:
-                add_histogram_safe(self.writer, f"param/{name}", p.array, step)
+        arrays = {f"grad/{name}": p.grad for name, p in zip(names, params) if p.grad is not None}
+        arrays.update((f"param/{name}", p.array) for name, p in zip(names, params) if p.array is not None)
+        add_histograms_safe(self.writer, arrays, step)
 
     # -- failure path -------------------------------------------------------------------
     def _on_nonfinite(self, optimizer: chainer.Optimizer, in_arrays: Any, rng: RngState | None, trigger: str,

@@ -5,6 +5,7 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import extensions as ext
@@ -120,3 +121,42 @@ def test_plain_updater_gets_monitor(tmp_path):
     acc = load(tmp_path / "tb")
     assert [e.step for e in acc.Scalars("grad/l1/W/norm")] == [1, 2]
     assert "param/l2/W" in acc.Tags()["histograms"]
+
+
+def test_scalar_events_are_protobufs_encoding():
+    """The hand-serialised scalar events are byte for byte what protobuf writes for the same Event."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    from extensions.tensorboard import encode_event, encode_scalars, scalar_summary
+
+    values = {"a": 1.5, "b/ü": -2.0, "x" * 200: np.float32(3.25), "nan": float("nan"), "inf": -np.inf,
+              "big": 1e40, "int": 7, "var": chainer.Variable(np.array(0.5, np.float32)), "flag": True,
+              "vector": np.ones(3)}
+    for step, walltime in ((0, 0.0), (1, 1.5), (300, 1.7e9), (2 ** 40, 12.0)):
+        want = Event(wall_time=walltime, step=step, summary=scalar_summary(values)).SerializeToString()
+        assert encode_event(encode_scalars(values), step, walltime) == want
+    assert encode_scalars({"vector": np.ones(3)}) == b""
+
+
+def test_histograms_match_tensorboardx_and_survive_huge_values(tmp_path):
+    rng = np.random.RandomState(0)
+    big = (rng.randn(50_000) * 1e-3).astype(np.float32)
+    with_nan = big.copy()
+    with_nan[:5] = np.nan
+    reference = ext.open_writer(tmp_path / "ref")
+    reference.add_histogram("big", big.astype(np.float64), 3)
+    reference.close()
+    writer = ext.open_writer(tmp_path / "ours")
+    counts = ext.add_histograms_safe(writer, {"big": big, "nan": with_nan, "huge": np.array([1e30, -2e30, 5.0])}, 3)
+    writer.close()
+    assert counts == {"big": {"nan": 0, "inf": 0}, "nan": {"nan": 5, "inf": 0}, "huge": {"nan": 0, "inf": 0}}
+    want = load(tmp_path / "ref").Histograms("big")[0].histogram_value
+    acc = load(tmp_path / "ours")
+    got = acc.Histograms("big")[0].histogram_value
+    assert list(got.bucket) == list(want.bucket) and list(got.bucket_limit) == list(want.bucket_limit)
+    assert (got.num, got.min, got.max) == (want.num, want.min, want.max)
+    assert got.sum == pytest.approx(want.sum) and got.sum_squares == pytest.approx(want.sum_squares, rel=1e-5)
+    assert acc.Histograms("nan")[0].histogram_value.num == big.size - 5
+    huge = acc.Histograms("huge")[0].histogram_value  # beyond tensorboardX's buckets: it used to fail here
+    assert (huge.num, huge.min, huge.max) == (3, -2e30, 1e30) and sum(huge.bucket) == 3
+    assert acc.Scalars("nan/nan_count")[0].value == 5
