@@ -29,6 +29,7 @@ setup(
         "imageio>=2.31,<3",
         "pillow>=10,<12",
         "tqdm>=4.66,<5",
+        "threadpoolctl>=3.2,<4",  # the fast LSTM pins BLAS to one thread per batch slice
     ],
     extras_require={
         "dev": ["pytest>=7.4,<9", "ruff>=0.5", "tensorboard>=2.14,<3", "threadpoolctl>=3.2"],

@@ -11,11 +11,13 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _chainer_float32():
-    """float64 mode is global in Chainer; a test that turns it on must not leak it into the next."""
+    """float64 mode and the ops switch are global in Chainer; a test that sets them must not leak them."""
     from extensions import set_float64
 
     set_float64(False)
     chainer.global_config.dtype = np.dtype(np.float32)
+    chainer.global_config.wm_ops = "fast"
     yield
     set_float64(False)
     chainer.global_config.dtype = np.dtype(np.float32)
+    chainer.global_config.wm_ops = "fast"

@@ -5,6 +5,7 @@ import math
 
 import chainer
 import numpy as np
+import pytest
 from chainer import gradient_check
 
 from wm_trainer.mdn import MDNHead, mdn_moments, mdn_nll, mdn_sample
@@ -33,13 +34,15 @@ def random_params(rng, n=6, d=4, k=3):
             0.5 * rng.standard_normal((n, d, k)), rng.standard_normal((n, d)))
 
 
-def test_nll_matches_brute_force():
+@pytest.mark.parametrize("ops", ["fast", "chainer"])
+def test_nll_matches_brute_force(ops):
     rng = np.random.default_rng(1)
-    for _ in range(5):
-        logits, mu, log_std, t = random_params(rng)
-        per_row = mdn_nll(logits, mu, log_std, t, reduce="no").array
-        np.testing.assert_allclose(per_row, brute_force_nll(logits, mu, log_std, t), rtol=1e-10)
-        assert np.isclose(float(mdn_nll(logits, mu, log_std, t).array), per_row.mean())
+    with chainer.using_config("wm_ops", ops):
+        for _ in range(5):
+            logits, mu, log_std, t = random_params(rng)
+            per_row = mdn_nll(logits, mu, log_std, t, reduce="no").array
+            np.testing.assert_allclose(per_row, brute_force_nll(logits, mu, log_std, t), rtol=1e-10)
+            assert np.isclose(float(mdn_nll(logits, mu, log_std, t).array), per_row.mean())
 
 
 def test_nll_is_stable_far_from_every_mixture():
@@ -48,15 +51,17 @@ def test_nll_is_stable_far_from_every_mixture():
     assert np.isfinite(mdn_nll(logits, mu, log_std, t).array)
 
 
-def test_nll_gradient_check():
+@pytest.mark.parametrize("ops", ["fast", "chainer"])
+def test_nll_gradient_check(ops):
     rng = np.random.default_rng(3)
     logits, mu, log_std, t = random_params(rng, n=3, d=2, k=3)
 
     def f(lg, m, ls):
         return mdn_nll(lg, m, ls, t)
 
-    gradient_check.check_backward(f, (logits, mu, log_std), np.array(1.0), dtype=np.float64,
-                                  atol=1e-6, rtol=1e-5)
+    with chainer.using_config("wm_ops", ops):
+        gradient_check.check_backward(f, (logits, mu, log_std), np.array(1.0), dtype=np.float64,
+                                      atol=1e-6, rtol=1e-5)
 
 
 def test_samples_match_mixture_moments_at_tau_one():

@@ -28,3 +28,16 @@ def test_mdn_toy_float64(tmp_path):
             "--set", f"experiment.out_dir={tmp_path}", "--set", "toy.iterations=50", "--set", "toy.samples=200"]
     assert main(argv) == 0
     assert json.loads((tmp_path / "mdn_toy" / "metrics.json").read_text())["float64"] is True
+
+
+def test_ops_switch_reaches_the_models(tmp_path):
+    import chainer
+
+    from wm_trainer.ops import fast_ops_enabled
+    from wm_trainer.vision import ConvVAE
+
+    argv = ["mdn-toy", "-c", "configs/mdn_toy.yaml", "--set", "experiment.ops=chainer",
+            "--set", f"experiment.out_dir={tmp_path}", "--set", "toy.iterations=5", "--set", "toy.samples=50"]
+    assert main(argv) == 0
+    assert not fast_ops_enabled()
+    assert type(ConvVAE(32).conv1) is chainer.links.Convolution2D

@@ -91,6 +91,9 @@ def _run(argv: Sequence[str] | None) -> int:
         parser.parse_args(["config", "--help"])
         return 0
     cfg = _load(args)
+    from . import ops
+
+    ops.select(cfg.experiment.ops)
     write_resolved(cfg, cfg.run_dir)
     module, func, _ = COMMANDS[args.command]
     result = getattr(importlib.import_module(module), func)(cfg, args)

@@ -48,7 +48,15 @@ def mdn_log_prob(logits, mu, log_std, target) -> chainer.Variable:
 
 
 def mdn_nll(logits, mu, log_std, target, reduce: str = "mean") -> chainer.Variable:
-    """Negative log-likelihood: mean over rows (``reduce='mean'``) or per row (``'no'``)."""
+    """Negative log-likelihood: mean over rows (``reduce='mean'``) or per row (``'no'``).
+
+    With ``experiment.ops: fast`` (the default) on CPU arrays this runs the fused kernel in
+    ``wm_trainer.ops.mdn_loss``; otherwise the composition of Chainer functions below.
+    """
+    from . import ops
+
+    if ops.fast_ops_enabled():
+        return ops.mdn_nll(logits, mu, log_std, target, reduce=reduce)
     lp = mdn_log_prob(logits, mu, log_std, target)
     if reduce == "no":
         return -lp
