@@ -129,3 +129,19 @@ def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path):
            "controller.episodes_per_candidate=1", "env.max_steps=15")
     (row,) = json.loads((RunPaths(cfg.run_dir).controller_dir / "log.json").read_text())
     assert 0 < row["worst"] <= row["mean"] <= row["best"] <= 15  # Doom: +1 per tick, real episodes capped at 15
+
+
+def test_dream_done_threshold_versus_hazard():
+    from wm_trainer.memory import MDNRNN
+    from wm_trainer.train_controller import dream_fitness
+
+    m = MDNRNN(z_dim=3, action_dim=1, hidden=6, mixtures=2, done_head=True)
+    m.done.W.array[...] = 0.0
+    m.done.b.array[...] = -3.0  # sigmoid = 0.047 every step: the logit never crosses 0
+    ctrl = Controller(3, 6, 1)
+    pop = np.random.default_rng(0).normal(scale=0.1, size=(4, ctrl.n_params))
+    z0 = np.random.default_rng(1).normal(size=(4 * 50, 3)).astype(np.float32)
+    capped = dream_fitness(m, ctrl, pop, 50, z0, 1.15, 300, seed=0, done_mode="threshold")
+    hazard = dream_fitness(m, ctrl, pop, 50, z0, 1.15, 300, seed=0, done_mode="sample")
+    np.testing.assert_array_equal(capped, 300.0)
+    assert np.all((hazard > 10) & (hazard < 40))  # geometric lifetimes, mean 1 / 0.047 = 21
