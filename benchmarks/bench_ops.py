@@ -23,47 +23,22 @@ import chainer.links as L
 import numpy as np
 
 from benchmarks.harness import machine_info
-from wm_trainer.ops import links as fast_links
 from wm_trainer.ops.threads import set_threads
 
 BATCH, Z, ACTION, HIDDEN, MIXTURES, SEQ = 100, 32, 3, 256, 5, 1000
 
 
-class ChainerVAE(chainer.Chain):
-    """The paper's ConvVAE with stock (``fast=False``) or fast (``fast=True``) conv links."""
+def build_chainer_vae(fast: bool, z: int = Z) -> chainer.Chain:
+    """The package's own ConvVAE (``wm_trainer.vision``) with fast (fused) or stock Chainer layers."""
+    from wm_trainer import ops
+    from wm_trainer.vision import ConvVAE
 
-    def __init__(self, z: int = Z, fast: bool = True):
-        super().__init__()
-        conv = fast_links.FastConvolution2D if fast else L.Convolution2D
-        deconv = fast_links.FastDeconvolution2D if fast else L.Deconvolution2D
-        with self.init_scope():
-            self.c1, self.c2 = conv(3, 32, 4, 2), conv(32, 64, 4, 2)
-            self.c3, self.c4 = conv(64, 128, 4, 2), conv(128, 256, 4, 2)
-            self.mu, self.logvar = L.Linear(1024, z), L.Linear(1024, z)
-            self.fc = L.Linear(z, 1024)
-            self.d1, self.d2 = deconv(1024, 128, 5, 2), deconv(128, 64, 5, 2)
-            self.d3, self.d4 = deconv(64, 32, 6, 2), deconv(32, 3, 6, 2)
-
-    def encode(self, x):
-        """(mu, logvar) of q(z|x)."""
-        h = F.relu(self.c4(F.relu(self.c3(F.relu(self.c2(F.relu(self.c1(x))))))))
-        h = F.reshape(h, (h.shape[0], -1))
-        return self.mu(h), self.logvar(h)
-
-    def decode(self, z):
-        """Reconstruction in [0, 1]."""
-        h = F.reshape(self.fc(z), (z.shape[0], 1024, 1, 1))
-        h = F.relu(self.d3(F.relu(self.d2(F.relu(self.d1(h))))))
-        return F.sigmoid(self.d4(h))
-
-    def loss(self, x, eps):
-        """Summed squared error per image + max(KL, 0.5 z), batch mean."""
-        mu, logvar = self.encode(x)
-        z = mu + F.exp(0.5 * logvar) * eps
-        y = self.decode(z)
-        rec = F.sum(F.square(y - x)) / x.shape[0]
-        kl = -0.5 * F.sum(1 + logvar - F.square(mu) - F.exp(logvar)) / x.shape[0]
-        return rec + F.maximum(kl, np.full_like(kl.array, 0.5 * mu.shape[1]))
+    before = getattr(chainer.global_config, "wm_ops", "fast")
+    ops.select("fast" if fast else "chainer")
+    try:
+        return ConvVAE(z)
+    finally:
+        ops.select(before)
 
 
 def build_torch_vae(z: int = Z):
@@ -102,13 +77,16 @@ def vae_batch(seed: int = 0, batch: int = BATCH, z: int = Z) -> tuple[np.ndarray
     return rng.random((batch, 3, 64, 64), dtype=np.float32), rng.standard_normal((batch, z), dtype=np.float32)
 
 
-def chainer_vae_train_step(model: ChainerVAE, x: np.ndarray, eps: np.ndarray) -> Callable[[], float]:
-    """A closure running one Adam(1e-4) training step of the Chainer VAE."""
-    opt = chainer.optimizers.Adam(1e-4)
+def chainer_vae_train_step(model: chainer.Chain, x: np.ndarray, fast: bool) -> Callable[[], float]:
+    """A closure running one Adam(1e-4) training step of ``model.loss(x)`` (what ``opt.update(model.loss, x)``
+    does); ``fast`` uses :class:`wm_trainer.ops.adam.FastAdam`, else ``chainer.optimizers.Adam``."""
+    from wm_trainer.ops.adam import FastAdam
+
+    opt = (FastAdam if fast else chainer.optimizers.Adam)(1e-4)
     opt.setup(model)
 
     def step() -> float:
-        loss = model.loss(x, eps)
+        loss = model.loss(x)
         model.cleargrads()
         loss.backward()
         opt.update()
@@ -132,7 +110,7 @@ def torch_vae_train_step(model, x: np.ndarray, eps: np.ndarray) -> Callable[[], 
     return step
 
 
-def chainer_encode_step(model: ChainerVAE, x: np.ndarray) -> Callable[[], object]:
+def chainer_encode_step(model: chainer.Chain, x: np.ndarray) -> Callable[[], object]:
     """A closure encoding one batch without a graph."""
     def step():
         with chainer.no_backprop_mode(), chainer.using_config("train", False):
@@ -280,12 +258,13 @@ def summarize(name: str, unit: str, rates: dict[str, list[float]]) -> dict:
 def bench_vae(repeats: int, cpu_time: bool, torch_ok: bool, encode: bool = False) -> dict:
     """ConvVAE training (or encoding) images/s: stock Chainer, fast ops, PyTorch."""
     x, eps = vae_batch()
-    stock, fast = ChainerVAE(fast=False), ChainerVAE(fast=True)
+    np.random.seed(0)
+    stock, fast = build_chainer_vae(False), build_chainer_vae(True)
     fast.copyparams(stock)
     if encode:
         fns = {"chainer": chainer_encode_step(stock, x), "fast": chainer_encode_step(fast, x)}
     else:
-        fns = {"chainer": chainer_vae_train_step(stock, x, eps), "fast": chainer_vae_train_step(fast, x, eps)}
+        fns = {"chainer": chainer_vae_train_step(stock, x, False), "fast": chainer_vae_train_step(fast, x, True)}
     if torch_ok:
         tv = build_torch_vae()
         fns["torch"] = torch_encode_step(tv, x) if encode else torch_vae_train_step(tv, x, eps)
@@ -333,7 +312,8 @@ def profile_fast(seq: int = SEQ, cpu_time: bool = False) -> str:
     clock = time.process_time if cpu_time else time.perf_counter
     lines = []
     x, eps = vae_batch()
-    step = chainer_vae_train_step(ChainerVAE(fast=True), x, eps)
+    np.random.seed(0)
+    step = chainer_vae_train_step(build_chainer_vae(True), x, True)
     xs, target = mdnrnn_batch(seq=seq)
     m_step = chainer_mdnrnn_train_step(ChainerMDNRNN(fast=True), xs, target)
     for name, fn in (("ConvVAE train step (fast)", step), (f"MDN-RNN train step, seq {seq} (fast)", m_step)):

@@ -9,7 +9,7 @@ import pytest
 from extensions.localize import localize
 from wm_trainer import ops
 from wm_trainer.memory import MDNRNN, SeqLSTM
-from wm_trainer.ops.links import FastConvolution2D, FastDeconvolution2D, FastSequenceLSTM
+from wm_trainer.ops.links import FastConvolution2D, FastDeconvolution2D, FastSequenceLSTM, ReLUConvolution2D
 from wm_trainer.vision import ConvVAE
 
 
@@ -23,7 +23,8 @@ def restore_ops():
 def test_select_picks_fast_or_stock_layers_with_the_same_parameters(restore_ops):
     ops.select("chainer")
     stock_vae, stock_m = ConvVAE(8), MDNRNN(8, 3, hidden=16, mixtures=2)
-    assert type(stock_vae.conv0) is L.Convolution2D and type(stock_m.rnn) is SeqLSTM
+    assert type(stock_vae.conv0) is ReLUConvolution2D and type(stock_vae.deconv3) is L.Deconvolution2D
+    assert type(stock_m.rnn) is SeqLSTM
     ops.select("fast")
     fast_vae, fast_m = ConvVAE(8), MDNRNN(8, 3, hidden=16, mixtures=2)
     assert isinstance(fast_vae.conv0, FastConvolution2D) and isinstance(fast_vae.deconv3, FastDeconvolution2D)

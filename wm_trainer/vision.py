@@ -16,22 +16,36 @@ ENCODER_CHANNELS = (32, 64, 128, 256)
 DECODER_LAYERS = ((128, 5), (64, 5), (32, 6), (3, 6))  # (out channels, kernel), stride 2 each
 
 
-def conv_layer(in_channels: int, out_channels: int, ksize: int, stride: int) -> chainer.Link:
-    """The one place a convolution link is built (so faster kernels can be switched in)."""
+def conv_layer(in_channels: int, out_channels: int, ksize: int, stride: int, relu: bool = False) -> chainer.Link:
+    """The one place a convolution link is built (so faster kernels can be switched in); ``relu``: ReLU'd output."""
     from .ops import fast_ops_enabled
-    from .ops.links import FastConvolution2D
+    from .ops.links import FastConvolution2D, ReLUConvolution2D
 
-    link = FastConvolution2D if fast_ops_enabled() else L.Convolution2D
+    if fast_ops_enabled():
+        return FastConvolution2D(in_channels, out_channels, ksize=ksize, stride=stride, relu=relu)
+    link = ReLUConvolution2D if relu else L.Convolution2D
     return link(in_channels, out_channels, ksize=ksize, stride=stride)
 
 
-def deconv_layer(in_channels: int, out_channels: int, ksize: int, stride: int) -> chainer.Link:
-    """The one place a transposed-convolution link is built."""
+def deconv_layer(in_channels: int, out_channels: int, ksize: int, stride: int, relu: bool = False) -> chainer.Link:
+    """The one place a transposed-convolution link is built; ``relu``: ReLU'd output (fused in the fast kernel)."""
     from .ops import fast_ops_enabled
-    from .ops.links import FastDeconvolution2D
+    from .ops.links import FastDeconvolution2D, ReLUDeconvolution2D
 
-    link = FastDeconvolution2D if fast_ops_enabled() else L.Deconvolution2D
+    if fast_ops_enabled():
+        return FastDeconvolution2D(in_channels, out_channels, ksize=ksize, stride=stride, relu=relu)
+    link = ReLUDeconvolution2D if relu else L.Deconvolution2D
     return link(in_channels, out_channels, ksize=ksize, stride=stride)
+
+
+def reconstruction_error(logits, x) -> chainer.Variable:
+    """sum((sigmoid(logits) - x) ** 2): one fused node with the fast ops, Chainer's three otherwise."""
+    from .ops import fast_ops_enabled
+    from .ops.activation import sigmoid_squared_error
+
+    if fast_ops_enabled():
+        return sigmoid_squared_error(logits, x)
+    return F.sum(F.squared_difference(F.sigmoid(logits), x))
 
 
 class ConvVAE(chainer.Chain):
@@ -44,32 +58,29 @@ class ConvVAE(chainer.Chain):
         with self.init_scope():
             in_ch = 3
             for i, ch in enumerate(ENCODER_CHANNELS):
-                setattr(self, f"conv{i}", conv_layer(in_ch, ch, 4, 2))
+                setattr(self, f"conv{i}", conv_layer(in_ch, ch, 4, 2, relu=True))
                 in_ch = ch
             self.mu = L.Linear(2 * 2 * 256, z_dim)
             self.logvar = L.Linear(2 * 2 * 256, z_dim)
             self.dec_in = L.Linear(z_dim, 1024)
             in_ch = 1024
             for i, (ch, k) in enumerate(DECODER_LAYERS):
-                setattr(self, f"deconv{i}", deconv_layer(in_ch, ch, k, 2))
+                setattr(self, f"deconv{i}", deconv_layer(in_ch, ch, k, 2, relu=i < len(DECODER_LAYERS) - 1))
                 in_ch = ch
 
     def encode(self, x) -> tuple[chainer.Variable, chainer.Variable]:
         """(mu, logvar), each (N, z_dim), for frames x (N, 3, 64, 64) in [0, 1]."""
         h = x
         for i in range(len(ENCODER_CHANNELS)):
-            h = F.relu(getattr(self, f"conv{i}")(h))
+            h = getattr(self, f"conv{i}")(h)  # ReLU included
         h = F.reshape(h, (h.shape[0], -1))
         return self.mu(h), self.logvar(h)
 
     def decode_logits(self, z) -> chainer.Variable:
         """Pre-sigmoid decodings (N, 3, 64, 64)."""
         h = F.reshape(self.dec_in(z), (z.shape[0], 1024, 1, 1))
-        last = len(DECODER_LAYERS) - 1
         for i in range(len(DECODER_LAYERS)):
-            h = getattr(self, f"deconv{i}")(h)
-            if i < last:
-                h = F.relu(h)
+            h = getattr(self, f"deconv{i}")(h)  # ReLU included, except on the last
         return h
 
     def decode(self, z) -> chainer.Variable:
@@ -85,9 +96,9 @@ class ConvVAE(chainer.Chain):
     def loss(self, x) -> chainer.Variable:
         """Summed squared error per image + max(KL, kl_tolerance * z_dim), batch means; reports loss/rec/kl."""
         mu, logvar = self.encode(x)
-        y = self.decode(self.sample_z(mu, logvar))
+        logits = self.decode_logits(self.sample_z(mu, logvar))
         n = x.shape[0]
-        rec = F.sum(F.squared_difference(y, x)) / n
+        rec = reconstruction_error(logits, x) / n
         kl = -0.5 * F.sum(1.0 + logvar - mu * mu - F.exp(logvar)) / n
         floor = self.xp.asarray(self.kl_tolerance * self.z_dim, dtype=kl.dtype)
         kl_term = F.maximum(kl, chainer.Variable(floor))

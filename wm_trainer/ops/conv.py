@@ -15,6 +15,7 @@ import numpy as np
 from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
+from wm_trainer.ops.activation import add_bias_relu, relu_grad
 from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import run_chunks
 
@@ -73,11 +74,12 @@ def nchw_view(y_nhwc: np.ndarray) -> np.ndarray:
 
 
 class Convolution2DFast(function_node.FunctionNode):
-    """y = conv(x, W) + b on the CPU, NCHW shapes, NHWC memory, one GEMM per pass."""
+    """y = conv(x, W) + b (then ReLU when ``relu``) on the CPU, NCHW shapes, NHWC memory, one GEMM per pass."""
 
-    def __init__(self, stride: tuple[int, int], pad: tuple[int, int]):
+    def __init__(self, stride: tuple[int, int], pad: tuple[int, int], relu: bool = False):
         self.sy, self.sx = stride
         self.ph, self.pw = pad
+        self.relu = relu
 
     def forward_cpu(self, inputs):
         """Window matrix times the (kh*kw*C, out) weight matrix."""
@@ -91,10 +93,11 @@ class Convolution2DFast(function_node.FunctionNode):
         self.rows = im2row(to_nhwc(x, (self.ph, self.pw)), kh, kw, self.sy, self.sx, oh, ow)
         self.w_mat = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(kh * kw * c, out_c)
         y = self.rows @ self.w_mat
-        if b is not None:
-            y += b
+        add_bias_relu(y, b, self.relu)
         if not chainer.config.enable_backprop:
             self.rows = self.w_mat = None
+        elif self.relu:
+            self.retain_outputs((0,))
         return nchw_view(y.reshape(n, oh, ow, out_c)),
 
     def _grad_x_by_phase(self, gy_nhwc: np.ndarray, hp: int, wp: int) -> np.ndarray:
@@ -138,6 +141,8 @@ class Convolution2DFast(function_node.FunctionNode):
         n, c, h, w = self.x_shape
         out_c, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
         kh, kw = self.kh, self.kw
+        if self.relu:  # the ReLU's mask, in the output's NHWC memory
+            gy = relu_grad(gy, self.get_retained_outputs()[0].array, "conv.relu_grad")
         gy2 = to_nhwc(gy).reshape(n * oh * ow, out_c)
         grads = []
         if 0 in indexes:
@@ -172,9 +177,14 @@ def fast_conv_supported(x, W, b, stride, pad, cover_all: bool, dilate, groups: i
             and not cover_all and pair(dilate) == (1, 1) and groups == 1)
 
 
-def convolution_2d(x, W, b=None, stride=1, pad=0, cover_all: bool = False, dilate=1, groups: int = 1):
-    """Drop-in for :func:`chainer.functions.convolution_2d`; the fast kernel on CPU, Chainer's otherwise."""
+def convolution_2d(x, W, b=None, stride=1, pad=0, cover_all: bool = False, dilate=1, groups: int = 1,
+                   relu: bool = False):
+    """Drop-in for :func:`chainer.functions.convolution_2d` (``relu=True``: then ``F.relu``, fused).
+
+    The fast kernel on CPU, Chainer's functions otherwise.
+    """
     if not fast_conv_supported(x, W, b, stride, pad, cover_all, dilate, groups):
-        return F.convolution_2d(x, W, b, stride, pad, cover_all=cover_all, dilate=dilate, groups=groups)
+        y = F.convolution_2d(x, W, b, stride, pad, cover_all=cover_all, dilate=dilate, groups=groups)
+        return F.relu(y) if relu else y
     args = (x, W) if b is None else (x, W, b)
-    return Convolution2DFast(pair(stride), pair(pad)).apply(args)[0]
+    return Convolution2DFast(pair(stride), pair(pad), relu).apply(args)[0]

@@ -13,6 +13,7 @@ import numpy as np
 from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
+from wm_trainer.ops.activation import add_bias_relu, relu_grad
 from wm_trainer.ops.conv import FLOAT_TYPES, pair
 from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import run_chunks
@@ -30,11 +31,13 @@ class Deconvolution2DFast(function_node.FunctionNode):
     pixel (Y - a, X - b). So one GEMM (A*B*sy*sx*Cout, Cin) x (Cin, N*H*W) gives every tap, A*B shifted
     adds of contiguous (H, W) planes assemble the phase images, and one transposing copy interleaves
     the phases. Backward gathers the gradient's A*B shifted phase windows with one strided copy.
+    With ``relu`` the output is ``max(y, 0)`` and the backward masks the incoming gradient first.
     """
 
-    def __init__(self, stride: tuple[int, int], pad: tuple[int, int]):
+    def __init__(self, stride: tuple[int, int], pad: tuple[int, int], relu: bool = False):
         self.sy, self.sx = stride
         self.ph, self.pw = pad
+        self.relu = relu
 
     def one_pixel(self, x_shape) -> bool:
         """A 1x1 input without padding: the output is just x times W's (Cin, Cout*kh*kw) matrix."""
@@ -89,6 +92,8 @@ class Deconvolution2DFast(function_node.FunctionNode):
         """One GEMM for all taps, A*B plane adds, one phase-interleaving copy."""
         if self.one_pixel(inputs[0].shape):
             self.retain_inputs((0, 1))
+        if self.relu and chainer.config.enable_backprop:
+            self.retain_outputs((0,))
         x, W = inputs[:2]
         b = inputs[2] if len(inputs) == 3 else None
         n, cin, h, w = x.shape
@@ -98,8 +103,7 @@ class Deconvolution2DFast(function_node.FunctionNode):
         hp, wp = h + a_n - 1, w + b_n - 1
         if self.one_pixel(x.shape):  # a 1x1 input (the decoder's first layer): one GEMM, no tap reordering
             y = (x.reshape(n, cin) @ W.reshape(cin, cout * kh * kw)).reshape(n, cout, kh, kw)
-            if b is not None:
-                y += b[:, None, None]
+            add_bias_relu(y, None if b is None else b[:, None, None], self.relu)
             return y,
         x_cols = x.transpose(1, 0, 2, 3).reshape(cin, n * h * w)
         taps = self._tap_matrix(W)  # backward's gather formulation needs it either way
@@ -124,8 +128,11 @@ class Deconvolution2DFast(function_node.FunctionNode):
                         np.add(dst, g[a, bb, :, lo:hi], out=dst)
             full_lo = full[:, lo:hi].reshape(cout, hi - lo, hp * sy, wp * sx)
             np.copyto(y[:, lo:hi], full_lo[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow])
+            part = y[:, lo:hi]
             if b is not None:
-                y[:, lo:hi] += b[:, None, None, None]
+                part += b[:, None, None, None]
+            if self.relu:
+                np.maximum(part, 0, out=part)
         run_chunks(chunk, n)
         if chainer.config.enable_backprop:
             self.x_cols, self.taps = x_cols, taps
@@ -136,6 +143,8 @@ class Deconvolution2DFast(function_node.FunctionNode):
         if chainer.config.enable_backprop:
             raise NotImplementedError("fast deconvolution_2d has no double backprop; use experiment.ops=chainer")
         gy = grad_outputs[0].array
+        if self.relu:  # the ReLU's mask, in the output's channel-major memory
+            gy = relu_grad(gy, self.get_retained_outputs()[0].array, "deconv.relu_grad")
         n, cin, h, w = self.inputs[0].shape
         _, cout, kh, kw = self.inputs[1].shape
         if self.one_pixel(self.inputs[0].shape):
@@ -174,8 +183,11 @@ class Deconvolution2DFast(function_node.FunctionNode):
         return tuple(grads)
 
 
-def deconvolution_2d(x, W, b=None, stride=1, pad=0, outsize=None, dilate=1, groups: int = 1):
-    """Drop-in for :func:`chainer.functions.deconvolution_2d`; the fast kernel on CPU, Chainer's otherwise."""
+def deconvolution_2d(x, W, b=None, stride=1, pad=0, outsize=None, dilate=1, groups: int = 1, relu: bool = False):
+    """Drop-in for :func:`chainer.functions.deconvolution_2d` (``relu=True``: then ``F.relu``, fused).
+
+    The fast kernel on CPU, Chainer's functions otherwise.
+    """
     arrays = [v.array if isinstance(v, chainer.Variable) else v for v in (x, W, b) if v is not None]
     sy, sx = pair(stride)
     ph, pw = pair(pad)
@@ -190,6 +202,7 @@ def deconvolution_2d(x, W, b=None, stride=1, pad=0, outsize=None, dilate=1, grou
                    sx * (arrays[0].shape[3] - 1) + arrays[1].shape[3] - 2 * pw)
         ok = tuple(outsize) == natural
     if not ok:
-        return F.deconvolution_2d(x, W, b, stride, pad, outsize=outsize, dilate=dilate, groups=groups)
+        y = F.deconvolution_2d(x, W, b, stride, pad, outsize=outsize, dilate=dilate, groups=groups)
+        return F.relu(y) if relu else y
     args = (x, W) if b is None else (x, W, b)
-    return Deconvolution2DFast((sy, sx), (ph, pw)).apply(args)[0]
+    return Deconvolution2DFast((sy, sx), (ph, pw), relu).apply(args)[0]

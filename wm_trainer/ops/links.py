@@ -16,26 +16,58 @@ from wm_trainer.ops.lstm import lstm_sequence
 
 
 class FastConvolution2D(L.Convolution2D):
-    """:class:`chainer.links.Convolution2D` computed by :func:`wm_trainer.ops.conv.convolution_2d`."""
+    """:class:`chainer.links.Convolution2D` computed by :func:`wm_trainer.ops.conv.convolution_2d`.
+
+    ``relu=True`` (keyword only) applies ReLU to the output inside the same node.
+    """
+
+    def __init__(self, *args, relu: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = relu
 
     def forward(self, x):
         """The convolution; Chainer's own path for cuDNN-only options and non-NCHW layouts."""
         if self.cudnn_fast or self.x_layout is not None:
-            return super().forward(x)
+            y = super().forward(x)
+            return F.relu(y) if self.relu else y
         if self.W.array is None:
             self._initialize_params(x.shape[1])
-        return convolution_2d(x, self.W, self.b, self.stride, self.pad, dilate=self.dilate, groups=self.groups)
+        return convolution_2d(x, self.W, self.b, self.stride, self.pad, dilate=self.dilate, groups=self.groups,
+                              relu=self.relu)
 
 
 class FastDeconvolution2D(L.Deconvolution2D):
-    """:class:`chainer.links.Deconvolution2D` computed by :func:`wm_trainer.ops.deconv.deconvolution_2d`."""
+    """:class:`chainer.links.Deconvolution2D` computed by :func:`wm_trainer.ops.deconv.deconvolution_2d`.
+
+    ``relu=True`` (keyword only) applies ReLU to the output inside the same node.
+    """
+
+    def __init__(self, *args, relu: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = relu
 
     def forward(self, x):
         """The transposed convolution."""
         if self.W.array is None:
             self._initialize_params(x.shape[1])
         return deconvolution_2d(x, self.W, self.b, self.stride, self.pad, self.outsize,
-                                dilate=self.dilate, groups=self.groups)
+                                dilate=self.dilate, groups=self.groups, relu=self.relu)
+
+
+class ReLUConvolution2D(L.Convolution2D):
+    """Stock :class:`chainer.links.Convolution2D` then ``F.relu`` (the stock twin of the fused fast link)."""
+
+    def forward(self, x):
+        """Chainer's convolution and ReLU, two nodes."""
+        return F.relu(super().forward(x))
+
+
+class ReLUDeconvolution2D(L.Deconvolution2D):
+    """Stock :class:`chainer.links.Deconvolution2D` then ``F.relu`` (the stock twin of the fused fast link)."""
+
+    def forward(self, x):
+        """Chainer's transposed convolution and ReLU, two nodes."""
+        return F.relu(super().forward(x))
 
 
 class FastSequenceLSTM(chainer.Chain):
