@@ -144,3 +144,10 @@ def test_fast_adam_takes_chainers_path_for_options_it_does_not_fuse():
         opt.update()
         links.append(link)
     np.testing.assert_array_equal(links[1].w.array, links[0].w.array)
+
+
+def test_make_adam_follows_the_ops_switch(restore_ops):
+    ops.select("fast")
+    assert type(ops.make_adam(alpha=1e-4)) is FastAdam and ops.make_adam(alpha=1e-4).hyperparam.alpha == 1e-4
+    ops.select("chainer")
+    assert type(ops.make_adam(alpha=1e-4)) is chainer.optimizers.Adam
