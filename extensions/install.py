@@ -18,7 +18,7 @@ from .config import DebugConfig
 from .dtype import check_float64, float64_converter
 from .errors import NonFiniteError
 from .report import Failure, write_report
-from .stats import gradient_summary, nonfinite_counts
+from .stats import all_finite, gradient_summary, nonfinite_counts
 from .tensorboard import EXTENSION_NAME, TensorBoardReport, add_histograms_safe, open_writer
 from .updater import GradientLoggingMixin
 
@@ -57,7 +57,8 @@ class PlainUpdaterMonitor(training.Extension):
             arrays.update((f"param/{name}", p.array) for name, p in named)
             add_histograms_safe(self.writer, arrays, it)
         if self.debug.nonfinite.check:
-            bad = nonfinite_counts(names, [p.array for p in params])
+            arrays = [p.array for p in params]
+            bad = {} if all_finite(arrays) else nonfinite_counts(names, arrays)
             if bad:
                 failure = Failure(iteration=it, where="update", trigger="parameters after the update",
                                   policy="raise", params_nonfinite=bad)

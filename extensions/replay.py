@@ -50,10 +50,13 @@ class _RawReader:
 
     def __init__(self, state_address: int, aug_address: int):
         self.state_address, self.aug_address = state_address, aug_address
+        # live views of that memory (the tracker keeps the RandomState, hence the memory, alive)
+        self._mt = np.frombuffer((ctypes.c_char * _MT_BYTES).from_address(state_address), dtype=np.uint8)
+        self._aug = np.frombuffer((ctypes.c_char * _AUG.size).from_address(aug_address), dtype=np.uint8)
 
     def read(self) -> bytes:
         """The current state as bytes: key, position, has_gauss, gauss."""
-        return ctypes.string_at(self.state_address, _MT_BYTES) + ctypes.string_at(self.aug_address, _AUG.size)
+        return self._mt.tobytes() + self._aug.tobytes()
 
     @classmethod
     def create(cls, random_state: Any) -> _RawReader | None:

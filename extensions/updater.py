@@ -20,6 +20,7 @@ import numpy as np
 from chainer.dataset import convert
 from chainer.training.updaters import StandardUpdater
 
+from .backup import UpdateBackup
 from .config import DebugConfig
 from .dtype import check_float64, float64_converter
 from .errors import NonFiniteError
@@ -45,77 +46,8 @@ class _State:
         self.failures = 0
         self.skipped = 0
         self.last_failure: Failure | None = None
-        self.backup = _Backup()
+        self.backup = UpdateBackup()
         self.rng = RngTracker()
-
-
-class _Backup:
-    """Pre-update copy of parameters and update-rule state, into buffers reused from one iteration to the next.
-
-    Arrays are grouped per dtype and copied with one ``concatenate(..., out=buffer)`` each: no
-    fresh allocation (whose page faults cost as much as the copy itself on a big net).
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[Any, Any] = {}
-        self.groups: dict[Any, list[Any]] = {}
-        self.rules: list[tuple[Any, int, bool]] = []
-        self.optimizer_t = 0
-
-    def save(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> None:
-        """Copy every parameter and float optimizer-state array (the values the update will overwrite)."""
-        self.optimizer_t = optimizer.t
-        rules = self.rules = []
-        arrays = []
-        for p in params:
-            a = p.array
-            if a is None:
-                continue
-            arrays.append(a)
-            rule = p.update_rule
-            if rule is None:
-                continue
-            state = rule._state
-            rules.append((rule, rule.t, state is None))
-            if state:
-                arrays.extend([v for v in state.values() if getattr(v, "dtype", None) is not None
-                               and v.dtype.kind == "f"])
-        dtype = arrays[0].dtype if arrays else None
-        if all(a.dtype == dtype for a in arrays):
-            groups = {dtype: arrays} if arrays else {}
-        else:
-            groups = {}
-            for a in arrays:
-                groups.setdefault(a.dtype, []).append(a)
-        self.groups = groups
-        for dtype, group in groups.items():
-            xp = chainer.backend.get_array_module(group[0])
-            size = sum([a.size for a in group])
-            buf = self.buffers.get(dtype)
-            if buf is None or buf.size != size or chainer.backend.get_array_module(buf) is not xp:
-                buf = self.buffers[dtype] = xp.empty(size, dtype)
-            if xp is np:
-                np.concatenate(group, axis=None, out=buf)
-            else:
-                offset = 0
-                for a in group:
-                    xp.copyto(buf[offset:offset + a.size], a.ravel())
-                    offset += a.size
-
-    def restore(self, optimizer: chainer.Optimizer) -> None:
-        """Write the saved values back into the same arrays; forget state the update created."""
-        for dtype, group in self.groups.items():
-            flat = self.buffers[dtype]
-            xp = chainer.backend.get_array_module(flat)
-            offset = 0
-            for a in group:
-                xp.copyto(a, flat[offset:offset + a.size].reshape(a.shape))
-                offset += a.size
-        for rule, t, had_no_state in self.rules:
-            rule.t = t
-            if had_no_state:
-                rule._state = None
-        optimizer.t = self.optimizer_t
 
 
 class GradientLoggingMixin:
@@ -242,6 +174,8 @@ class GradientLoggingMixin:
         names, params = self._param_table(target)
         xp = target.xp
         rng = st.rng.capture(xp, st.seeder) if nf.check and (nf.localize or nf.replay_float64) else None
+        if nf.check:
+            st.backup.start(params, optimizer)  # a big copy runs while the forward and backward passes do
 
         if debug.float64 and not st.float64_checked:
             check_float64(target)  # before the forward pass, where Chainer's type check would fail first
@@ -271,7 +205,7 @@ class GradientLoggingMixin:
                                    not math.isfinite(loss_value) else "backward", loss_value, summary, {})
             else:
                 backup = st.backup
-                backup.save(params, optimizer)
+                backup.finish(params, optimizer)
                 optimizer._ext_grad_sqnorm = (optimizer.t, summary.sqnorm)
                 optimizer.update()
                 bad = nonfinite_counts(names, [p.array for p in params]) if not _finite_params(params) else {}

@@ -331,8 +331,15 @@ class Wide(chainer.Chain):
         return F.mean_squared_error(self.l2(F.tanh(self.l1(x))), t)
 
 
-def test_adam_update_that_overflows_is_rolled_back_with_its_state(tmp_path):
-    """Good updates, then one whose step overflows: parameters, Adam's moments and t come back bit for bit."""
+@pytest.mark.parametrize("background", [False, True])
+def test_adam_update_that_overflows_is_rolled_back_with_its_state(tmp_path, monkeypatch, background):
+    """Good updates, then one whose step overflows: parameters, Adam's moments and t come back bit for bit.
+
+    With ``background`` every backup copy runs on the worker thread during the forward pass.
+    """
+    from extensions import backup
+
+    monkeypatch.setattr(backup, "BACKGROUND_BYTES", 0 if background else 1 << 40)
     np.random.seed(0)
     model = Wide()
     opt = chainer.optimizers.Adam(1e-3)
