@@ -64,7 +64,8 @@ class UpdateBackup:
         arrays, _ = _collect(params)
         if not all(type(a) is np.ndarray for a in arrays):
             return
-        self._plan(arrays)
+        if len(arrays) != len(self.arrays) or any(a is not b for a, b in zip(arrays, self.arrays)):
+            self._plan(arrays)
         self._ready = True
         self._thread = threading.Thread(target=self._copy_in_background, name="extensions-backup", daemon=True)
         self._thread.start()
@@ -74,11 +75,12 @@ class UpdateBackup:
         self._wait()
         arrays, self.rules = _collect(params)
         self.optimizer_t = optimizer.t
-        if not self._ready or len(arrays) != len(self.arrays) or any(a is not b for a, b in zip(arrays, self.arrays)):
-            self._plan(arrays)  # a small copy, or parameters initialised by this forward pass
+        same = len(arrays) == len(self.arrays) and all([a is b for a, b in zip(arrays, self.arrays)])
+        if not same:  # first call, or parameters initialised or replaced since the last plan
+            self._plan(arrays)
+        if not (same and self._ready):  # a small copy (or the background one copied other arrays)
             self._copy()
         self._ready = False
-        self._nbytes = sum([a.nbytes for a in arrays])
 
     def restore(self, optimizer: chainer.Optimizer) -> None:
         """Write the saved values back into the same arrays; forget state the update created."""
@@ -97,6 +99,7 @@ class UpdateBackup:
 
     def _plan(self, arrays: list[Any]) -> None:
         self.arrays = arrays
+        self._nbytes = sum([a.nbytes for a in arrays])
         groups: dict[Any, list[Any]] = {}
         for a in arrays:
             group = groups.get(a.dtype)

@@ -269,8 +269,9 @@ def all_finite(arrays: Sequence[Any]) -> bool:
     arrays = [a for a in arrays if a is not None and a.size and a.dtype.kind == "f"]
     if not arrays:
         return True
-    xp = chainer.backend.get_array_module(*arrays)
-    if xp is np:
+    on_host = all([type(a) is np.ndarray for a in arrays])
+    xp = np if on_host else chainer.backend.get_array_module(*arrays)
+    if on_host:
         layout = _layout(arrays)
         total = 0.0
         if layout.small:
