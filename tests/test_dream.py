@@ -5,7 +5,7 @@ import chainer
 import numpy as np
 import pytest
 
-from wm_trainer.dream import DreamEnv, agent_keys, counter_uniform, decode_frames, initial_latents
+from wm_trainer.dream import DreamEnv, agent_keys, counter_uniform, counter_uniform32, decode_frames, initial_latents
 from wm_trainer.mdn import mdn_moments
 from wm_trainer.memory import MDNRNN
 from wm_trainer.storage import atomic_savez
@@ -145,3 +145,54 @@ def test_initial_latents_and_decode_frames(tmp_path):
     vae = ConvVAE(Z)
     frames = decode_frames(vae, z, batch=4)
     assert frames.shape == (10, 64, 64, 3) and frames.dtype == np.uint8
+
+
+def test_large_batch_on_worker_threads_equals_single_runs_odd_z():
+    """A batch big enough for the threaded elementwise path (odd z: one unpaired normal) matches single runs."""
+    np.random.seed(4)
+    m = MDNRNN(5, 1, 16, 4, done_head=True)
+    m.done.b.array[:] = 0.0
+    B, steps = 300, 6
+    rng = np.random.default_rng(5)
+    z0 = rng.standard_normal((B, 5)).astype(np.float32)
+    acts = rng.uniform(-1, 1, (steps, B, 1)).astype(np.float32)
+    seeds = np.arange(B) * 7 + 1
+    zb, hb, rb, db = _rollout(DreamEnv(m, temperature=1.15, max_steps=50), z0, seeds, acts)
+    assert zb.shape == (steps, B, 5) and hb.shape == (steps, B, 16)
+    assert 0 < db[-1].sum() < B, "some agents should end early, some not"
+    for i in (0, 131, 299):
+        zi, hi, ri, di = _rollout(DreamEnv(m, temperature=1.15, max_steps=50), z0[i:i + 1], seeds[i:i + 1],
+                                acts[:, i:i + 1])
+        np.testing.assert_allclose(zb[:, i], zi[:, 0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(hb[:, i], hi[:, 0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(rb[:, i], ri[:, 0])
+        np.testing.assert_array_equal(db[:, i], di[:, 0])
+
+
+def test_counter_uniform32_is_uniform_distinct_and_independent_of_batch():
+    keys = agent_keys(np.arange(3000))
+    lo, hi = counter_uniform32(keys, 9, 16)
+    assert lo.shape == hi.shape == (16, 3000) and lo.dtype == np.float32
+    for u in (lo, hi):
+        assert u.min() > 0 and u.max() <= 1
+        assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+    assert abs(np.corrcoef(lo.ravel(), hi.ravel())[0, 1]) < 0.02
+    sub_lo, sub_hi = counter_uniform32(keys[5:6], 9, 16)
+    np.testing.assert_array_equal(sub_lo[:, 0], lo[:, 5])
+    np.testing.assert_array_equal(sub_hi[:, 0], hi[:, 5])
+    assert not np.array_equal(counter_uniform32(keys, 10, 16)[0], lo)
+
+
+def test_temperature_change_after_build_is_used():
+    """Setting ``temperature`` on a built env re-folds it into the head (spread of samples shrinks)."""
+    m = _model(done_head=False)
+    env = DreamEnv(m, temperature=1.0, max_steps=10, seed=0)
+    B = 4000
+    z0 = np.zeros((B, Z), np.float32)
+    a = np.zeros((B, A), np.float32)
+    env.reset(z0, seeds=np.arange(B))
+    wide = env.step(a)[0].var(0)
+    env.temperature = 0.1
+    env.reset(z0, seeds=np.arange(B))
+    narrow = env.step(a)[0].var(0)
+    assert (narrow < 0.5 * wide).all()

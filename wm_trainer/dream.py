@@ -14,6 +14,7 @@ seeds exactly, whatever the batch composition (no Python loop over agents either
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import chainer
 import numpy as np
@@ -26,14 +27,18 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic), in place."""
-    x ^= x >> np.uint64(30)
-    x *= _M1
-    x ^= x >> np.uint64(27)
-    x *= _M2
-    x ^= x >> np.uint64(31)
+def _mix64(x: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic), in place (``tmp``: scratch)."""
+    tmp = np.empty_like(x) if tmp is None else tmp
+    for shift, mult in ((_S30, _M1), (_S27, _M2), (_S31, None)):
+        np.right_shift(x, shift, out=tmp)
+        x ^= tmp
+        if mult is not None:
+            x *= mult
     return x
+
+
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
 def agent_keys(seeds) -> np.ndarray:
@@ -44,7 +49,7 @@ def agent_keys(seeds) -> np.ndarray:
 
 
 def counter_uniform(keys: np.ndarray, step: int, slots: int) -> np.ndarray:
-    """Uniforms in (0, 1], shape (B, slots): a pure function of (key_b, step, slot)."""
+    """Uniforms in (0, 1], shape (B, slots), float64 with 53 random bits: a pure function of (key_b, step, slot)."""
     counter = np.uint64(step) * np.uint64(slots) + np.arange(slots, dtype=np.uint64)
     with np.errstate(over="ignore"):
         x = keys[:, None] ^ (counter[None, :] * _GOLDEN)
@@ -52,11 +57,50 @@ def counter_uniform(keys: np.ndarray, step: int, slots: int) -> np.ndarray:
     return ((x >> np.uint64(11)).astype(np.float64) + 1.0) * (1.0 / 2.0**53)
 
 
+def counter_uniform32(keys: np.ndarray, step: int, pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two float32 uniform arrays in (0, 1], each (pairs, B) (agents along the last axis), from one hash pass.
+
+    Hash (key_b, step, i) gives 64 bits; its low and high 32-bit halves give one uniform each (24 bits:
+    all a float32 in (0, 1] can hold). Like :func:`counter_uniform`, column b depends on key b alone.
+    """
+    counter = np.uint64(step) * np.uint64(pairs) + np.arange(pairs, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = np.bitwise_xor((counter * _GOLDEN)[:, None], keys[None, :])
+        _mix64(x)
+    halves = (x & _LOW32, x >> np.uint64(32))
+    out = []
+    for half in halves:
+        half >>= np.uint64(8)  # < 2**24: exact in float32, and int32 converts fast
+        u = half.astype(np.int32).astype(np.float32)
+        u += 1.0
+        u *= np.float32(2.0**-24)
+        out.append(u)
+    return out[0], out[1]
+
+
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def _splitter(size: int, min_chunk: int) -> Callable[[Callable[[int, int], object], int], None]:
+    """Run ``fn(lo, hi)`` over slices of ``range(n)`` on ops' worker threads when the batch pays for the hand-off."""
+    if size < 2 * _MIN_AGENTS_PER_THREAD:
+        return lambda fn, n: fn(0, n)
+    from .ops.threads import run_chunks
+
+    return lambda fn, n: run_chunks(fn, n, min_chunk=min_chunk)
+
+
+_MIN_AGENTS_PER_THREAD = 128
+
+
 class DreamEnv:
     """B dreamed episodes stepped together; done from M's done head (logit > 0) or ``max_steps``.
 
     M's weights are copied to host numpy arrays when the env is built (later changes to M need a
     new env); stepping is plain numpy, so no graph is ever built, whatever Chainer's config.
+    State is kept agent-minor, e.g. x = [z; a; h; 1] is (z + a + hidden + 1, B): every gate, unit
+    block and mixture component is then one contiguous block, and the 1-row folds both biases
+    into the two matmuls.
     """
 
     def __init__(self, mdnrnn: MDNRNN, *, temperature: float = 1.0, max_steps: int = 2100, seed: int = 0,
@@ -76,39 +120,61 @@ class DreamEnv:
         cpu = chainer.backend.CpuDevice()
         w_up = cpu.send(m.rnn.upward.W.array)
         self.dtype = w_up.dtype
-        # F.lstm interleaves gates per unit (a, i, f, o); reorder to blocks [a | i | f | o].
+        # F.lstm interleaves gates per unit (a, i, f, o); reorder to blocks [a; i; f; o], bias as the last column
         order = np.arange(4 * H).reshape(H, 4).T.reshape(-1)
-        w = np.concatenate([w_up, cpu.send(m.rnn.lateral.W.array)], axis=1).T[:, order]
-        b = cpu.send(m.rnn.upward.b.array)[order]
-        # sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: halve the i, f, o columns so one tanh serves all gates
-        w = w.copy()
-        w[:, H:] *= 0.5
-        b = b * np.concatenate([np.ones(H), np.full(3 * H, 0.5)]).astype(self.dtype)
+        w = np.concatenate([w_up, cpu.send(m.rnn.lateral.W.array), cpu.send(m.rnn.upward.b.array)[:, None]],
+                           axis=1)[order]
+        # sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: halve the i, f, o rows so one tanh serves all gates
+        w[H:] *= 0.5
         self._w_lstm = np.ascontiguousarray(w, dtype=self.dtype)
-        self._b_lstm = b.astype(self.dtype)
         heads_w = [cpu.send(m.mdn.linear.W.array)]
         heads_b = [cpu.send(m.mdn.linear.b.array)]
         if m.has_done:
             heads_w.append(cpu.send(m.done.W.array))
             heads_b.append(cpu.send(m.done.b.array))
-        # MDNHead's columns are (dim j, part p, mixture k) -> j*3K + p*K + k; reorder to (p, k, j) so
-        # each mixture component is a contiguous (B, z_dim) block and K-loops are cheap elementwise ops
+        # MDNHead's rows are (dim j, part p, mixture k) -> j*3K + p*K + k; reorder to (p, k, j) so
+        # each mixture component is a contiguous (z_dim, B) block and K-loops are cheap elementwise ops
         zd, K = self.z_dim, self.K
         jj, pp, kk = np.meshgrid(np.arange(zd), np.arange(3), np.arange(K), indexing="ij")
         perm = np.empty(3 * K * zd, dtype=np.int64)
         perm[(pp * K * zd + kk * zd + jj).ravel()] = (jj * 3 * K + pp * K + kk).ravel()
         if m.has_done:
             perm = np.append(perm, 3 * K * zd)
-        self._w_head = np.ascontiguousarray(np.concatenate(heads_w, axis=0).T[:, perm], dtype=self.dtype)
-        self._b_head = np.concatenate(heads_b)[perm].astype(self.dtype)
+        w = np.concatenate([np.concatenate(heads_w, axis=0), np.concatenate(heads_b)[:, None]], axis=1)
+        self._w_head_m = np.ascontiguousarray(w[perm], dtype=self.dtype)
+        self._folded_tau: float | None = None
+
+    def _fold_temperature(self) -> None:
+        """Fold tau into the head: logits / tau, and log_std + log(sqrt(tau)) so exp gives sigma sqrt(tau)."""
+        tau = max(self.temperature, 1e-6)
+        L = self.K * self.z_dim
+        w = self._w_head_m.copy()
+        w[:L] /= tau
+        w[2 * L:3 * L, -1] += 0.5 * math.log(tau)
+        self._w_head = w
+        self._folded_tau = self.temperature
 
     def _alloc(self, batch: int) -> None:
         zd, A, H = self.z_dim, self.action_dim, self.hidden
         self.batch = batch
-        self._x = np.zeros((batch, zd + A + H), dtype=self.dtype)  # [z | a | h]
-        self._gates = np.empty((batch, 4 * H), dtype=self.dtype)
-        self._head = np.empty((batch, self._w_head.shape[1]), dtype=self.dtype)
-        self._c = np.zeros((batch, H), dtype=self.dtype)
+        self._x = np.zeros((zd + A + H + 1, batch), dtype=self.dtype)  # [z; a; h; 1]
+        self._c = np.zeros((H, batch), dtype=self.dtype)
+        self._work: dict[int, dict[str, np.ndarray]] = {}
+
+    def _buffers(self, n: int) -> dict[str, np.ndarray]:
+        """Work arrays for n live agents, kept for the full batch and the most recent smaller n."""
+        if n not in self._work:
+            if len(self._work) > 1:
+                self._work = {k: v for k, v in self._work.items() if k == self.batch}
+            zd, H, K = self.z_dim, self.hidden, self.K
+            self._work[n] = {
+                "gates": np.empty((4 * H, n), dtype=self.dtype),
+                "head": np.empty((self._w_head_m.shape[0], n), dtype=self.dtype),
+                "p": np.empty((K, zd, n), dtype=self.dtype),
+                # flat index in the head buffer of (mixture 0's mean, dim j, agent b); + k zd n picks mixture k
+                "mu_index": (K * zd + np.arange(zd))[:, None] * n + np.arange(n)[None, :],
+            }
+        return self._work[n]
 
     def reset(self, initial_z: np.ndarray, seeds=None) -> tuple[np.ndarray, np.ndarray]:
         """Start B agents from ``initial_z`` (B, z_dim); per-agent ``seeds`` (B,) or drawn from the env's seed.
@@ -128,35 +194,38 @@ class DreamEnv:
             self._alloc(b)
         self._keys = agent_keys(seeds)
         self._x.fill(0)
+        self._x[-1] = 1.0
         self._c.fill(0)
-        self._x[:, :self.z_dim] = z0
+        self._x[:self.z_dim] = z0.T
         self.t = 0
         self.done = np.zeros(b, dtype=bool)
         return z0.copy(), np.zeros((b, self.hidden), dtype=self.dtype)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Advance every agent one step: returns (z, h, reward, done), each batched over agents.
+        """Advance every agent one step: returns (z, h, reward, done), each batched over agents (B, ...).
 
         Agents already done stay done with reward 0 and frozen z, h; only the live ones are computed
-        (gathered into the leading rows of the work buffers), so a mostly finished batch is cheap.
+        (gathered into their own work arrays), so a mostly finished batch is cheap. z and h are fresh
+        Fortran-ordered (B, dim) arrays (transposes of the agent-minor state: no transposing copy).
         """
-        zd, A = self.z_dim, self.action_dim
+        zd, A, H = self.z_dim, self.action_dim, self.hidden
         b = self.batch
         x = self._x
-        x[:, zd:zd + A] = np.asarray(actions, dtype=self.dtype).reshape(b, A)
+        x[zd:zd + A] = np.asarray(actions, dtype=self.dtype).reshape(b, A).T
+        if self._folded_tau != self.temperature:
+            self._fold_temperature()
         alive = ~self.done
         rows = None if alive.all() else np.flatnonzero(alive)
         self.t += 1
+        done_logit = None
         if rows is None:
-            h, c, z, done_logit = self._advance(x, self._c, self._keys)
-            self._c = c
-            x[:, :zd], x[:, zd + A:] = z, h
+            done_logit = self._advance(x, self._c, self._keys)
         elif len(rows):
-            h, c, z, done_logit = self._advance(x[rows], self._c[rows], self._keys[rows])
-            self._c[rows] = c
-            x[rows, :zd], x[rows, zd + A:] = z, h
+            xs, cs = x[:, rows], self._c[:, rows]
+            done_logit = self._advance(xs, cs, self._keys[rows])
+            x[:, rows], self._c[:, rows] = xs, cs
         ended = np.full(b if rows is None else len(rows), self.t >= self.max_steps)
-        if self.m.has_done and (rows is None or len(rows)):
+        if done_logit is not None:
             ended |= done_logit > 0
         reward = np.where(alive, self.reward_per_step, 0.0).astype(np.float32)
         if rows is None:
@@ -164,55 +233,87 @@ class DreamEnv:
         else:
             self.done = self.done.copy()
             self.done[rows] = ended
-        return x[:, :zd].copy(), x[:, zd + A:].copy(), reward, self.done.copy()
+        return x[:zd].copy().T, x[zd + A:zd + A + H].copy().T, reward, self.done.copy()
 
-    def _advance(self, x: np.ndarray, c: np.ndarray, keys: np.ndarray):
-        """LSTM + heads + sampling for n agents' rows [z | a | h] and cells c: (h, c, z, done logit)."""
-        zd, H, K = self.z_dim, self.hidden, self.K
-        n = len(x)
-        g = self._gates[:n]
-        # one matmul for [z, a, h]; gates a | i | f | o, with i, f, o pre-halved so tanh gives all four
-        np.dot(x, self._w_lstm, out=g)
-        g += self._b_lstm
-        np.tanh(g, out=g)
-        sig = g[:, H:]
-        sig *= 0.5
-        sig += 0.5
-        c_new = g[:, :H] * g[:, H:2 * H]
-        c_new += g[:, 2 * H:3 * H] * c
-        h_new = np.tanh(c_new)
-        h_new *= g[:, 3 * H:]
-        # heads: the mixture as (3, K, z) blocks, then the done logit
-        y = np.dot(h_new, self._w_head, out=self._head[:n])
-        y += self._b_head
-        mix = y[:, :zd * 3 * K].reshape(n, 3, K, zd)
-        z_new = self._sample(mix[:, 0], mix[:, 1], mix[:, 2], keys)
-        return h_new, c_new, z_new, y[:, -1]
+    def _advance(self, x: np.ndarray, c: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
+        """LSTM + heads + sampling for n agents' columns [z; a; h; 1] and cells c, in place; the done logits.
 
-    def _sample(self, logits: np.ndarray, mu: np.ndarray, log_std: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """Per (agent, dim): mixture from softmax(logits / tau), then mu + exp(log_std) sqrt(tau) eps.
-
-        Inputs are (B, K, z_dim); loops run over the K mixtures only.
+        The two matmuls run on all agents (BLAS threads); the elementwise work between and after them runs in
+        slices of units / z dims over worker threads (numpy releases the GIL in ufunc loops).
         """
-        K, zd = logits.shape[1], logits.shape[2]
-        tau = max(self.temperature, 1e-6)
-        u = counter_uniform(keys, self.t, 3 * zd).astype(self.dtype)
-        top = logits.max(axis=1)
-        p = np.exp((logits - top[:, None, :]) * (1.0 / tau))
-        thresh = u[:, :zd] * p.sum(axis=1)
-        cum = np.zeros_like(thresh)
-        mu_k = mu[:, K - 1].copy()
-        ls_k = log_std[:, K - 1].copy()
-        chosen = np.zeros(thresh.shape, dtype=bool)
-        for k in range(K - 1):
-            cum += p[:, k]
-            pick = (cum >= thresh) & ~chosen
-            np.copyto(mu_k, mu[:, k], where=pick)
-            np.copyto(ls_k, log_std[:, k], where=pick)
-            chosen |= pick
-        # Box-Muller from two more uniforms
-        eps = np.sqrt(-2.0 * np.log(u[:, zd:2 * zd])) * np.cos((2.0 * math.pi) * u[:, 2 * zd:])
-        return mu_k + np.exp(ls_k) * (math.sqrt(tau) * eps)
+        zd, A, H = self.z_dim, self.action_dim, self.hidden
+        n = x.shape[1]
+        buf = self._buffers(n)
+        g = buf["gates"]
+        np.dot(self._w_lstm, x, out=g)
+        _splitter(n, 64)(lambda lo, hi: self._cell(g, c, x[zd + A:zd + A + H], lo, hi), H)
+        y = buf["head"]
+        np.dot(self._w_head, x[zd + A:], out=y)
+        pairs = zd + zd % 2
+        u_pick, u_normal = counter_uniform32(keys, self.t, pairs)
+        _splitter(n, 8)(lambda lo, hi: self._sample(y, buf, u_pick, u_normal, x[:zd], lo, hi), (zd + 1) // 2)
+        return y[-1] if self.m.has_done else None
+
+    def _cell(self, g: np.ndarray, c: np.ndarray, h_out: np.ndarray, lo: int, hi: int) -> None:
+        """Units lo:hi: gates (pre-activations, i, f, o pre-halved) -> new c (in place) and h (into ``h_out``)."""
+        H = self.hidden
+        a, i, f, o = (g[k * H + lo:k * H + hi] for k in range(4))
+        c, h_out = c[lo:hi], h_out[lo:hi]
+        for gate in (a, i, f, o):
+            np.tanh(gate, out=gate)
+        # with t = tanh(x / 2), sigmoid(x) = (1 + t) / 2: c = (a (1 + t_i) + (1 + t_f) c) / 2
+        i += 1.0
+        a *= i
+        f += 1.0
+        f *= c
+        np.add(a, f, out=c)
+        c *= 0.5
+        np.tanh(c, out=h_out)
+        o += 1.0
+        o *= 0.5
+        h_out *= o
+
+    def _sample(self, y: np.ndarray, buf: dict, u_pick: np.ndarray, u_normal: np.ndarray, z_out: np.ndarray,
+                lo: int, hi: int) -> None:
+        """Box-Muller pairs lo:hi (dims j and j + half): mixture k ~ softmax(logits / tau) per (dim, agent),
+        then z = mu_k + sigma_k sqrt(tau) eps (tau folded into the head's weights).
+
+        ``u_pick`` picks the mixture by inverse CDF; ``u_normal`` rows j and j + half give the pair's normals.
+        """
+        K, zd = self.K, self.z_dim
+        half = (zd + 1) // 2
+        dims = [np.s_[lo:hi], np.s_[half + lo:min(half + hi, zd)]]
+        n = y.shape[1]
+        r = np.log(u_normal[lo:hi])
+        r *= -2.0
+        np.sqrt(r, out=r)
+        theta = u_normal[half + lo:half + hi] * np.float32(2.0 * math.pi)
+        eps = (r * np.cos(theta), r * np.sin(theta))
+        logits = y[:K * zd].reshape(K, zd, n)
+        p = buf["p"]
+        flat = y.reshape(-1)
+        for d, e in zip(dims, eps):
+            lk = logits[:, d]
+            pk = p[:, d]
+            top = np.maximum(lk[0], lk[1]) if K > 1 else lk[0].copy()
+            for k in range(2, K):
+                np.maximum(top, lk[k], out=top)
+            np.subtract(lk, top, out=pk)
+            np.exp(pk, out=pk)
+            for k in range(1, K):
+                pk[k] += pk[k - 1]  # running sums: pk[k] is the CDF up to mixture k
+            thresh = u_pick[d] * pk[K - 1]
+            pick = np.zeros(thresh.shape, dtype=np.intp)
+            for k in range(K - 1):
+                pick += pk[k] < thresh  # ends as the first k with cdf_k >= thresh
+            pick *= zd * n
+            pick += buf["mu_index"][d]
+            mu = flat.take(pick)
+            pick += K * zd * n  # log_std block follows the means
+            sigma = flat.take(pick)
+            np.exp(sigma, out=sigma)
+            sigma *= e[:len(sigma)]
+            np.add(mu, sigma, out=z_out[d])
 
 
 def initial_latents(latents_folder, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -251,4 +352,4 @@ def decode_frames(vae, z: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
-__all__ = ["DreamEnv", "agent_keys", "counter_uniform", "decode_frames", "initial_latents"]
+__all__ = ["DreamEnv", "agent_keys", "counter_uniform", "counter_uniform32", "decode_frames", "initial_latents"]
