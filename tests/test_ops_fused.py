@@ -151,3 +151,28 @@ def test_make_adam_follows_the_ops_switch(restore_ops):
     assert type(ops.make_adam(alpha=1e-4)) is FastAdam and ops.make_adam(alpha=1e-4).hyperparam.alpha == 1e-4
     ops.select("chainer")
     assert type(ops.make_adam(alpha=1e-4)) is chainer.optimizers.Adam
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_forward_in_image_blocks_matches_chainer_with_and_without_a_graph(threads, monkeypatch):
+    from wm_trainer.ops import conv
+    from wm_trainer.ops.threads import get_threads, set_threads
+
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 1)  # one image per block: many blocks, split over threads
+    rng = np.random.default_rng(8)
+    x, w, b = rng.standard_normal((5, 3, 10, 10)), rng.standard_normal((4, 3, 4, 4)), rng.standard_normal(4)
+    ref = np.maximum(F.convolution_2d(x, w, b, 2).array, 0)
+    before = get_threads()
+    try:
+        set_threads(threads)
+        with chainer.no_backprop_mode():
+            np.testing.assert_allclose(convolution_2d(x, w, b, 2, relu=True).array, ref, rtol=1e-12)
+        xv = chainer.Variable(x)
+        y = convolution_2d(xv, w, b, 2, relu=True)
+        np.testing.assert_allclose(y.array, ref, rtol=1e-12)
+        F.sum(y * y).backward()
+    finally:
+        set_threads(before)
+    xs = chainer.Variable(x)
+    F.sum(F.relu(F.convolution_2d(xs, w, b, 2)) ** 2).backward()
+    np.testing.assert_allclose(xv.grad, xs.grad, rtol=1e-10, atol=1e-12)

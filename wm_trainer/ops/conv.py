@@ -15,9 +15,14 @@ import numpy as np
 from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
-from wm_trainer.ops.activation import add_bias_relu, relu_grad
+from wm_trainer.ops.activation import relu_grad
 from wm_trainer.ops.scratch import scratch
-from wm_trainer.ops.threads import run_chunks
+from wm_trainer.ops.threads import get_threads, run_chunks
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # without it the blocks run one after another on multi-threaded BLAS
+    threadpool_limits = None
 
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -56,6 +61,47 @@ def im2row(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow: 
     return out.reshape(n * oh * ow, kh * kw * c)
 
 
+BLOCK_BYTES = 1 << 20  # window rows per block: about an L2 cache's worth
+
+
+def conv_rows_gemm(x_nhwc: np.ndarray, w_mat: np.ndarray, b: np.ndarray | None, relu: bool,
+                   kh: int, kw: int, sy: int, sx: int, oh: int, ow: int,
+                   rows_out: np.ndarray | None) -> np.ndarray:
+    """y (N*oh*ow, out) = window rows @ w_mat (+ b, ReLU), built block by block of images so each block's rows
+    are still in cache for its GEMM and its output for the bias and ReLU.
+
+    ``rows_out`` (N*oh*ow, kh*kw*C) keeps every window row (for the weight gradient); without it the rows live
+    in a per-thread block buffer only. With several threads each takes a share of the images, BLAS on 1 thread.
+    """
+    n, c = x_nhwc.shape[0], x_nhwc.shape[3]
+    per_image, k = oh * ow, kh * kw * c
+    y = np.empty((n * per_image, w_mat.shape[1]), dtype=x_nhwc.dtype)
+    win = windows(x_nhwc, kh, kw, sy, sx, oh, ow)
+    step = max(1, BLOCK_BYTES // (per_image * k * x_nhwc.itemsize))
+
+    def chunk(lo: int, hi: int) -> None:
+        buf = None if rows_out is not None else scratch("conv.block_rows", (min(step, hi - lo) * per_image, k),
+                                                        x_nhwc.dtype)
+        for i in range(lo, hi, step):
+            j = min(i + step, hi)
+            r0, r1 = i * per_image, j * per_image
+            rows = rows_out[r0:r1] if rows_out is not None else buf[:r1 - r0]
+            np.copyto(rows.reshape(j - i, oh, ow, kh, kw, c), win[i:j])
+            out = y[r0:r1]
+            np.matmul(rows, w_mat, out=out)
+            if b is not None:
+                out += b
+            if relu:
+                np.maximum(out, 0, out=out)
+    parts = min(get_threads(), n)
+    if parts > 1 and threadpool_limits is not None:
+        with threadpool_limits(limits=1, user_api="blas"):
+            run_chunks(chunk, n)
+    else:
+        chunk(0, n)
+    return y
+
+
 def row2im_add(out_nhwc: np.ndarray, rows: np.ndarray, kh: int, kw: int, sy: int, sx: int) -> None:
     """Scatter-add window rows (N, oh, ow, kh, kw, C) back onto ``out_nhwc`` (N, H, W, C): kh*kw strided adds."""
     oh, ow = rows.shape[1], rows.shape[2]
@@ -90,12 +136,13 @@ class Convolution2DFast(function_node.FunctionNode):
         oh = (h + 2 * self.ph - kh) // self.sy + 1
         ow = (w + 2 * self.pw - kw) // self.sx + 1
         self.x_shape, self.kh, self.kw = x.shape, kh, kw
-        self.rows = im2row(to_nhwc(x, (self.ph, self.pw)), kh, kw, self.sy, self.sx, oh, ow)
         self.w_mat = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(kh * kw * c, out_c)
-        y = self.rows @ self.w_mat
-        add_bias_relu(y, b, self.relu)
-        if not chainer.config.enable_backprop:
-            self.rows = self.w_mat = None
+        keep = chainer.config.enable_backprop
+        self.rows = np.empty((n * oh * ow, kh * kw * c), dtype=x.dtype) if keep else None
+        y = conv_rows_gemm(to_nhwc(x, (self.ph, self.pw)), self.w_mat, b, self.relu, kh, kw, self.sy, self.sx,
+                           oh, ow, self.rows)
+        if not keep:
+            self.w_mat = None
         elif self.relu:
             self.retain_outputs((0,))
         return nchw_view(y.reshape(n, oh, ow, out_c)),
