@@ -159,25 +159,34 @@ class Convolution2DFast(function_node.FunctionNode):
         n, oh, ow, out_c = gy_nhwc.shape
         c = self.w_mat.shape[0] // (kh * kw)
         hq, wq = oh + a_n - 1, ow + b_n - 1
-        gy_pad = scratch("conv.grad_pad", (n, oh + 2 * (a_n - 1), ow + 2 * (b_n - 1), out_c), gy_nhwc.dtype)
-        gy_pad.fill(0)
-        run_chunks(lambda lo, hi: np.copyto(gy_pad[lo:hi, a_n - 1:a_n - 1 + oh, b_n - 1:b_n - 1 + ow],
-                                            gy_nhwc[lo:hi]), n)
-        rows = im2row(gy_pad, a_n, b_n, 1, 1, hq, wq,  # columns (a', b', cout) with a' = A - 1 - a
-                      out=scratch("conv.grad_rows", (n * hq * wq, a_n * b_n * out_c), gy_nhwc.dtype))
         w6 = self.w_mat.reshape(a_n, sy, b_n, sx, c, out_c)[::-1, :, ::-1]
         taps = np.ascontiguousarray(w6.transpose(0, 2, 5, 1, 3, 4)).reshape(a_n * b_n * out_c, sy * sx * c)
-        phases = scratch("conv.grad_phases", (n * hq * wq, sy * sx * c), gy_nhwc.dtype)
-        np.matmul(rows, taps, out=phases)
-        phases = phases.reshape(n, hq, wq, sy, sx, c)
         gx = np.empty((n, hp, wp, c), dtype=gy_nhwc.dtype)
+        step = max(1, BLOCK_BYTES // (hq * wq * a_n * b_n * out_c * gy_nhwc.itemsize))
 
-        def chunk(lo: int, hi: int) -> None:
-            inner = gx[lo:hi, :hq * sy, :wq * sx].reshape(hi - lo, hq, sy, wq, sx, c)
-            np.copyto(inner, phases[lo:hi].transpose(0, 1, 3, 2, 4, 5))
-            gx[lo:hi, hq * sy:] = 0
-            gx[lo:hi, :, wq * sx:] = 0
-        run_chunks(chunk, n)
+        def chunk(lo: int, hi: int) -> None:  # block by block of images, each block's temporaries in cache
+            size = min(step, hi - lo)
+            pad_buf = scratch("conv.grad_pad", (size, oh + 2 * (a_n - 1), ow + 2 * (b_n - 1), out_c), gy_nhwc.dtype)
+            rows_buf = scratch("conv.grad_rows", (size * hq * wq, a_n * b_n * out_c), gy_nhwc.dtype)
+            ph_buf = scratch("conv.grad_phases", (size * hq * wq, sy * sx * c), gy_nhwc.dtype)
+            pad_buf.fill(0)  # the interior is overwritten below, the border stays zero
+            for i in range(lo, hi, step):
+                j = min(i + step, hi)
+                m = j - i
+                pad = pad_buf[:m]
+                np.copyto(pad[:, a_n - 1:a_n - 1 + oh, b_n - 1:b_n - 1 + ow], gy_nhwc[i:j])
+                rows = rows_buf[:m * hq * wq]  # columns (a', b', cout) with a' = A - 1 - a
+                np.copyto(rows.reshape(m, hq, wq, a_n, b_n, out_c), windows(pad, a_n, b_n, 1, 1, hq, wq))
+                phases = np.matmul(rows, taps, out=ph_buf[:m * hq * wq]).reshape(m, hq, wq, sy, sx, c)
+                inner = gx[i:j, :hq * sy, :wq * sx].reshape(m, hq, sy, wq, sx, c)
+                np.copyto(inner, phases.transpose(0, 1, 3, 2, 4, 5))
+                gx[i:j, hq * sy:] = 0
+                gx[i:j, :, wq * sx:] = 0
+        if get_threads() > 1 and n > 1 and threadpool_limits is not None:
+            with threadpool_limits(limits=1, user_api="blas"):
+                run_chunks(chunk, n)
+        else:
+            chunk(0, n)
         return gx
 
     def backward(self, indexes, grad_outputs):
