@@ -92,17 +92,22 @@ class EpisodeResult:
     frames: list | None = None
 
 
+def _env_id(env: Any) -> str:
+    """The env id from an id string (what worker tasks get: no Config to unpickle) or an ``EnvConfig``."""
+    return env if isinstance(env, str) else env.id
+
+
 def _take_env(env_cfg: Any, max_steps: int):
     from .envs import make_env
 
     if not _ENV_CACHE:  # first env of this process: close them all when it exits (pool workers included)
         multiprocessing.util.Finalize(None, close_envs, exitpriority=100)
-    pool = _ENV_CACHE.setdefault((env_cfg.id, max_steps), [])
+    pool = _ENV_CACHE.setdefault((_env_id(env_cfg), max_steps), [])
     return pool.pop() if pool else make_env(env_cfg, max_steps)
 
 
 def _give_env(env_cfg: Any, max_steps: int, env) -> None:
-    _ENV_CACHE.setdefault((env_cfg.id, max_steps), []).append(env)
+    _ENV_CACHE.setdefault((_env_id(env_cfg), max_steps), []).append(env)
 
 
 def close_envs() -> None:
@@ -141,7 +146,10 @@ class _AgentBrain:
 def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, max_steps: int,
              n_envs: int, repeat_prob: float = 0.9, record: bool = False,
              on_step: Callable[[], None] | None = None) -> list[EpisodeResult]:
-    """Play ``jobs`` on up to ``n_envs`` lockstepped envs; ``weights=None`` plays the random policy."""
+    """Play ``jobs`` on up to ``n_envs`` lockstepped envs; ``weights=None`` plays the random policy.
+
+    ``env_cfg`` is the env id or an object with an ``id`` (``cfg.env``).
+    """
     from .envs import random_policy
 
     jobs = list(jobs)
@@ -164,7 +172,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
         if record:
             results[slot_job[slot]].frames.append(frames[slot])
         if brain is None:
-            policies[slot] = random_policy(env_cfg.id, np.random.default_rng(j.seed), repeat_prob)
+            policies[slot] = random_policy(_env_id(env_cfg), np.random.default_rng(j.seed), repeat_prob)
         else:
             state[0][slot] = 0.0
             state[1][slot] = 0.0
@@ -244,7 +252,9 @@ def play(executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: 
     per_task = cfg.parallel.envs_per_worker
     handle = executor.broadcast(weights) if weights is not None else None
     chunks = _chunks(jobs, per_task)
-    futures = [executor.submit(_task, handle, chunk, cfg.env, cfg.env.max_steps, per_task, cfg.collect.repeat_prob)
+    # plain values only: unpickling cfg.env would import wm_trainer.config (and the toolkit) in every worker
+    futures = [executor.submit(_task, handle, chunk, cfg.env.id, cfg.env.max_steps, per_task,
+                               float(cfg.collect.repeat_prob))
                for chunk in chunks]
     out = np.zeros(len(jobs), np.float64)
     pos = 0
