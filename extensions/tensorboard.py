@@ -1,11 +1,12 @@
 """TensorBoard through tensorboardX: reporter scalars, NaN-safe histograms, image grids.
 
 ``TensorBoardReport`` writes every scalar of the trainer's observation as it stands at the
-iteration (no averaging, so spikes stay visible), all of one iteration in a single event.
-``add_histogram_safe`` histograms the finite values only and writes the NaN/Inf counts as
-scalars beside (``<tag>/nan_count``, ``<tag>/inf_count``), since tensorboardX's
-``add_histogram`` fails on NaN. ``open_writer`` serves code that has no Trainer (e.g.
-CMA-ES) with the same writer class.
+iteration (no averaging, so spikes stay visible), all of one iteration in a single event,
+serialised here and written to tensorboardX's event file in batches. ``add_histogram_safe``
+(``add_histograms_safe`` for many tags in one event) histograms the finite values only, in
+tensorboardX's default buckets, and writes the NaN/Inf counts as scalars beside
+(``<tag>/nan_count``, ``<tag>/inf_count``), since tensorboardX's ``add_histogram`` fails on
+NaN. ``open_writer`` serves code that has no Trainer (e.g. CMA-ES) with the same writer class.
 """
 from __future__ import annotations
 

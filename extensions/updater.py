@@ -2,10 +2,11 @@
 
 One iteration, top to bottom (``GradientLoggingMixin.update_core``):
 next batch -> converter (float inputs cast to float64 in float64 mode) -> save the random
-state -> cleargrads -> ``compute_loss`` -> backward -> per-parameter statistics and the
-guard (loss and global gradient norm finite) -> histograms -> optimizer update only when
-finite -> parameters checked after the update (rolled back if the update made them
-non-finite). On a failure the iteration is replayed (same batch, same pre-update weights,
+state and start copying weights and optimizer state (on a worker thread for a big net, see
+``backup``) -> cleargrads -> ``compute_loss`` -> backward -> per-parameter statistics and
+the guard (loss and global gradient norm finite) -> histograms -> optimizer update only when
+finite -> parameters checked after the update (restored from the copy if the update made
+them non-finite). On a failure the iteration is replayed (same batch, same pre-update weights,
 same random state) to localise the birth and to replay it in float64, a report and the last
 good state are written, and the policy (raise, warn, skip) decides what happens next.
 """
