@@ -176,3 +176,29 @@ def test_conv_forward_in_image_blocks_matches_chainer_with_and_without_a_graph(t
     xs = chainer.Variable(x)
     F.sum(F.relu(F.convolution_2d(xs, w, b, 2)) ** 2).backward()
     np.testing.assert_allclose(xv.grad, xs.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("x_shape,w_shape,stride,pad", [((3, 2, 4, 4), (2, 6, 5, 5), 2, 1),  # windows path
+                                                        ((3, 2, 4, 5), (2, 6, 5, 4), 2, 0),
+                                                        ((3, 6, 3, 3), (6, 2, 6, 6), 2, 1)])  # tap path
+def test_deconv_forward_in_image_blocks_matches_chainer(threads, x_shape, w_shape, stride, pad, monkeypatch):
+    from wm_trainer.ops import deconv
+    from wm_trainer.ops.threads import get_threads, set_threads
+
+    monkeypatch.setattr(deconv, "BLOCK_BYTES", 1)
+    rng = np.random.default_rng(9)
+    x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[1])
+    before = get_threads()
+    try:
+        set_threads(threads)
+        xv = chainer.Variable(x)
+        y = deconvolution_2d(xv, w, b, stride, pad, relu=True)
+        F.sum(y * y).backward()
+    finally:
+        set_threads(before)
+    xs = chainer.Variable(x)
+    ref = F.relu(F.deconvolution_2d(xs, w, b, stride, pad))
+    F.sum(ref * ref).backward()
+    np.testing.assert_allclose(y.array, ref.array, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(xv.grad, xs.grad, rtol=1e-10, atol=1e-12)

@@ -39,8 +39,9 @@ def relu_grad(gy: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
     return out.transpose(np.argsort(perm))
 
 
-def add_bias_relu(y: np.ndarray, b: np.ndarray | None, relu: bool) -> None:
-    """In place: ``y += b`` (``b`` broadcast against ``y``) then ``max(y, 0)``, over threads along axis 0."""
+def add_bias_relu(y: np.ndarray, b: np.ndarray | None, relu: bool, threads: bool = True) -> None:
+    """In place: ``y += b`` (``b`` broadcast against ``y``) then ``max(y, 0)``, over threads along axis 0
+    (``threads=False``: in the calling thread, e.g. from inside another chunk)."""
     if b is None and not relu:
         return
 
@@ -50,7 +51,10 @@ def add_bias_relu(y: np.ndarray, b: np.ndarray | None, relu: bool) -> None:
             part += b
         if relu:
             np.maximum(part, 0, out=part)
-    run_chunks(chunk, y.shape[0])
+    if threads:
+        run_chunks(chunk, y.shape[0])
+    else:
+        chunk(0, y.shape[0])
 
 
 class SigmoidSquaredError(function_node.FunctionNode):

@@ -14,9 +14,9 @@ from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
 from wm_trainer.ops.activation import add_bias_relu, relu_grad
-from wm_trainer.ops.conv import FLOAT_TYPES, pair
+from wm_trainer.ops.conv import BLOCK_BYTES, FLOAT_TYPES, pair, threadpool_limits
 from wm_trainer.ops.scratch import scratch
-from wm_trainer.ops.threads import run_chunks
+from wm_trainer.ops.threads import get_threads, run_chunks
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -53,30 +53,71 @@ class Deconvolution2DFast(function_node.FunctionNode):
         grads = (g_x, g_w, g_b)[:len(self.inputs)]
         return tuple(None if g is None else chainer.Variable(g) for g in grads)
 
-    def _phases_from_windows(self, x: np.ndarray, W: np.ndarray, a_n: int, b_n: int) -> np.ndarray:
-        """Phase images (sy*sx*Cout, N, hp, wp) as (sy*sx*Cout, A*B*Cin) x windows of the zero-padded input."""
-        n, cin, h, w = x.shape
-        _, cout, kh, kw = W.shape
+    def _window_weights(self, W: np.ndarray, a_n: int, b_n: int) -> np.ndarray:
+        """W (Cin, Cout, kh, kw) -> (sy*sx*Cout, A*B*Cin), columns (a', b', cin) with tap a' = A - 1 - a."""
+        cin, cout, kh, kw = W.shape
         sy, sx = self.sy, self.sx
-        hp, wp = h + a_n - 1, w + b_n - 1
-        x_pad = scratch("deconv.x_pad", (cin, n, h + 2 * (a_n - 1), w + 2 * (b_n - 1)), x.dtype)
-        x_pad.fill(0)
-        s0, s1, s2, s3 = x_pad.strides
-        win = as_strided(x_pad, (a_n, b_n, cin, n, hp, wp), (s2, s3, s0, s1, s2, s3), writeable=False)
-        cols = scratch("deconv.cols", win.shape, x.dtype)
-        x_c = x.transpose(1, 0, 2, 3)
-
-        def chunk(lo: int, hi: int) -> None:
-            np.copyto(x_pad[:, lo:hi, a_n - 1:a_n - 1 + h, b_n - 1:b_n - 1 + w], x_c[:, lo:hi])
-            np.copyto(cols[:, :, :, lo:hi], win[:, :, :, lo:hi])
-        run_chunks(chunk, n)
         wpad = np.zeros((cin, cout, a_n * sy, b_n * sx), dtype=W.dtype)
         wpad[:, :, :kh, :kw] = W
-        w6 = wpad.reshape(cin, cout, a_n, sy, b_n, sx)[:, :, ::-1, :, ::-1, :]  # tap a' = A - 1 - a
-        w_ph = np.ascontiguousarray(w6.transpose(3, 5, 1, 2, 4, 0)).reshape(sy * sx * cout, a_n * b_n * cin)
-        out = scratch("deconv.phases", (sy * sx * cout, n * hp * wp), x.dtype)
-        np.matmul(w_ph, cols.reshape(a_n * b_n * cin, n * hp * wp), out=out)
-        return out.reshape(sy * sx * cout, n, hp, wp)
+        w6 = wpad.reshape(cin, cout, a_n, sy, b_n, sx)[:, :, ::-1, :, ::-1, :]
+        return np.ascontiguousarray(w6.transpose(3, 5, 1, 2, 4, 0)).reshape(sy * sx * cout, a_n * b_n * cin)
+
+    def interleave(self, y: np.ndarray, ph_img: np.ndarray) -> None:
+        """Write phase images (sy, sx, Cout, m, hp, wp) into y (Cout, m, oh, ow), cropping the padding:
+        one strided copy per phase."""
+        sy, sx = self.sy, self.sx
+        oh, ow = y.shape[2], y.shape[3]
+        for p in range(sy):
+            y0 = (p - self.ph) % sy  # the first output row of phase p
+            r0 = (y0 + self.ph - p) // sy
+            rows = len(range(y0, oh, sy))
+            for q in range(sx):
+                x0 = (q - self.pw) % sx
+                c0 = (x0 + self.pw - q) // sx
+                cols = len(range(x0, ow, sx))
+                np.copyto(y[:, :, y0::sy, x0::sx], ph_img[p, q, :, :, r0:r0 + rows, c0:c0 + cols])
+
+    def _forward_by_windows(self, x: np.ndarray, W: np.ndarray, b: np.ndarray | None, y: np.ndarray,
+                            a_n: int, b_n: int) -> None:
+        """y (Cout, N, oh, ow) = (sy*sx*Cout, A*B*Cin) x windows of the zero-padded input, interleaved (+ b, ReLU).
+
+        Block by block of images: each block's padded input, window columns and phase images stay in cache;
+        with several threads each takes a share of the images, BLAS on 1 thread.
+        """
+        n, cin, h, w = x.shape
+        cout = W.shape[1]
+        sy, sx = self.sy, self.sx
+        hp, wp, h2, w2 = h + a_n - 1, w + b_n - 1, h + 2 * (a_n - 1), w + 2 * (b_n - 1)
+        k, p_n = a_n * b_n * cin, sy * sx * cout
+        w_ph = self._window_weights(W, a_n, b_n)
+        x_c = x.transpose(1, 0, 2, 3)
+        step = max(1, BLOCK_BYTES // (k * hp * wp * x.itemsize))
+
+        def chunk(lo: int, hi: int) -> None:
+            size = min(step, hi - lo)
+            pad_buf = scratch("deconv.block_pad", (cin * size * h2 * w2,), x.dtype)
+            cols_buf = scratch("deconv.block_cols", (k * size * hp * wp,), x.dtype)
+            ph_buf = scratch("deconv.block_phases", (p_n * size * hp * wp,), x.dtype)
+            for i in range(lo, hi, step):
+                j = min(i + step, hi)
+                m = j - i
+                pad = pad_buf[:cin * m * h2 * w2].reshape(cin, m, h2, w2)
+                pad.fill(0)
+                np.copyto(pad[:, :, a_n - 1:a_n - 1 + h, b_n - 1:b_n - 1 + w], x_c[:, i:j])
+                s0, s1, s2, s3 = pad.strides
+                win = as_strided(pad, (a_n, b_n, cin, m, hp, wp), (s2, s3, s0, s1, s2, s3), writeable=False)
+                cols = cols_buf[:k * m * hp * wp].reshape(a_n, b_n, cin, m, hp, wp)
+                np.copyto(cols, win)
+                ph = ph_buf[:p_n * m * hp * wp].reshape(p_n, m * hp * wp)
+                np.matmul(w_ph, cols.reshape(k, m * hp * wp), out=ph)
+                part = y[:, i:j]
+                self.interleave(part, ph.reshape(sy, sx, cout, m, hp, wp))
+                add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
+        if get_threads() > 1 and n > 1 and threadpool_limits is not None:
+            with threadpool_limits(limits=1, user_api="blas"):
+                run_chunks(chunk, n)
+        else:
+            chunk(0, n)
 
     def _tap_matrix(self, W: np.ndarray) -> np.ndarray:
         """W (Cin, Cout, kh, kw) -> (A*B*sy*sx*Cout, Cin), rows ordered (a, b, p, q, cout)."""
@@ -107,33 +148,27 @@ class Deconvolution2DFast(function_node.FunctionNode):
             return y,
         x_cols = x.transpose(1, 0, 2, 3).reshape(cin, n * h * w)
         taps = self._tap_matrix(W)  # backward's gather formulation needs it either way
-        by_windows = cin * hp * wp < 0.8 * sy * sx * cout * h * w
-        if by_windows:  # fewer bytes to move: gather the input's windows, one GEMM straight to the phases
-            ph_img = self._phases_from_windows(x, W, a_n, b_n)
+        oh, ow = sy * (h - 1) + kh - 2 * self.ph, sx * (w - 1) + kw - 2 * self.pw
+        y = np.empty((cout, n, oh, ow), dtype=x.dtype)
+        if cin * hp * wp < 0.8 * sy * sx * cout * h * w:  # fewer bytes to move: gather the input's windows
+            self._forward_by_windows(x, W, b, y, a_n, b_n)
         else:  # gather-free: one GEMM for every tap, then A*B shifted adds into the phases
             g = scratch("deconv.taps_out", (taps.shape[0], n * h * w), x.dtype)
             np.matmul(taps, x_cols, out=g)
             g = g.reshape(a_n, b_n, sy * sx * cout, n, h, w)
             ph_img = scratch("deconv.phases", (sy * sx * cout, n, hp, wp), x.dtype)
             ph_img.fill(0)
-        oh, ow = sy * (h - 1) + kh - 2 * self.ph, sx * (w - 1) + kw - 2 * self.pw
-        full = ph_img.reshape(sy, sx, cout, n, hp, wp).transpose(2, 3, 4, 0, 5, 1)
-        y = np.empty((cout, n, oh, ow), dtype=x.dtype)
+            ph6 = ph_img.reshape(sy, sx, cout, n, hp, wp)
 
-        def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
-            if not by_windows:
+            def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
                 for a in range(a_n):
                     for bb in range(b_n):
                         dst = ph_img[:, lo:hi, a:a + h, bb:bb + w]
                         np.add(dst, g[a, bb, :, lo:hi], out=dst)
-            full_lo = full[:, lo:hi].reshape(cout, hi - lo, hp * sy, wp * sx)
-            np.copyto(y[:, lo:hi], full_lo[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow])
-            part = y[:, lo:hi]
-            if b is not None:
-                part += b[:, None, None, None]
-            if self.relu:
-                np.maximum(part, 0, out=part)
-        run_chunks(chunk, n)
+                part = y[:, lo:hi]
+                self.interleave(part, ph6[:, :, :, lo:hi])
+                add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
+            run_chunks(chunk, n)
         if chainer.config.enable_backprop:
             self.x_cols, self.taps = x_cols, taps
         return y.transpose(1, 0, 2, 3),
