@@ -77,6 +77,21 @@ class Deconvolution2DFast(function_node.FunctionNode):
                 cols = len(range(x0, ow, sx))
                 np.copyto(y[:, :, y0::sy, x0::sx], ph_img[p, q, :, :, r0:r0 + rows, c0:c0 + cols])
 
+    def deinterleave(self, ph_img: np.ndarray, gy: np.ndarray) -> None:
+        """The mirror of :meth:`interleave`: gy (Cout, m, oh, ow) into phase images (sy, sx, Cout, m, hp, wp)
+        (entries the crop removed are left as they are: zero them first when cropping)."""
+        sy, sx = self.sy, self.sx
+        oh, ow = gy.shape[2], gy.shape[3]
+        for p in range(sy):
+            y0 = (p - self.ph) % sy
+            r0 = (y0 + self.ph - p) // sy
+            rows = len(range(y0, oh, sy))
+            for q in range(sx):
+                x0 = (q - self.pw) % sx
+                c0 = (x0 + self.pw - q) // sx
+                cols = len(range(x0, ow, sx))
+                np.copyto(ph_img[p, q, :, :, r0:r0 + rows, c0:c0 + cols], gy[:, :, y0::sy, x0::sx])
+
     def _forward_by_windows(self, x: np.ndarray, W: np.ndarray, b: np.ndarray | None, y: np.ndarray,
                             a_n: int, b_n: int) -> None:
         """y (Cout, N, oh, ow) = (sy*sx*Cout, A*B*Cin) x windows of the zero-padded input, interleaved (+ b, ReLU).
@@ -187,30 +202,51 @@ class Deconvolution2DFast(function_node.FunctionNode):
         sy, sx = self.sy, self.sx
         a_n, b_n = _ceil_div(kh, sy), _ceil_div(kw, sx)
         hp, wp = h + a_n - 1, w + b_n - 1
-        oh, ow = gy.shape[2], gy.shape[3]
+        p_n, k = sy * sx * cout, a_n * b_n * sy * sx * cout
         gy_c = gy.transpose(1, 0, 2, 3)
-        full = scratch("deconv.grad_phases", (sy, sx, cout, n, hp, wp), gy.dtype)
-        planes = full.reshape(sy * sx * cout, n, hp, wp)
-        s0, s1, s2, s3 = planes.strides
-        win = as_strided(planes, (a_n, b_n, sy * sx * cout, n, h, w), (s2, s3, s0, s1, s2, s3), writeable=False)
-        g_cols = scratch("deconv.grad_cols", win.shape, gy.dtype)
-        cropped = (oh, ow) != (hp * sy, wp * sx)
+        cropped = (gy.shape[2], gy.shape[3]) != (hp * sy, wp * sx)
+        want_x, want_w = 0 in indexes, 1 in indexes
+        gx_c = np.empty((cin, n, h, w), dtype=gy.dtype) if want_x else None
+        x_cols, taps_t = self.x_cols, self.taps.T
+        step = max(1, BLOCK_BYTES // (k * h * w * gy.itemsize))
+        g_taps_parts: list[np.ndarray] = []
 
-        def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
-            src = gy_c[:, lo:hi]
-            if cropped:
-                padded = np.zeros((cout, hi - lo, hp * sy, wp * sx), dtype=gy.dtype)
-                padded[:, :, self.ph:self.ph + oh, self.pw:self.pw + ow] = src
-                src = padded
-            np.copyto(full[:, :, :, lo:hi].transpose(2, 3, 4, 0, 5, 1), src.reshape(cout, hi - lo, hp, sy, wp, sx))
-            np.copyto(g_cols[:, :, :, lo:hi], win[:, :, :, lo:hi])
-        run_chunks(chunk, n)
-        g_cols = g_cols.reshape(a_n * b_n * sy * sx * cout, n * h * w)
+        def chunk(lo: int, hi: int) -> None:  # block by block of images, the gathered gradient in cache
+            size = min(step, hi - lo)
+            ph_buf = scratch("deconv.block_grad_phases", (p_n * size * hp * wp,), gy.dtype)
+            cols_buf = scratch("deconv.block_grad_cols", (k * size * h * w,), gy.dtype)
+            g_taps = np.zeros((k, cin), dtype=gy.dtype) if want_w else None
+            tmp = scratch("deconv.block_grad_taps", (k, cin), gy.dtype) if want_w else None
+            for i in range(lo, hi, step):
+                j = min(i + step, hi)
+                m = j - i
+                ph6 = ph_buf[:p_n * m * hp * wp].reshape(sy, sx, cout, m, hp, wp)
+                if cropped:
+                    ph6.fill(0)
+                self.deinterleave(ph6, gy_c[:, i:j])
+                planes = ph6.reshape(p_n, m, hp, wp)
+                s0, s1, s2, s3 = planes.strides
+                win = as_strided(planes, (a_n, b_n, p_n, m, h, w), (s2, s3, s0, s1, s2, s3), writeable=False)
+                cols = cols_buf[:k * m * h * w].reshape(a_n, b_n, p_n, m, h, w)
+                np.copyto(cols, win)
+                cols2 = cols.reshape(k, m * h * w)
+                if want_x:
+                    np.matmul(taps_t, cols2, out=gx_c[:, i:j].reshape(cin, m * h * w))
+                if want_w:
+                    np.matmul(cols2, x_cols[:, i * h * w:j * h * w].T, out=tmp)
+                    g_taps += tmp
+            if want_w:
+                g_taps_parts.append(g_taps)
+        if get_threads() > 1 and n > 1 and threadpool_limits is not None:
+            with threadpool_limits(limits=1, user_api="blas"):
+                run_chunks(chunk, n)
+        else:
+            chunk(0, n)
         grads = [None, None]
-        if 0 in indexes:
-            grads[0] = chainer.Variable((self.taps.T @ g_cols).reshape(cin, n, h, w).transpose(1, 0, 2, 3))
-        if 1 in indexes:
-            g_taps = (g_cols @ self.x_cols.T).reshape(a_n, b_n, sy, sx, cout, cin)
+        if want_x:
+            grads[0] = chainer.Variable(gx_c.transpose(1, 0, 2, 3))
+        if want_w:
+            g_taps = sum(g_taps_parts[1:], g_taps_parts[0]).reshape(a_n, b_n, sy, sx, cout, cin)
             g_w = g_taps.transpose(5, 4, 0, 2, 1, 3).reshape(cin, cout, a_n * sy, b_n * sx)[:, :, :kh, :kw]
             grads[1] = chainer.Variable(np.ascontiguousarray(g_w))
         if len(self.inputs) == 3:
