@@ -134,6 +134,26 @@ class Deconvolution2DFast(function_node.FunctionNode):
         else:
             chunk(0, n)
 
+    def tap_blocks(self, kh: int, kw: int, cout: int) -> tuple[list[tuple[int, int, int, int, int]], np.ndarray]:
+        """The tap blocks that hold kernel taps (a kernel that is not a multiple of the stride pads with zeros).
+
+        Returns ``(a, b, pm, qm, row0)`` per block - its rows (p < pm, q < qm, cout) start at ``row0`` of the
+        pruned tap matrix - and the indices of those rows in :meth:`_tap_matrix`'s (a, b, p, q, cout) rows.
+        """
+        sy, sx = self.sy, self.sx
+        a_n, b_n = _ceil_div(kh, sy), _ceil_div(kw, sx)
+        blocks, rows, row0 = [], [], 0
+        for a in range(a_n):
+            pm = min(sy, kh - sy * a)
+            for b in range(b_n):
+                qm = min(sx, kw - sx * b)
+                base = (a * b_n + b) * sy * sx * cout
+                rows.append((base + (np.arange(pm)[:, None, None] * sx + np.arange(qm)[None, :, None]) * cout
+                             + np.arange(cout)).ravel())
+                blocks.append((a, b, pm, qm, row0))
+                row0 += pm * qm * cout
+        return blocks, np.concatenate(rows)
+
     def _tap_matrix(self, W: np.ndarray) -> np.ndarray:
         """W (Cin, Cout, kh, kw) -> (A*B*sy*sx*Cout, Cin), rows ordered (a, b, p, q, cout)."""
         cin, cout, kh, kw = W.shape
@@ -162,7 +182,8 @@ class Deconvolution2DFast(function_node.FunctionNode):
             add_bias_relu(y, None if b is None else b[:, None, None], self.relu)
             return y,
         x_cols = x.transpose(1, 0, 2, 3).reshape(cin, n * h * w)
-        taps = self._tap_matrix(W)  # backward's gather formulation needs it either way
+        blocks, tap_rows = self.tap_blocks(kh, kw, cout)
+        taps = self._tap_matrix(W)[tap_rows]  # backward's gather formulation needs it either way
         oh, ow = sy * (h - 1) + kh - 2 * self.ph, sx * (w - 1) + kw - 2 * self.pw
         y = np.empty((cout, n, oh, ow), dtype=x.dtype)
         if cin * hp * wp < 0.8 * sy * sx * cout * h * w:  # fewer bytes to move: gather the input's windows
@@ -170,22 +191,20 @@ class Deconvolution2DFast(function_node.FunctionNode):
         else:  # gather-free: one GEMM for every tap, then A*B shifted adds into the phases
             g = scratch("deconv.taps_out", (taps.shape[0], n * h * w), x.dtype)
             np.matmul(taps, x_cols, out=g)
-            g = g.reshape(a_n, b_n, sy * sx * cout, n, h, w)
             ph_img = scratch("deconv.phases", (sy * sx * cout, n, hp, wp), x.dtype)
             ph_img.fill(0)
             ph6 = ph_img.reshape(sy, sx, cout, n, hp, wp)
 
             def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
-                for a in range(a_n):
-                    for bb in range(b_n):
-                        dst = ph_img[:, lo:hi, a:a + h, bb:bb + w]
-                        np.add(dst, g[a, bb, :, lo:hi], out=dst)
+                for a, bb, pm, qm, r0 in blocks:
+                    dst = ph6[:pm, :qm, :, lo:hi, a:a + h, bb:bb + w]
+                    np.add(dst, g[r0:r0 + pm * qm * cout].reshape(pm, qm, cout, n, h, w)[:, :, :, lo:hi], out=dst)
                 part = y[:, lo:hi]
                 self.interleave(part, ph6[:, :, :, lo:hi])
                 add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
             run_chunks(chunk, n)
         if chainer.config.enable_backprop:
-            self.x_cols, self.taps = x_cols, taps
+            self.x_cols, self.taps, self.tap_rows = x_cols, taps, tap_rows
         return y.transpose(1, 0, 2, 3),
 
     def backward(self, indexes, grad_outputs):
@@ -202,7 +221,8 @@ class Deconvolution2DFast(function_node.FunctionNode):
         sy, sx = self.sy, self.sx
         a_n, b_n = _ceil_div(kh, sy), _ceil_div(kw, sx)
         hp, wp = h + a_n - 1, w + b_n - 1
-        p_n, k = sy * sx * cout, a_n * b_n * sy * sx * cout
+        blocks, _ = self.tap_blocks(kh, kw, cout)
+        p_n, k = sy * sx * cout, self.taps.shape[0]
         gy_c = gy.transpose(1, 0, 2, 3)
         cropped = (gy.shape[2], gy.shape[3]) != (hp * sy, wp * sx)
         want_x, want_w = 0 in indexes, 1 in indexes
@@ -224,12 +244,10 @@ class Deconvolution2DFast(function_node.FunctionNode):
                 if cropped:
                     ph6.fill(0)
                 self.deinterleave(ph6, gy_c[:, i:j])
-                planes = ph6.reshape(p_n, m, hp, wp)
-                s0, s1, s2, s3 = planes.strides
-                win = as_strided(planes, (a_n, b_n, p_n, m, h, w), (s2, s3, s0, s1, s2, s3), writeable=False)
-                cols = cols_buf[:k * m * h * w].reshape(a_n, b_n, p_n, m, h, w)
-                np.copyto(cols, win)
-                cols2 = cols.reshape(k, m * h * w)
+                cols2 = cols_buf[:k * m * h * w].reshape(k, m * h * w)
+                for a, b, pm, qm, r0 in blocks:  # the shifted windows of the taps that exist
+                    np.copyto(cols2[r0:r0 + pm * qm * cout].reshape(pm, qm, cout, m, h, w),
+                              ph6[:pm, :qm, :, :, a:a + h, b:b + w])
                 if want_x:
                     np.matmul(taps_t, cols2, out=gx_c[:, i:j].reshape(cin, m * h * w))
                 if want_w:
@@ -246,7 +264,9 @@ class Deconvolution2DFast(function_node.FunctionNode):
         if want_x:
             grads[0] = chainer.Variable(gx_c.transpose(1, 0, 2, 3))
         if want_w:
-            g_taps = sum(g_taps_parts[1:], g_taps_parts[0]).reshape(a_n, b_n, sy, sx, cout, cin)
+            g_taps = np.zeros((a_n * b_n * p_n, cin), dtype=gy.dtype)
+            g_taps[self.tap_rows] = sum(g_taps_parts[1:], g_taps_parts[0])
+            g_taps = g_taps.reshape(a_n, b_n, sy, sx, cout, cin)
             g_w = g_taps.transpose(5, 4, 0, 2, 1, 3).reshape(cin, cout, a_n * sy, b_n * sx)[:, :, :kh, :kw]
             grads[1] = chainer.Variable(np.ascontiguousarray(g_w))
         if len(self.inputs) == 3:
