@@ -219,7 +219,7 @@ class Convolution2DFast(function_node.FunctionNode):
         else:
             grads.append(None)
         if len(self.inputs) == 3:
-            grads.append(chainer.Variable(gy2.sum(axis=0)) if 2 in indexes else None)
+            grads.append(chainer.Variable(np.ones(gy2.shape[0], gy2.dtype) @ gy2) if 2 in indexes else None)
         return tuple(grads)
 
 
