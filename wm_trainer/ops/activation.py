@@ -61,16 +61,30 @@ class SigmoidSquaredError(function_node.FunctionNode):
     """sum((sigmoid(logits) - x) ** 2) as one node (the VAE's reconstruction term before the batch mean)."""
 
     def forward_cpu(self, inputs):
-        """Chainer's sigmoid formula (tanh), the difference and its sum of squares."""
+        """Chainer's sigmoid formula (tanh), the difference and its sum of squares, in the logits' memory order,
+        over threads along the batch (partial sums added in a fixed order)."""
         logits, x = inputs
-        s = np.tanh(logits * logits.dtype.type(0.5))
-        s *= 0.5
-        s += 0.5
-        d = np.subtract(s, x)
-        total = np.square(d).sum(dtype=logits.dtype)
+        perm = memory_order(logits)
+        lg, xt = logits.transpose(perm), x.transpose(perm)
+        s, d = np.empty_like(lg), np.empty_like(lg)
+        batch_axis = perm.index(0)
+        n = lg.shape[batch_axis]
+        partial = np.zeros(n, dtype=logits.dtype)
+
+        def chunk(lo: int, hi: int) -> None:
+            sl = (slice(None),) * batch_axis + (slice(lo, hi),)
+            sp, dp = s[sl], d[sl]
+            np.multiply(lg[sl], logits.dtype.type(0.5), out=sp)
+            np.tanh(sp, out=sp)
+            sp *= 0.5
+            sp += 0.5
+            np.subtract(sp, xt[sl], out=dp)
+            partial[lo] = np.square(dp).sum(dtype=dp.dtype)
+        run_chunks(chunk, n)
         if chainer.config.enable_backprop:
-            self.s, self.d = s, d
-        return np.asarray(total, dtype=logits.dtype),
+            inv = tuple(int(i) for i in np.argsort(perm))
+            self.s, self.d = s.transpose(inv), d.transpose(inv)
+        return np.asarray(partial.sum(dtype=logits.dtype), dtype=logits.dtype),
 
     def backward(self, indexes, grad_outputs):
         """d/dlogits = 2 g d s (1 - s), d/dx = -2 g d (first order only)."""
@@ -79,10 +93,15 @@ class SigmoidSquaredError(function_node.FunctionNode):
         two_g = self.d.dtype.type(2 * grad_outputs[0].array)
         grads = [None, None]
         if 0 in indexes:
-            gl = 1 - self.s
-            gl *= self.s
-            gl *= self.d
-            gl *= two_g
+            gl = np.empty_like(self.s)  # same memory order as s (the logits')
+
+            def chunk(lo: int, hi: int) -> None:
+                sp, dp, gp = self.s[lo:hi], self.d[lo:hi], gl[lo:hi]
+                np.subtract(1, sp, out=gp)
+                gp *= sp
+                gp *= dp
+                gp *= two_g
+            run_chunks(chunk, gl.shape[0])
             grads[0] = chainer.Variable(gl)
         if 1 in indexes:
             grads[1] = chainer.Variable(self.d * -two_g)
