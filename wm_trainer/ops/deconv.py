@@ -92,6 +92,40 @@ class Deconvolution2DFast(function_node.FunctionNode):
                 cols = len(range(x0, ow, sx))
                 np.copyto(ph_img[p, q, :, :, r0:r0 + rows, c0:c0 + cols], gy[:, :, y0::sy, x0::sx])
 
+    def _forward_by_taps(self, x_cols: np.ndarray, taps: np.ndarray, tap_blocks: list, b: np.ndarray | None,
+                         y: np.ndarray, n: int, h: int, w: int) -> None:
+        """y (Cout, N, oh, ow) = the tap GEMM (taps x input columns), shifted adds into the phase images,
+        interleaved (+ b, ReLU): block by block of images, each block's GEMM output and phases in cache."""
+        sy, sx = self.sy, self.sx
+        cout = y.shape[0]
+        k, p_n = taps.shape[0], sy * sx * cout
+        hp = h + max(a for a, *_ in tap_blocks)
+        wp = w + max(bb for _, bb, *_ in tap_blocks)
+        step = max(1, BLOCK_BYTES // (k * h * w * x_cols.itemsize))
+
+        def chunk(lo: int, hi: int) -> None:
+            size = min(step, hi - lo)
+            g_buf = scratch("deconv.block_taps_out", (k * size * h * w,), x_cols.dtype)
+            ph_buf = scratch("deconv.block_phases", (p_n * size * hp * wp,), x_cols.dtype)
+            for i in range(lo, hi, step):
+                j = min(i + step, hi)
+                m = j - i
+                g = g_buf[:k * m * h * w].reshape(k, m * h * w)
+                np.matmul(taps, x_cols[:, i * h * w:j * h * w], out=g)
+                ph6 = ph_buf[:p_n * m * hp * wp].reshape(sy, sx, cout, m, hp, wp)
+                ph6.fill(0)
+                for a, bb, pm, qm, r0 in tap_blocks:
+                    dst = ph6[:pm, :qm, :, :, a:a + h, bb:bb + w]
+                    np.add(dst, g[r0:r0 + pm * qm * cout].reshape(pm, qm, cout, m, h, w), out=dst)
+                part = y[:, i:j]
+                self.interleave(part, ph6)
+                add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
+        if get_threads() > 1 and n > 1 and threadpool_limits is not None:
+            with threadpool_limits(limits=1, user_api="blas"):
+                run_chunks(chunk, n)
+        else:
+            chunk(0, n)
+
     def _forward_by_windows(self, x: np.ndarray, W: np.ndarray, b: np.ndarray | None, y: np.ndarray,
                             a_n: int, b_n: int) -> None:
         """y (Cout, N, oh, ow) = (sy*sx*Cout, A*B*Cin) x windows of the zero-padded input, interleaved (+ b, ReLU).
@@ -189,20 +223,7 @@ class Deconvolution2DFast(function_node.FunctionNode):
         if cin * hp * wp < 0.8 * sy * sx * cout * h * w:  # fewer bytes to move: gather the input's windows
             self._forward_by_windows(x, W, b, y, a_n, b_n)
         else:  # gather-free: one GEMM for every tap, then A*B shifted adds into the phases
-            g = scratch("deconv.taps_out", (taps.shape[0], n * h * w), x.dtype)
-            np.matmul(taps, x_cols, out=g)
-            ph_img = scratch("deconv.phases", (sy * sx * cout, n, hp, wp), x.dtype)
-            ph_img.fill(0)
-            ph6 = ph_img.reshape(sy, sx, cout, n, hp, wp)
-
-            def chunk(lo: int, hi: int) -> None:  # the images lo:hi of the batch
-                for a, bb, pm, qm, r0 in blocks:
-                    dst = ph6[:pm, :qm, :, lo:hi, a:a + h, bb:bb + w]
-                    np.add(dst, g[r0:r0 + pm * qm * cout].reshape(pm, qm, cout, n, h, w)[:, :, :, lo:hi], out=dst)
-                part = y[:, lo:hi]
-                self.interleave(part, ph6[:, :, :, lo:hi])
-                add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
-            run_chunks(chunk, n)
+            self._forward_by_taps(x_cols, taps, blocks, b, y, n, h, w)
         if chainer.config.enable_backprop:
             self.x_cols, self.taps, self.tap_rows = x_cols, taps, tap_rows
         return y.transpose(1, 0, 2, 3),
