@@ -345,10 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    chosen = args.only.split(",")
+    full = set(chosen) == set(SECTIONS) and not args.quick
     stamp = datetime.date.today().isoformat()
+    if not full:  # a partial or quick run never replaces the full run's files
+        stamp += "-" + ("quick-" if args.quick else "") + "-".join(chosen)
     (RESULTS / f"{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (RESULTS / "latest.md").write_text(table + "\n")
+    if full:
+        (RESULTS / "latest.md").write_text(table + "\n")
     print(table)
     return 0
 
