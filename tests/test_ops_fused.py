@@ -159,6 +159,7 @@ def test_conv_forward_in_image_blocks_matches_chainer_with_and_without_a_graph(t
     from wm_trainer.ops.threads import get_threads, set_threads
 
     monkeypatch.setattr(conv, "BLOCK_BYTES", 1)  # one image per block: many blocks, split over threads
+    monkeypatch.setattr(conv, "MIN_BLOCK_ROWS", 1)
     rng = np.random.default_rng(8)
     x, w, b = rng.standard_normal((5, 3, 10, 10)), rng.standard_normal((4, 3, 4, 4)), rng.standard_normal(4)
     ref = np.maximum(F.convolution_2d(x, w, b, 2).array, 0)
@@ -183,10 +184,11 @@ def test_conv_forward_in_image_blocks_matches_chainer_with_and_without_a_graph(t
                                                         ((3, 2, 4, 5), (2, 6, 5, 4), 2, 0),
                                                         ((3, 6, 3, 3), (6, 2, 6, 6), 2, 1)])  # tap path
 def test_deconv_forward_in_image_blocks_matches_chainer(threads, x_shape, w_shape, stride, pad, monkeypatch):
-    from wm_trainer.ops import deconv
+    from wm_trainer.ops import conv
     from wm_trainer.ops.threads import get_threads, set_threads
 
-    monkeypatch.setattr(deconv, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 1)  # the blocked kernels' block size lives in ops.conv
+    monkeypatch.setattr(conv, "MIN_BLOCK_ROWS", 1)
     rng = np.random.default_rng(9)
     x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[1])
     before = get_threads()

@@ -62,6 +62,13 @@ def im2row(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow: 
 
 
 BLOCK_BYTES = 1 << 20  # window rows per block: about an L2 cache's worth
+MIN_BLOCK_ROWS = 512  # but GEMMs of at least this many rows (smaller ones spend their time packing weights)
+
+
+def images_per_block(bytes_per_image: int, rows_per_image: int) -> int:
+    """How many images a block of the blocked kernels takes: about BLOCK_BYTES of temporaries, and at least
+    MIN_BLOCK_ROWS GEMM rows (or columns)."""
+    return max(1, BLOCK_BYTES // bytes_per_image, -(-MIN_BLOCK_ROWS // rows_per_image))
 
 
 def conv_rows_gemm(x_nhwc: np.ndarray, w_mat: np.ndarray, b: np.ndarray | None, relu: bool,
@@ -77,7 +84,7 @@ def conv_rows_gemm(x_nhwc: np.ndarray, w_mat: np.ndarray, b: np.ndarray | None, 
     per_image, k = oh * ow, kh * kw * c
     y = np.empty((n * per_image, w_mat.shape[1]), dtype=x_nhwc.dtype)
     win = windows(x_nhwc, kh, kw, sy, sx, oh, ow)
-    step = max(1, BLOCK_BYTES // (per_image * k * x_nhwc.itemsize))
+    step = images_per_block(per_image * k * x_nhwc.itemsize, per_image)
 
     def chunk(lo: int, hi: int) -> None:
         buf = None if rows_out is not None else scratch("conv.block_rows", (min(step, hi - lo) * per_image, k),
@@ -162,7 +169,7 @@ class Convolution2DFast(function_node.FunctionNode):
         w6 = self.w_mat.reshape(a_n, sy, b_n, sx, c, out_c)[::-1, :, ::-1]
         taps = np.ascontiguousarray(w6.transpose(0, 2, 5, 1, 3, 4)).reshape(a_n * b_n * out_c, sy * sx * c)
         gx = np.empty((n, hp, wp, c), dtype=gy_nhwc.dtype)
-        step = max(1, BLOCK_BYTES // (hq * wq * a_n * b_n * out_c * gy_nhwc.itemsize))
+        step = images_per_block(hq * wq * a_n * b_n * out_c * gy_nhwc.itemsize, hq * wq)
 
         def chunk(lo: int, hi: int) -> None:  # block by block of images, each block's temporaries in cache
             size = min(step, hi - lo)

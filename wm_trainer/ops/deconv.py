@@ -14,7 +14,7 @@ from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
 from wm_trainer.ops.activation import add_bias_relu, relu_grad
-from wm_trainer.ops.conv import BLOCK_BYTES, FLOAT_TYPES, pair, threadpool_limits
+from wm_trainer.ops.conv import FLOAT_TYPES, images_per_block, pair, threadpool_limits
 from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import get_threads, run_chunks
 
@@ -101,7 +101,7 @@ class Deconvolution2DFast(function_node.FunctionNode):
         k, p_n = taps.shape[0], sy * sx * cout
         hp = h + max(a for a, *_ in tap_blocks)
         wp = w + max(bb for _, bb, *_ in tap_blocks)
-        step = max(1, BLOCK_BYTES // (k * h * w * x_cols.itemsize))
+        step = images_per_block(k * h * w * x_cols.itemsize, h * w)
 
         def chunk(lo: int, hi: int) -> None:
             size = min(step, hi - lo)
@@ -140,7 +140,7 @@ class Deconvolution2DFast(function_node.FunctionNode):
         k, p_n = a_n * b_n * cin, sy * sx * cout
         w_ph = self._window_weights(W, a_n, b_n)
         x_c = x.transpose(1, 0, 2, 3)
-        step = max(1, BLOCK_BYTES // (k * hp * wp * x.itemsize))
+        step = images_per_block(k * hp * wp * x.itemsize, hp * wp)
 
         def chunk(lo: int, hi: int) -> None:
             size = min(step, hi - lo)
@@ -249,7 +249,7 @@ class Deconvolution2DFast(function_node.FunctionNode):
         want_x, want_w = 0 in indexes, 1 in indexes
         gx_c = np.empty((cin, n, h, w), dtype=gy.dtype) if want_x else None
         x_cols, taps_t = self.x_cols, self.taps.T
-        step = max(1, BLOCK_BYTES // (k * h * w * gy.itemsize))
+        step = images_per_block(k * h * w * gy.itemsize, h * w)
         g_taps_parts: list[np.ndarray] = []
 
         def chunk(lo: int, hi: int) -> None:  # block by block of images, the gathered gradient in cache
