@@ -17,12 +17,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from wm_trainer.ops.activation import relu_grad
 from wm_trainer.ops.scratch import scratch
-from wm_trainer.ops.threads import get_threads, run_chunks
-
-try:
-    from threadpoolctl import threadpool_limits
-except ImportError:  # without it the blocks run one after another on multi-threaded BLAS
-    threadpool_limits = None
+from wm_trainer.ops.threads import run_blocks, run_chunks
 
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -78,7 +73,7 @@ def conv_rows_gemm(x_nhwc: np.ndarray, w_mat: np.ndarray, b: np.ndarray | None, 
     are still in cache for its GEMM and its output for the bias and ReLU.
 
     ``rows_out`` (N*oh*ow, kh*kw*C) keeps every window row (for the weight gradient); without it the rows live
-    in a per-thread block buffer only. With several threads each takes a share of the images, BLAS on 1 thread.
+    in a per-thread block buffer only. With several threads, threads take blocks as they free up.
     """
     n, c = x_nhwc.shape[0], x_nhwc.shape[3]
     per_image, k = oh * ow, kh * kw * c
@@ -86,26 +81,20 @@ def conv_rows_gemm(x_nhwc: np.ndarray, w_mat: np.ndarray, b: np.ndarray | None, 
     win = windows(x_nhwc, kh, kw, sy, sx, oh, ow)
     step = images_per_block(per_image * k * x_nhwc.itemsize, per_image)
 
-    def chunk(lo: int, hi: int) -> None:
-        buf = None if rows_out is not None else scratch("conv.block_rows", (min(step, hi - lo) * per_image, k),
-                                                        x_nhwc.dtype)
-        for i in range(lo, hi, step):
-            j = min(i + step, hi)
-            r0, r1 = i * per_image, j * per_image
-            rows = rows_out[r0:r1] if rows_out is not None else buf[:r1 - r0]
-            np.copyto(rows.reshape(j - i, oh, ow, kh, kw, c), win[i:j])
-            out = y[r0:r1]
-            np.matmul(rows, w_mat, out=out)
-            if b is not None:
-                out += b
-            if relu:
-                np.maximum(out, 0, out=out)
-    parts = min(get_threads(), n)
-    if parts > 1 and threadpool_limits is not None:
-        with threadpool_limits(limits=1, user_api="blas"):
-            run_chunks(chunk, n)
-    else:
-        chunk(0, n)
+    def block(i: int, j: int) -> None:  # images i:j
+        r0, r1 = i * per_image, j * per_image
+        if rows_out is not None:
+            rows = rows_out[r0:r1]
+        else:
+            rows = scratch("conv.block_rows", (min(step, n) * per_image, k), x_nhwc.dtype)[:r1 - r0]
+        np.copyto(rows.reshape(j - i, oh, ow, kh, kw, c), win[i:j])
+        out = y[r0:r1]
+        np.matmul(rows, w_mat, out=out)
+        if b is not None:
+            out += b
+        if relu:
+            np.maximum(out, 0, out=out)
+    run_blocks(block, n, step)
     return y
 
 
@@ -171,29 +160,23 @@ class Convolution2DFast(function_node.FunctionNode):
         gx = np.empty((n, hp, wp, c), dtype=gy_nhwc.dtype)
         step = images_per_block(hq * wq * a_n * b_n * out_c * gy_nhwc.itemsize, hq * wq)
 
-        def chunk(lo: int, hi: int) -> None:  # block by block of images, each block's temporaries in cache
-            size = min(step, hi - lo)
+        def block(i: int, j: int) -> None:  # images i:j, the block's temporaries in cache
+            size = min(step, n)
             pad_buf = scratch("conv.grad_pad", (size, oh + 2 * (a_n - 1), ow + 2 * (b_n - 1), out_c), gy_nhwc.dtype)
             rows_buf = scratch("conv.grad_rows", (size * hq * wq, a_n * b_n * out_c), gy_nhwc.dtype)
             ph_buf = scratch("conv.grad_phases", (size * hq * wq, sy * sx * c), gy_nhwc.dtype)
             pad_buf.fill(0)  # the interior is overwritten below, the border stays zero
-            for i in range(lo, hi, step):
-                j = min(i + step, hi)
-                m = j - i
-                pad = pad_buf[:m]
-                np.copyto(pad[:, a_n - 1:a_n - 1 + oh, b_n - 1:b_n - 1 + ow], gy_nhwc[i:j])
-                rows = rows_buf[:m * hq * wq]  # columns (a', b', cout) with a' = A - 1 - a
-                np.copyto(rows.reshape(m, hq, wq, a_n, b_n, out_c), windows(pad, a_n, b_n, 1, 1, hq, wq))
-                phases = np.matmul(rows, taps, out=ph_buf[:m * hq * wq]).reshape(m, hq, wq, sy, sx, c)
-                inner = gx[i:j, :hq * sy, :wq * sx].reshape(m, hq, sy, wq, sx, c)
-                np.copyto(inner, phases.transpose(0, 1, 3, 2, 4, 5))
-                gx[i:j, hq * sy:] = 0
-                gx[i:j, :, wq * sx:] = 0
-        if get_threads() > 1 and n > 1 and threadpool_limits is not None:
-            with threadpool_limits(limits=1, user_api="blas"):
-                run_chunks(chunk, n)
-        else:
-            chunk(0, n)
+            m = j - i
+            pad = pad_buf[:m]
+            np.copyto(pad[:, a_n - 1:a_n - 1 + oh, b_n - 1:b_n - 1 + ow], gy_nhwc[i:j])
+            rows = rows_buf[:m * hq * wq]  # columns (a', b', cout) with a' = A - 1 - a
+            np.copyto(rows.reshape(m, hq, wq, a_n, b_n, out_c), windows(pad, a_n, b_n, 1, 1, hq, wq))
+            phases = np.matmul(rows, taps, out=ph_buf[:m * hq * wq]).reshape(m, hq, wq, sy, sx, c)
+            inner = gx[i:j, :hq * sy, :wq * sx].reshape(m, hq, sy, wq, sx, c)
+            np.copyto(inner, phases.transpose(0, 1, 3, 2, 4, 5))
+            gx[i:j, hq * sy:] = 0
+            gx[i:j, :, wq * sx:] = 0
+        run_blocks(block, n, step)
         return gx
 
     def backward(self, indexes, grad_outputs):

@@ -14,9 +14,9 @@ from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
 from wm_trainer.ops.activation import add_bias_relu, relu_grad
-from wm_trainer.ops.conv import FLOAT_TYPES, images_per_block, pair, threadpool_limits
+from wm_trainer.ops.conv import FLOAT_TYPES, images_per_block, pair
 from wm_trainer.ops.scratch import scratch
-from wm_trainer.ops.threads import get_threads, run_chunks
+from wm_trainer.ops.threads import run_blocks
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -103,35 +103,29 @@ class Deconvolution2DFast(function_node.FunctionNode):
         wp = w + max(bb for _, bb, *_ in tap_blocks)
         step = images_per_block(k * h * w * x_cols.itemsize, h * w)
 
-        def chunk(lo: int, hi: int) -> None:
-            size = min(step, hi - lo)
+        def block(i: int, j: int) -> None:  # images i:j
+            size = min(step, n)
             g_buf = scratch("deconv.block_taps_out", (k * size * h * w,), x_cols.dtype)
             ph_buf = scratch("deconv.block_phases", (p_n * size * hp * wp,), x_cols.dtype)
-            for i in range(lo, hi, step):
-                j = min(i + step, hi)
-                m = j - i
-                g = g_buf[:k * m * h * w].reshape(k, m * h * w)
-                np.matmul(taps, x_cols[:, i * h * w:j * h * w], out=g)
-                ph6 = ph_buf[:p_n * m * hp * wp].reshape(sy, sx, cout, m, hp, wp)
-                ph6.fill(0)
-                for a, bb, pm, qm, r0 in tap_blocks:
-                    dst = ph6[:pm, :qm, :, :, a:a + h, bb:bb + w]
-                    np.add(dst, g[r0:r0 + pm * qm * cout].reshape(pm, qm, cout, m, h, w), out=dst)
-                part = y[:, i:j]
-                self.interleave(part, ph6)
-                add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
-        if get_threads() > 1 and n > 1 and threadpool_limits is not None:
-            with threadpool_limits(limits=1, user_api="blas"):
-                run_chunks(chunk, n)
-        else:
-            chunk(0, n)
+            m = j - i
+            g = g_buf[:k * m * h * w].reshape(k, m * h * w)
+            np.matmul(taps, x_cols[:, i * h * w:j * h * w], out=g)
+            ph6 = ph_buf[:p_n * m * hp * wp].reshape(sy, sx, cout, m, hp, wp)
+            ph6.fill(0)
+            for a, bb, pm, qm, r0 in tap_blocks:
+                dst = ph6[:pm, :qm, :, :, a:a + h, bb:bb + w]
+                np.add(dst, g[r0:r0 + pm * qm * cout].reshape(pm, qm, cout, m, h, w), out=dst)
+            part = y[:, i:j]
+            self.interleave(part, ph6)
+            add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
+        run_blocks(block, n, step)
 
     def _forward_by_windows(self, x: np.ndarray, W: np.ndarray, b: np.ndarray | None, y: np.ndarray,
                             a_n: int, b_n: int) -> None:
         """y (Cout, N, oh, ow) = (sy*sx*Cout, A*B*Cin) x windows of the zero-padded input, interleaved (+ b, ReLU).
 
         Block by block of images: each block's padded input, window columns and phase images stay in cache;
-        with several threads each takes a share of the images, BLAS on 1 thread.
+        with several threads, threads take blocks as they free up (BLAS on 1 thread).
         """
         n, cin, h, w = x.shape
         cout = W.shape[1]
@@ -142,31 +136,25 @@ class Deconvolution2DFast(function_node.FunctionNode):
         x_c = x.transpose(1, 0, 2, 3)
         step = images_per_block(k * hp * wp * x.itemsize, hp * wp)
 
-        def chunk(lo: int, hi: int) -> None:
-            size = min(step, hi - lo)
+        def block(i: int, j: int) -> None:  # images i:j
+            size = min(step, n)
             pad_buf = scratch("deconv.block_pad", (cin * size * h2 * w2,), x.dtype)
             cols_buf = scratch("deconv.block_cols", (k * size * hp * wp,), x.dtype)
             ph_buf = scratch("deconv.block_phases", (p_n * size * hp * wp,), x.dtype)
-            for i in range(lo, hi, step):
-                j = min(i + step, hi)
-                m = j - i
-                pad = pad_buf[:cin * m * h2 * w2].reshape(cin, m, h2, w2)
-                pad.fill(0)
-                np.copyto(pad[:, :, a_n - 1:a_n - 1 + h, b_n - 1:b_n - 1 + w], x_c[:, i:j])
-                s0, s1, s2, s3 = pad.strides
-                win = as_strided(pad, (a_n, b_n, cin, m, hp, wp), (s2, s3, s0, s1, s2, s3), writeable=False)
-                cols = cols_buf[:k * m * hp * wp].reshape(a_n, b_n, cin, m, hp, wp)
-                np.copyto(cols, win)
-                ph = ph_buf[:p_n * m * hp * wp].reshape(p_n, m * hp * wp)
-                np.matmul(w_ph, cols.reshape(k, m * hp * wp), out=ph)
-                part = y[:, i:j]
-                self.interleave(part, ph.reshape(sy, sx, cout, m, hp, wp))
-                add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
-        if get_threads() > 1 and n > 1 and threadpool_limits is not None:
-            with threadpool_limits(limits=1, user_api="blas"):
-                run_chunks(chunk, n)
-        else:
-            chunk(0, n)
+            m = j - i
+            pad = pad_buf[:cin * m * h2 * w2].reshape(cin, m, h2, w2)
+            pad.fill(0)
+            np.copyto(pad[:, :, a_n - 1:a_n - 1 + h, b_n - 1:b_n - 1 + w], x_c[:, i:j])
+            s0, s1, s2, s3 = pad.strides
+            win = as_strided(pad, (a_n, b_n, cin, m, hp, wp), (s2, s3, s0, s1, s2, s3), writeable=False)
+            cols = cols_buf[:k * m * hp * wp].reshape(a_n, b_n, cin, m, hp, wp)
+            np.copyto(cols, win)
+            ph = ph_buf[:p_n * m * hp * wp].reshape(p_n, m * hp * wp)
+            np.matmul(w_ph, cols.reshape(k, m * hp * wp), out=ph)
+            part = y[:, i:j]
+            self.interleave(part, ph.reshape(sy, sx, cout, m, hp, wp))
+            add_bias_relu(part, None if b is None else b[:, None, None, None], self.relu, threads=False)
+        run_blocks(block, n, step)
 
     def tap_blocks(self, kh: int, kw: int, cout: int) -> tuple[list[tuple[int, int, int, int, int]], np.ndarray]:
         """The tap blocks that hold kernel taps (a kernel that is not a multiple of the stride pads with zeros).
@@ -250,43 +238,33 @@ class Deconvolution2DFast(function_node.FunctionNode):
         gx_c = np.empty((cin, n, h, w), dtype=gy.dtype) if want_x else None
         x_cols, taps_t = self.x_cols, self.taps.T
         step = images_per_block(k * h * w * gy.itemsize, h * w)
-        g_taps_parts: list[np.ndarray] = []
+        g_taps_parts: dict[int, np.ndarray] = {}  # per block, summed in block order: the same for any threads
 
-        def chunk(lo: int, hi: int) -> None:  # block by block of images, the gathered gradient in cache
-            size = min(step, hi - lo)
+        def block(i: int, j: int) -> None:  # images i:j, the gathered gradient in cache
+            size = min(step, n)
             ph_buf = scratch("deconv.block_grad_phases", (p_n * size * hp * wp,), gy.dtype)
             cols_buf = scratch("deconv.block_grad_cols", (k * size * h * w,), gy.dtype)
-            g_taps = np.zeros((k, cin), dtype=gy.dtype) if want_w else None
-            tmp = scratch("deconv.block_grad_taps", (k, cin), gy.dtype) if want_w else None
-            for i in range(lo, hi, step):
-                j = min(i + step, hi)
-                m = j - i
-                ph6 = ph_buf[:p_n * m * hp * wp].reshape(sy, sx, cout, m, hp, wp)
-                if cropped:
-                    ph6.fill(0)
-                self.deinterleave(ph6, gy_c[:, i:j])
-                cols2 = cols_buf[:k * m * h * w].reshape(k, m * h * w)
-                for a, b, pm, qm, r0 in blocks:  # the shifted windows of the taps that exist
-                    np.copyto(cols2[r0:r0 + pm * qm * cout].reshape(pm, qm, cout, m, h, w),
-                              ph6[:pm, :qm, :, :, a:a + h, b:b + w])
-                if want_x:
-                    np.matmul(taps_t, cols2, out=gx_c[:, i:j].reshape(cin, m * h * w))
-                if want_w:
-                    np.matmul(cols2, x_cols[:, i * h * w:j * h * w].T, out=tmp)
-                    g_taps += tmp
+            m = j - i
+            ph6 = ph_buf[:p_n * m * hp * wp].reshape(sy, sx, cout, m, hp, wp)
+            if cropped:
+                ph6.fill(0)
+            self.deinterleave(ph6, gy_c[:, i:j])
+            cols2 = cols_buf[:k * m * h * w].reshape(k, m * h * w)
+            for a, b, pm, qm, r0 in blocks:  # the shifted windows of the taps that exist
+                np.copyto(cols2[r0:r0 + pm * qm * cout].reshape(pm, qm, cout, m, h, w),
+                          ph6[:pm, :qm, :, :, a:a + h, b:b + w])
+            if want_x:
+                np.matmul(taps_t, cols2, out=gx_c[:, i:j].reshape(cin, m * h * w))
             if want_w:
-                g_taps_parts.append(g_taps)
-        if get_threads() > 1 and n > 1 and threadpool_limits is not None:
-            with threadpool_limits(limits=1, user_api="blas"):
-                run_chunks(chunk, n)
-        else:
-            chunk(0, n)
+                g_taps_parts[i] = cols2 @ x_cols[:, i * h * w:j * h * w].T
+        run_blocks(block, n, step)
         grads = [None, None]
         if want_x:
             grads[0] = chainer.Variable(gx_c.transpose(1, 0, 2, 3))
         if want_w:
             g_taps = np.zeros((a_n * b_n * p_n, cin), dtype=gy.dtype)
-            g_taps[self.tap_rows] = sum(g_taps_parts[1:], g_taps_parts[0])
+            parts = [g_taps_parts[i] for i in sorted(g_taps_parts)]
+            g_taps[self.tap_rows] = sum(parts[1:], parts[0])
             g_taps = g_taps.reshape(a_n, b_n, sy, sx, cout, cin)
             g_w = g_taps.transpose(5, 4, 0, 2, 1, 3).reshape(cin, cout, a_n * sy, b_n * sx)[:, :, :kh, :kw]
             grads[1] = chainer.Variable(np.ascontiguousarray(g_w))

@@ -4,11 +4,18 @@ the cores OpenBLAS already uses for the GEMMs; without this the copies run on on
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # without it blocks run one after another on multi-threaded BLAS
+    threadpool_limits = None
 
 _threads = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 _pool: ThreadPoolExecutor | None = None
@@ -49,3 +56,25 @@ def run_chunks(fn: Callable[[int, int], object], n: int, min_chunk: int = 1) -> 
     fn(bounds[0], bounds[1])
     for f in futures:
         f.result()
+
+
+def run_blocks(fn: Callable[[int, int], object], n: int, step: int) -> None:
+    """Call ``fn(lo, hi)`` for each block ``[lo, lo + step)`` of ``range(n)``, in order on one thread.
+
+    With several threads the blocks are handed out as threads free up (a core shared with another process
+    then slows only the blocks it runs), and BLAS is limited to one thread meanwhile: each block's GEMM is
+    small and in cache, so running blocks side by side beats splitting every GEMM.
+    """
+    starts = list(range(0, n, max(step, 1)))
+    parts = min(_threads, len(starts))
+    if parts <= 1 or threadpool_limits is None:
+        for lo in starts:
+            fn(lo, min(lo + step, n))
+        return
+    counter = itertools.count()
+
+    def worker(_lo: int, _hi: int) -> None:
+        while (i := next(counter)) < len(starts):  # itertools.count is atomic under the GIL
+            fn(starts[i], min(starts[i] + step, n))
+    with threadpool_limits(limits=1, user_api="blas") if parts > 1 else contextlib.nullcontext():
+        run_chunks(worker, parts)
