@@ -24,7 +24,7 @@ def test_evaluate_writes_json_and_prints_both_scores_then_render_writes_media(tm
     out = capsys.readouterr().out
     res = json.loads(p.eval_json.read_text())
     assert res["episodes"] == 4 and len(res["seeds"]) == 4
-    for who in ("agent", "random"):
+    for who in ("agent", "random", "random_iid"):
         r = res[who]
         assert len(r["returns"]) == 4
         assert np.isclose(r["mean"], np.mean(r["returns"])) and np.isclose(r["std"], np.std(r["returns"]))
@@ -47,3 +47,58 @@ def test_evaluate_without_a_controller_is_one_line_error(tmp_path, capsys):
     assert main(["evaluate", "-c", str(cfg_path), "--set", f"experiment.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "controller.npz" in err and "train-controller" in err and "Traceback" not in err
+
+
+def test_random_baselines_sticky_vs_iid(tmp_path, capsys):
+    """evaluate reports the sticky collection policy as `random` and a fresh uniform action per step as `random_iid`."""
+    import concurrent.futures as cf
+
+    from test_rollout import make_tiny_run
+
+    from wm_trainer.evaluate import evaluate
+
+    class InlineExecutor:
+        """Runs tasks in this process and records the random-policy repeat probability each task got."""
+
+        def __init__(self):
+            self.repeat_probs = []
+
+        def broadcast(self, obj):
+            return obj
+
+        def release(self, handle):
+            pass
+
+        def submit(self, fn, *args):
+            self.repeat_probs.append(args[-1])
+            fut = cf.Future()
+            fut.set_result(fn(*args))
+            return fut
+
+    _, cfg = make_tiny_run(tmp_path, "parallel.envs_per_worker=2")
+    ctrl = Controller(cfg.vae.z_dim, cfg.mdnrnn.hidden, 1, params=np.full(13, 0.5))
+    ctrl.save(RunPaths(cfg.run_dir).controller_model)
+    ex = InlineExecutor()
+    res = evaluate(cfg, episodes=4, executor=ex)
+    # 2 tasks of 2 episodes each: agent (its repeat prob is unused), sticky random, i.i.d. random
+    assert ex.repeat_probs == [0.9, 0.9, 0.9, 0.9, 0.0, 0.0]
+    saved = json.loads(RunPaths(cfg.run_dir).eval_json.read_text())
+    for who in ("agent", "random", "random_iid"):
+        assert saved[who]["mean"] == res[who]["mean"] and len(saved[who]["returns"]) == 4
+    assert "sticky" in saved["random"]["policy"] and "i.i.d." in saved["random_iid"]["policy"]
+
+
+def test_random_policy_repeat_probability_zero_changes_action_every_step_at_random():
+    """repeat_prob=0 draws a fresh uniform action each step (about 2/3 of steps change); 0.9 rarely changes."""
+    from wm_trainer.envs import random_policy
+
+    def change_rate(repeat_prob: float) -> tuple[float, np.ndarray]:
+        pol = random_policy("VizdoomTakeCover-v1", np.random.default_rng(0), repeat_prob)
+        acts = np.array([pol()[0] for _ in range(3000)])
+        return float(np.mean(acts[1:] != acts[:-1])), acts
+
+    iid, acts = change_rate(0.0)
+    sticky, _ = change_rate(0.9)
+    assert 0.62 < iid < 0.71 and sticky < 0.1
+    assert set(np.unique(acts)) == {-1.0, 0.0, 1.0}
+    assert all(abs(np.mean(acts == v) - 1 / 3) < 0.03 for v in (-1.0, 0.0, 1.0))

@@ -1,4 +1,8 @@
-"""Score the trained agent and, in the same run and on the same seeds, the random policy, in the real env."""
+"""Score the trained agent and, in the same run and on the same seeds, two random baselines, in the real env.
+
+``random``: the sticky collection policy (repeat the previous action with probability ``collect.repeat_prob``).
+``random_iid``: a fresh uniformly random action every step (repeat probability 0).
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +22,7 @@ def _summary(returns: np.ndarray) -> dict:
 
 
 def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> dict:
-    """N real episodes with the agent and N with the random policy; writes and returns eval.json's content."""
+    """N real episodes each for the agent and both random baselines; writes and returns eval.json's content."""
     from tqdm import tqdm
 
     from .controller import Controller
@@ -41,23 +45,27 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> 
 
         executor = own = make_executor(cfg.parallel)
     try:
-        with tqdm(total=2 * n, desc="evaluate", unit="ep", file=sys.stderr, dynamic_ncols=True) as bar:
+        with tqdm(total=3 * n, desc="evaluate", unit="ep", file=sys.stderr, dynamic_ncols=True) as bar:
             agent = play(executor, weights, jobs, cfg, progress=bar.update)
             rand = play(executor, None, jobs, cfg, progress=bar.update)
+            rand_iid = play(executor, None, jobs, cfg, progress=bar.update, repeat_prob=0.0)
     finally:
         if own is not None:
             own.shutdown()
     result = {"env": cfg.env.id, "episodes": n, "max_steps": cfg.env.max_steps, "seeds": seeds,
-              "controller_mode": cfg.controller.mode, "agent": _summary(agent), "random": _summary(rand)}
+              "controller_mode": cfg.controller.mode, "agent": _summary(agent),
+              "random": {**_summary(rand), "policy": f"sticky: repeat previous action w.p. {cfg.collect.repeat_prob}"},
+              "random_iid": {**_summary(rand_iid), "policy": "i.i.d.: uniform new action every step"}}
     atomic_write_json(paths.eval_json, result)
     return result
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
-    """CLI: ``wm-trainer evaluate -c CONFIG [--episodes N]``; prints both scores as mean ± std."""
+    """CLI: ``wm-trainer evaluate -c CONFIG [--episodes N]``; prints the three scores as mean ± std."""
     res = evaluate(cfg, getattr(args, "episodes", None))
     print(f"{res['env']}, {res['episodes']} episodes")
-    for who in ("agent", "random"):
-        print(f"{who}: {res[who]['mean']:.1f} ± {res[who]['std']:.1f}")
+    for who in ("agent", "random", "random_iid"):
+        label = f" ({res[who]['policy']})" if "policy" in res[who] else ""
+        print(f"{who}: {res[who]['mean']:.1f} ± {res[who]['std']:.1f}{label}")
     print(f"eval: {RunPaths(cfg.run_dir).eval_json}")
     return 0

@@ -246,15 +246,20 @@ def _chunks(jobs: list[Job], size: int) -> list[list[Job]]:
 
 
 def play(executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: Any,
-         progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Returns (len(jobs),) of episodes played by the executor's workers, weights broadcast once."""
+         progress: Callable[[int], None] | None = None, repeat_prob: float | None = None) -> np.ndarray:
+    """Returns (len(jobs),) of episodes played by the executor's workers, weights broadcast once.
+
+    ``weights=None`` plays the random policy, repeating its previous action with probability ``repeat_prob``
+    (default ``collect.repeat_prob``, the sticky collection policy; 0 = a fresh uniform action every step).
+    """
     jobs = list(jobs)
+    rp = float(cfg.collect.repeat_prob if repeat_prob is None else repeat_prob)
     per_task = cfg.parallel.envs_per_worker
     handle = executor.broadcast(weights) if weights is not None else None
     chunks = _chunks(jobs, per_task)
     # plain values only: unpickling cfg.env would import wm_trainer.config (and the toolkit) in every worker
     futures = [executor.submit(_task, handle, chunk, cfg.env.id, cfg.env.max_steps, per_task,
-                               float(cfg.collect.repeat_prob))
+                               rp)
                for chunk in chunks]
     out = np.zeros(len(jobs), np.float64)
     pos = 0
