@@ -204,3 +204,23 @@ def test_deconv_forward_in_image_blocks_matches_chainer(threads, x_shape, w_shap
     F.sum(ref * ref).backward()
     np.testing.assert_allclose(y.array, ref.array, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(xv.grad, xs.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_window_rows_are_reused_only_after_their_graph_is_gone():
+    rng = np.random.default_rng(10)
+    x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 4, 4))
+    y1 = convolution_2d(x, w, stride=2, relu=True)
+    w2 = chainer.Variable(w.copy())
+    y2 = convolution_2d(2 * x, w2, stride=2, relu=True)  # y1's graph is alive: y2 gets its own rows
+    rows1 = y1.creator.rows
+    assert rows1 is not y2.creator.rows
+    del y1  # the graph goes and its rows go back to the pool ...
+    y3 = convolution_2d(3 * x, w, stride=2, relu=True)
+    assert y3.creator.rows is rows1  # ... where the next forward of that shape takes them
+    y2.grad = np.ones_like(y2.array)
+    y2.backward()  # y2's weight gradient still comes from its own rows
+    w_ref = chainer.Variable(w.copy())
+    ref = F.relu(F.convolution_2d(2 * x, w_ref, stride=2))
+    ref.grad = np.ones_like(ref.array)
+    ref.backward()
+    np.testing.assert_allclose(w2.grad, w_ref.grad, rtol=1e-12)

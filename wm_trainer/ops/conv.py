@@ -16,7 +16,7 @@ from chainer import function_node
 from numpy.lib.stride_tricks import as_strided
 
 from wm_trainer.ops.activation import relu_grad
-from wm_trainer.ops.scratch import scratch
+from wm_trainer.ops.scratch import give_back, scratch, take
 from wm_trainer.ops.threads import run_blocks, run_chunks
 
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -134,7 +134,7 @@ class Convolution2DFast(function_node.FunctionNode):
         self.x_shape, self.kh, self.kw = x.shape, kh, kw
         self.w_mat = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(kh * kw * c, out_c)
         keep = chainer.config.enable_backprop
-        self.rows = np.empty((n * oh * ow, kh * kw * c), dtype=x.dtype) if keep else None
+        self.rows = take((n * oh * ow, kh * kw * c), x.dtype) if keep else None
         y = conv_rows_gemm(to_nhwc(x, (self.ph, self.pw)), self.w_mat, b, self.relu, kh, kw, self.sy, self.sx,
                            oh, ow, self.rows)
         if not keep:
@@ -142,6 +142,12 @@ class Convolution2DFast(function_node.FunctionNode):
         elif self.relu:
             self.retain_outputs((0,))
         return nchw_view(y.reshape(n, oh, ow, out_c)),
+
+    def __del__(self):
+        # the window rows go back to the pool only when the graph holding this node is gone
+        rows = getattr(self, "rows", None)
+        if rows is not None:
+            give_back(rows)
 
     def _grad_x_by_phase(self, gy_nhwc: np.ndarray, hp: int, wp: int) -> np.ndarray:
         """Input gradient (N, hp, wp, C) when the kernel is a multiple of the stride, as a compute-bound GEMM.

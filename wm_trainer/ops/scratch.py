@@ -32,3 +32,25 @@ def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
 def clear() -> None:
     """Drop this thread's buffers (memory goes back once nothing else refers to them)."""
     getattr(_local, "cache", {}).clear()
+
+
+POOL_LIMIT_BYTES = 1 << 29
+_pool: dict[tuple, list[np.ndarray]] = {}
+
+
+def take(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array for a temporary that a FunctionNode keeps from forward to backward:
+    one handed back by :func:`give_back` when there is one (no fresh pages to fault in), else a new one."""
+    free = _pool.get((tuple(shape), np.dtype(dtype)))
+    if free:
+        try:
+            return free.pop()
+        except IndexError:  # another thread took the last one
+            pass
+    return np.empty(shape, dtype=dtype)
+
+
+def give_back(a: np.ndarray) -> None:
+    """Return an array from :func:`take` once nothing refers to it any more (e.g. from its node's ``__del__``)."""
+    if sum(b.nbytes for free in _pool.values() for b in free) + a.nbytes <= POOL_LIMIT_BYTES:
+        _pool.setdefault((a.shape, a.dtype), []).append(a)
