@@ -9,6 +9,8 @@ page faults as the copy itself.
 """
 from __future__ import annotations
 
+import os
+import queue
 import threading
 from typing import Any
 
@@ -16,6 +18,32 @@ import chainer
 import numpy as np
 
 BACKGROUND_BYTES = 1 << 22
+
+_jobs: queue.SimpleQueue | None = None
+_jobs_lock = threading.Lock()
+
+
+def _worker(jobs: queue.SimpleQueue) -> None:
+    while True:
+        jobs.get()()
+
+
+def _forget_worker() -> None:
+    global _jobs
+    _jobs = None  # a forked child has the queue but not the thread: start its own on first use
+
+
+os.register_at_fork(after_in_child=_forget_worker)
+
+
+def _submit(job: Any) -> None:
+    """Run ``job()`` on the one background copy thread (started on first use; a daemon, idle when unused)."""
+    global _jobs
+    with _jobs_lock:
+        if _jobs is None:
+            _jobs = queue.SimpleQueue()
+            threading.Thread(target=_worker, args=(_jobs,), name="extensions-backup", daemon=True).start()
+    _jobs.put(job)
 
 
 def _collect(params: list[chainer.Parameter]) -> tuple[list[Any], list[tuple[Any, int, bool]]]:
@@ -50,7 +78,7 @@ class UpdateBackup:
         self.arrays: list[Any] = []
         self.rules: list[tuple[Any, int, bool]] = []
         self.optimizer_t = 0
-        self._thread: threading.Thread | None = None
+        self._done: threading.Event | None = None  # set when the background copy has finished
         self._error: BaseException | None = None
         self._ready = False  # a background copy of self.arrays was started
         self._nbytes = 0  # size of the last copy: decides whether the next one runs in the background
@@ -67,8 +95,8 @@ class UpdateBackup:
         if len(arrays) != len(self.arrays) or any(a is not b for a, b in zip(arrays, self.arrays)):
             self._plan(arrays)
         self._ready = True
-        self._thread = threading.Thread(target=self._copy_in_background, name="extensions-backup", daemon=True)
-        self._thread.start()
+        done = self._done = threading.Event()
+        _submit(lambda: self._copy_in_background(done))
 
     def finish(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> None:
         """Complete the copy: wait for the background one, or copy now if none ran or arrays changed since."""
@@ -126,16 +154,18 @@ class UpdateBackup:
                     xp.copyto(buf[offset:offset + a.size], a.ravel())
                     offset += a.size
 
-    def _copy_in_background(self) -> None:
+    def _copy_in_background(self, done: threading.Event) -> None:
         try:
             self._copy()
         except BaseException as e:  # handed to the training thread by _wait
             self._error = e
+        finally:
+            done.set()
 
     def _wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._done is not None:
+            self._done.wait()
+            self._done = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error

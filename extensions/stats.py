@@ -197,7 +197,7 @@ def _numpy_summary(names, arrays, missing, with_stats: bool) -> GradSummary:
             sums[i], sqs[i], zeros[i], max_abs[i] = s, q, z, m
     for i in layout.big:
         sums[i], sqs[i], max_abs[i], zeros[i] = _big_stats(arrays[i].ravel())
-    total = math.fsum(sqs)
+    total = sum(sqs)
     nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
     return _assemble(names, layout.sizes, sums, sqs, max_abs, zeros, nonfinite, total, missing)
 
@@ -236,7 +236,7 @@ def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary
     table = chainer.backend.CpuDevice().send(xp.stack(rows))  # one device->host transfer
     sums, sqs, max_abs, zeros, nans, infs = table.T.tolist()
     nonfinite = {n: (int(a), int(b)) for n, a, b in zip(names, nans, infs) if a or b}
-    return _assemble(names, [a.size for a in arrays], sums, sqs, max_abs, zeros, nonfinite, math.fsum(sqs), missing)
+    return _assemble(names, [a.size for a in arrays], sums, sqs, max_abs, zeros, nonfinite, sum(sqs), missing)
 
 
 def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: bool = True) -> GradSummary:
