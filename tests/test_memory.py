@@ -199,3 +199,17 @@ def test_train_mdnrnn_float64_switch(tmp_path):
     assert cli.main(["train-mdnrnn", "-c", cfg, "--float64"]) == 0
     with np.load(RunPaths(tmp_path / "f64").mdnrnn_model) as d:
         assert d.files and all(d[k].dtype == np.float64 for k in d.files)
+
+
+def test_window_iterator_serves_episode_ends_as_often_as_middles():
+    """Every step after the first seq_len (the done step included) lands in a window about equally often."""
+    eps = _two_mode_episodes(3, 60, 2, seed=0)
+    data = LatentSet(eps)
+    t = 10
+    it = SequenceIterator(data, batch_size=4000, seq_len=t, seed=0)
+    b = it.batch(0)
+    served_dones = b["done"].sum()
+    served_steps = b["done_mask"].sum()
+    # 1 done per 60 steps: the done share of served steps is about 1/60, not ~1/(60 * seq_len)
+    assert 0.8 / 60 < served_dones / served_steps < 1.25 / 60
+    assert b["done"][:, 0].any() and (b["done_mask"].sum(1) == t).mean() > 0.7

@@ -209,8 +209,10 @@ class SequenceIterator(chainer.dataset.Iterator):
 
     Batch i depends only on (seed, i), so a resumed run serves exactly the batches it would have.
     Yields dicts: z_in, a (B, T, .), z_next (B, T, z), nll_mask, done, done_mask (B, T).
-    A window may start late enough to include the episode's last step (whose done is the target
-    but which has no next z); steps past the end are padding, masked out.
+    A window starts at any step of its episode with equal probability, so every step past the first
+    ``seq_len`` -- the last one, whose done is the target and which has no next z, included -- is
+    served equally often (starts limited to ``length - seq_len`` served an episode's end 1/seq_len as
+    often, and M's done head never saw enough deaths to learn them); steps past the end are padding, masked out.
     """
 
     def __init__(self, data: LatentSet, batch_size: int, seq_len: int, seed: int = 0):
@@ -223,7 +225,7 @@ class SequenceIterator(chainer.dataset.Iterator):
         rng = np.random.default_rng([self.seed, i])
         ep = rng.integers(len(d), size=b)
         length = d.lengths[ep]
-        start = (rng.random(b) * (np.maximum(length - t, 0) + 1)).astype(np.int64)
+        start = (rng.random(b) * length).astype(np.int64)
         offs = start[:, None] + np.arange(t + 1)[None, :]
         valid = offs < length[:, None]
         idx = d.starts[ep][:, None] + np.minimum(offs, length[:, None] - 1)
