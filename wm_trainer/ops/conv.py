@@ -149,6 +149,18 @@ class Convolution2DFast(function_node.FunctionNode):
         if rows is not None:
             give_back(rows)
 
+    def _grad_w(self, gy2: np.ndarray, per_image: int) -> np.ndarray:
+        """rows.T @ gy2 as per-block partial GEMMs over threads (1-thread BLAS), summed in block order."""
+        n, k = gy2.shape[0] // per_image, self.rows.shape[1]
+        step = images_per_block(per_image * k * gy2.itemsize, per_image)
+        parts: dict[int, np.ndarray] = {}
+
+        def block(i: int, j: int) -> None:  # images i:j
+            parts[i] = self.rows[i * per_image:j * per_image].T @ gy2[i * per_image:j * per_image]
+        run_blocks(block, n, step)
+        ordered = [parts[i] for i in sorted(parts)]
+        return sum(ordered[1:], ordered[0])
+
     def _grad_x_by_phase(self, gy_nhwc: np.ndarray, hp: int, wp: int) -> np.ndarray:
         """Input gradient (N, hp, wp, C) when the kernel is a multiple of the stride, as a compute-bound GEMM.
 
@@ -210,7 +222,7 @@ class Convolution2DFast(function_node.FunctionNode):
         else:
             grads.append(None)
         if 1 in indexes:
-            gw = (self.rows.T @ gy2).reshape(kh, kw, c, out_c)
+            gw = self._grad_w(gy2, oh * ow).reshape(kh, kw, c, out_c)
             grads.append(chainer.Variable(np.ascontiguousarray(gw.transpose(3, 2, 0, 1))))
         else:
             grads.append(None)
