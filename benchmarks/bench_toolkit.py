@@ -61,9 +61,9 @@ def compare(net: str, kind: str, pairs: int, tmp: str) -> dict:
 
 def pieces(net: str, tmp: str) -> dict:
     """Microseconds per iteration of each toolkit piece, timed alone on ``net`` after one real iteration."""
+    from extensions.backup import UpdateBackup
     from extensions.replay import RngTracker
     from extensions.stats import all_finite, gradient_summary
-    from extensions.updater import _Backup
 
     stepper = _make_stepper(net, "stats", os.path.join(tmp, net, "pieces"))
     stepper.run(2)
@@ -75,13 +75,13 @@ def pieces(net: str, tmp: str) -> dict:
     summary = gradient_summary(names, grads)
     report = summary.as_report()
     summ = chainer.reporter.DictSummary()
-    backup = _Backup()
+    backup = UpdateBackup()  # timed as a copy on the training thread (finish without a background start)
     tracker = RngTracker()
     out = {
         "stats": _median_us(lambda: gradient_summary(names, grads), n),
         "guard_only": _median_us(lambda: gradient_summary(names, grads, with_stats=False), n),
         "as_report": _median_us(summary.as_report, n),
-        "backup": _median_us(lambda: backup.save(params, opt), n),
+        "backup": _median_us(lambda: backup.finish(params, opt), n),
         "post_check": _median_us(lambda: all_finite([p.array for p in params]), n),
         "rng_capture": _median_us(lambda: tracker.capture(np), n),
         "logreport_keys": _median_us(lambda: summ.add(report), n),
