@@ -3,7 +3,8 @@
 Run as ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.bench_ops [--only vae,encode,mdnrnn]``
 (``--threads 1 --cpu-time`` measures per-thread CPU time instead, which a busy shared machine disturbs less;
 ``--profile`` prints where the fast path's time goes, per Chainer function).
-The nets are the paper's CarRacing V and M at batch 100, float32: ConvVAE on 64x64x3 frames (z 32) and the
+The nets are the paper's CarRacing V and M at batch 100, float32: the package's own ConvVAE on 64x64x3 frames
+(z 32; ``experiment.ops`` chainer vs fast, ``chainer.optimizers.Adam`` vs ``ops.make_adam``'s FastAdam) and the
 MDN-RNN (LSTM 256 over [z 32, a 3], sequence 1000, MDN head K 5). Sides are measured alternately (A B A B)
 with the harness in :mod:`benchmarks.harness`; ratios are per pair, medians reported. Functions here are
 reusable: ``build_*`` make the nets, ``*_step`` closures run one training step or one encode batch.
