@@ -285,48 +285,66 @@ def bench_mdnrnn(repeats: int, cpu_time: bool, torch_ok: bool, seq: int = SEQ) -
 
 
 class _ClockHook(chainer.FunctionHook):
-    """Seconds per Chainer function label, forward and backward, on a chosen clock."""
+    """Seconds per Chainer function label and first-input shape (so layers stay apart), forward and backward."""
 
     name = "ClockHook"
 
     def __init__(self, clock: Callable[[], float]):
-        self.clock, self.totals, self._t0 = clock, {}, []
+        self.clock, self.totals, self._t0, self._keys = clock, {}, [], []
 
-    def _pre(self, *_):
+    def _pre(self, key: str) -> None:
+        self._keys.append(key)
         self._t0.append(self.clock())
 
-    def _post(self, function, suffix: str):
-        key = function.label + suffix
+    def _post(self) -> None:
+        key = self._keys.pop()
         self.totals[key] = self.totals.get(key, 0.0) + self.clock() - self._t0.pop()
 
-    forward_preprocess = backward_preprocess = _pre
+    def forward_preprocess(self, function, in_data):
+        self._pre(f"{function.label} {tuple(in_data[0].shape)}")
+
+    def backward_preprocess(self, function, in_data, out_grad):
+        self._pre(f"{function.label} {tuple(function.inputs[0].shape)} (backward)")
 
     def forward_postprocess(self, function, in_data):
-        self._post(function, "")
+        self._post()
 
     def backward_postprocess(self, function, in_data, out_grad):
-        self._post(function, " (backward)")
+        self._post()
 
 
-def profile_fast(seq: int = SEQ, cpu_time: bool = False) -> str:
-    """Where one fast training step of each net spends its time, per Chainer function and direction."""
+def profile_fast(seq: int = SEQ, cpu_time: bool = False, nets: tuple[str, ...] = ("vae", "mdnrnn"),
+                 rounds: int = 3, top: int = 16) -> str:
+    """Where one fast training step of each net spends its time, per Chainer function, input shape and
+    direction (medians over ``rounds`` steps after a warm-up step)."""
     clock = time.process_time if cpu_time else time.perf_counter
+    steps = []
+    if "vae" in nets:
+        x, _ = vae_batch()
+        np.random.seed(0)
+        vae_step = chainer_vae_train_step(build_chainer_vae(True), x, True)
+        steps.append(("ConvVAE train step (fast ops, FastAdam)", vae_step))
+    if "mdnrnn" in nets:
+        xs, target = mdnrnn_batch(seq=seq)
+        steps.append((f"MDN-RNN train step, seq {seq} (fast)",
+                      chainer_mdnrnn_train_step(ChainerMDNRNN(fast=True), xs, target)))
     lines = []
-    x, eps = vae_batch()
-    np.random.seed(0)
-    step = chainer_vae_train_step(build_chainer_vae(True), x, True)
-    xs, target = mdnrnn_batch(seq=seq)
-    m_step = chainer_mdnrnn_train_step(ChainerMDNRNN(fast=True), xs, target)
-    for name, fn in (("ConvVAE train step (fast)", step), (f"MDN-RNN train step, seq {seq} (fast)", m_step)):
+    for name, fn in steps:
         fn()
-        with _ClockHook(clock) as hook:
-            t0 = clock()
-            fn()
-            total = clock() - t0
-        rows = sorted(hook.totals.items(), key=lambda kv: -kv[1])
+        totals: dict[str, list[float]] = {}
+        step_times = []
+        for _ in range(rounds):
+            with _ClockHook(clock) as hook:
+                t0 = clock()
+                fn()
+                step_times.append(clock() - t0)
+            for k, v in hook.totals.items():
+                totals.setdefault(k, []).append(v)
+        med = {k: statistics.median(v) for k, v in totals.items()}
+        total = statistics.median(step_times)
         lines.append(f"{name}: {total * 1e3:.0f} ms {'CPU' if cpu_time else 'wall'}, "
-                     f"{sum(hook.totals.values()) * 1e3:.0f} ms inside Chainer functions")
-        lines += [f"  {k:36s} {v * 1e3:8.1f} ms" for k, v in rows[:10]]
+                     f"{sum(med.values()) * 1e3:.0f} ms inside Chainer functions (the rest: optimizer, Python)")
+        lines += [f"  {k:58s} {v * 1e3:8.1f} ms" for k, v in sorted(med.items(), key=lambda kv: -kv[1])[:top]]
     return "\n".join(lines)
 
 
@@ -366,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         ratios = "  ".join(f"{k} {v:.2f}x" for k, v in r.items() if "fast/" in k)
         print(f"{r['name']:16s} {r['unit']:12s} {med}   {ratios}")
     if args.profile:
-        results["profile"] = profile_fast(args.seq, args.cpu_time)
+        nets = tuple(n for n in ("vae", "mdnrnn") if n in only) or ("vae", "mdnrnn")
+        results["profile"] = profile_fast(args.seq, args.cpu_time, nets)
         print(results["profile"])
     if args.json:
         with open(args.json, "w") as f:
