@@ -28,9 +28,11 @@ class Deconvolution2DFast(function_node.FunctionNode):
 
     Works channel-major ("CNHW" memory, NCHW shapes) and by output phase: with the kernel zero-padded to
     A*sy x B*sx, output pixel (sy*Y + p, sx*X + q) only receives taps (sy*a + p, sx*b + q) from input
-    pixel (Y - a, X - b). So one GEMM (A*B*sy*sx*Cout, Cin) x (Cin, N*H*W) gives every tap, A*B shifted
-    adds of contiguous (H, W) planes assemble the phase images, and one transposing copy interleaves
-    the phases. Backward gathers the gradient's A*B shifted phase windows with one strided copy.
+    pixel (Y - a, X - b). So one GEMM (taps, Cin) x (Cin, pixels) gives every tap, A*B shifted adds
+    assemble the phase images, and one strided copy per phase interleaves them (or, when that moves fewer
+    bytes, the input's A*B windows are gathered and one GEMM gives the phases directly). Backward gathers
+    the gradient's A*B shifted phase windows. Taps the zero padding of the kernel creates are left out of
+    every GEMM. All of it runs block by block of images (temporaries in cache), blocks spread over threads.
     With ``relu`` the output is ``max(y, 0)`` and the backward masks the incoming gradient first.
     """
 
@@ -187,7 +189,7 @@ class Deconvolution2DFast(function_node.FunctionNode):
             a_n * b_n * sy * sx * cout, cin)
 
     def forward_cpu(self, inputs):
-        """One GEMM for all taps, A*B plane adds, one phase-interleaving copy."""
+        """The tap or the window formulation (whichever moves fewer bytes), + b and ReLU in the same pass."""
         if self.one_pixel(inputs[0].shape):
             self.retain_inputs((0, 1))
         if self.relu and chainer.config.enable_backprop:
