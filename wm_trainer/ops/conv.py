@@ -1,11 +1,13 @@
-"""2-D convolution for the CPU as one GEMM over strided NHWC windows.
+"""2-D convolution for the CPU as GEMMs over strided NHWC windows, block by block of images.
 
 Arrays keep Chainer's NCHW *shape* but the outputs live in NHWC *memory* (a transposed view), so
-the next layer gets its NHWC input for free: numpy's element-wise ufuncs (ReLU, sigmoid) preserve
-that layout. Each window matrix is built with one strided copy (rows = output pixels, columns =
-(ky, kx, channel)), the product is one GEMM, and the input gradient is folded back with kh*kw
-strided adds. On GPU arrays or for options this kernel does not cover (dilation, groups,
-cover_all, mixed dtypes) :func:`convolution_2d` calls Chainer's own function.
+the next layer gets its NHWC input for free. For each block of images (about ``BLOCK_BYTES`` of
+temporaries) the window rows (output pixels x (ky, kx, channel)) are gathered with one strided copy
+and multiplied by the weights while still in cache, with bias and ReLU in the same pass; blocks are
+spread over the ops threads. The input gradient is a phase-split GEMM when the kernel is a multiple
+of the stride (else kh*kw strided adds), the weight gradient per-block partial GEMMs. On GPU arrays
+or for options this kernel does not cover (dilation, groups, cover_all, mixed dtypes)
+:func:`convolution_2d` calls Chainer's own function.
 """
 from __future__ import annotations
 
