@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks.harness import Comparison, compare_rates, machine_info
 from benchmarks.stepper import TrainerStepper, make_trainer
+from wm_trainer.ops import make_adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("toolkit", "float64", "torch", "dream", "realenv", "loader")
@@ -74,7 +75,7 @@ def _make_stepper(net: str, kind: str, out: str, float64: bool = False) -> Train
     np.random.seed(0)
     build = NETS[net][0]
     model, it, converter, loss_func = build(out, None)
-    opt = chainer.optimizers.Adam()
+    opt = make_adam()
     opt.setup(model)
     kwargs = {"converter": converter} if converter else {}
     if loss_func is not None:
@@ -165,7 +166,7 @@ def bench_torch(quick: bool, tmp: str) -> list[Comparison]:
     x, eps = bo.vae_batch()
     np.random.seed(0)
     vae = ConvVAE(32)
-    opt = chainer.optimizers.Adam(1e-4)
+    opt = make_adam(alpha=1e-4)
     opt.setup(vae)
 
     def chainer_vae():
@@ -185,7 +186,7 @@ def bench_torch(quick: bool, tmp: str) -> list[Comparison]:
                              repeats=reps))
     xs, target = bo.mdnrnn_batch()
     m = MDNRNN(32, 3, 256, 5, done_head=False)
-    mopt = chainer.optimizers.Adam(1e-3)
+    mopt = make_adam(alpha=1e-3)
     mopt.setup(m)
     mopt.add_hook(chainer.optimizer_hooks.GradientClipping(1.0))
     b, t = xs.shape[0], xs.shape[1]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import chainer
 import numpy as np
 from chainer import training
 
 import extensions as ext
 
+from . import ops
 from .errors import UserError
 from .memory import LatentSet, MDNRNNUpdater, SequenceIterator, build_mdnrnn, sequence_converter
 from .storage import RunPaths
@@ -35,7 +35,7 @@ def train_mdnrnn(cfg) -> Path:
     model.to_device(device)
     m = cfg.mdnrnn
     it = SequenceIterator(data, m.batch_size, m.seq_len, seed=cfg.experiment.seed)
-    optimizer = chainer.optimizers.Adam(alpha=m.lr)
+    optimizer = ops.make_adam(alpha=m.lr)
     optimizer.setup(model)
     if m.grad_clip > 0:
         optimizer.add_hook(ext.GradientClipping(m.grad_clip))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import extensions as ext
 
-from . import episodes, frames, gpu_compat
+from . import episodes, frames, gpu_compat, ops
 from .errors import UserError
 from .storage import RunPaths, atomic_write_bytes
 from .vision import ConvVAE, frames_converter, to_uint8_frames
@@ -168,7 +168,7 @@ def train_vae(cfg) -> Path:
     model.to_device(device)
     loader = frames.FrameLoader(paths.episodes, cfg.vae.batch_size, memory_mb=cfg.vae.loader_memory_mb,
                                 seed=cfg.experiment.seed)
-    optimizer = chainer.optimizers.Adam(alpha=cfg.vae.lr)
+    optimizer = ops.make_adam(alpha=cfg.vae.lr)
     optimizer.setup(model)
     updater = ext.GradientLoggingUpdater(loader, optimizer, device, debug=cfg.debug,
                                          converter=frames_converter, loss_func=model.loss)
