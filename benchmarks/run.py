@@ -247,12 +247,19 @@ def bench_dream(quick: bool, tmp: str) -> list[Comparison]:
     return out
 
 
-def _loader_child(folder: str, budget_mb: float, batches: int, q) -> None:
-    import resource
+def _vm_kb(field: str) -> int:
+    """A ``/proc/self/status`` memory figure in KiB (VmHWM is this process image's peak; it resets at exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
+
+def _loader_child(folder: str, budget_mb: float, batches: int, q) -> None:
     from wm_trainer.frames import FrameLoader
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _vm_kb("VmRSS")
     loader = FrameLoader(folder, 100, memory_mb=budget_mb, seed=0)
     next(loader)
     t0 = time.perf_counter()
@@ -260,8 +267,9 @@ def _loader_child(folder: str, budget_mb: float, batches: int, q) -> None:
         next(loader)
     dt = time.perf_counter() - t0
     loader.finalize()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    q.put({"frames_per_s": batches * 100 / dt, "peak_rss_mb": peak / 1024, "rss_before_mb": base / 1024})
+    peak = _vm_kb("VmHWM")
+    q.put({"frames_per_s": batches * 100 / dt, "peak_rss_mb": peak / 1024, "rss_before_loader_mb": base / 1024,
+           "peak_growth_mb": (peak - base) / 1024})
 
 
 def bench_loader(quick: bool, tmp: str) -> dict:

@@ -69,6 +69,7 @@ class FrameLoader(chainer.dataset.Iterator):
     def __init__(self, folder: str | os.PathLike, batch_size: int, *, memory_mb: float, seed: int = 0,
                  shuffle: bool = True, repeat: bool = True):
         self._threads: cf.ThreadPoolExecutor | None = None
+        self._buffers: list[np.ndarray | None] = [None, None]
         self._current: _Chunk | None = None
         self._next: tuple[tuple[int, int], cf.Future] | None = None
         self.folder = Path(folder)
@@ -108,7 +109,12 @@ class FrameLoader(chainer.dataset.Iterator):
         order = self._episode_order(epoch)
         starts = np.concatenate([[0], np.cumsum(self._lengths[order])])
         a, b = k * self.chunk_frames, min((k + 1) * self.chunk_frames, self.n_frames)
-        buf = np.empty((b - a, *self.frame_shape), dtype=np.uint8)
+        # two buffers, used alternately: chunk n is read into buffer n % 2 while buffer (n - 1) % 2 is
+        # served, so memory stays at two chunks however the allocator behaves
+        slot = (epoch * self.chunks_per_epoch + k) % 2
+        if self._buffers[slot] is None:
+            self._buffers[slot] = np.empty((self.chunk_frames, *self.frame_shape), dtype=np.uint8)
+        buf = self._buffers[slot][:b - a]
         first = int(np.searchsorted(starts, a, side="right")) - 1
         j = first
         while j < len(order) and starts[j] < b:
@@ -172,6 +178,7 @@ class FrameLoader(chainer.dataset.Iterator):
                 np.take(chunk.frames, chunk.order[off:off + take], axis=0, out=out[filled:filled + take])
             filled += take
             self._pos += take
+            chunk = None  # let the next _chunk() call free this one before it prefetches (budget = 2 chunks)
             if self._pos >= self.n_frames:
                 self.epoch += 1
                 self._pos = 0
