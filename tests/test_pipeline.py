@@ -17,12 +17,13 @@ def test_pipeline_end_to_end_then_skips_complete_stages(tmp_path, capsys):
     out = capsys.readouterr().out
     for i, stage in enumerate(STAGES, 1):
         assert f"[{i}/7] {stage}: running" in out
+    assert "random: " in out and "random_iid: " in out  # both baselines, labelled
     p = RunPaths(tmp_path / "tiny_doom")
     assert len(list(p.episodes.glob("ep_*.npz"))) == 3 and len(list(p.latents.glob("ep_*.npz"))) == 3
     for f in (p.vae_model, p.mdnrnn_model, p.controller_model, p.eval_json):
         assert f.is_file(), f
     res = json.loads(p.eval_json.read_text())
-    assert res["episodes"] == 3 and {"agent", "random"} <= set(res)
+    assert res["episodes"] == 3 and {"agent", "random", "random_iid"} <= set(res)
     assert {f.name for f in p.media.iterdir()} == {"agent.gif", "dream.gif", "vae_reconstructions.png"}
 
     assert main(args) == 0

@@ -57,8 +57,9 @@ def _evaluate(cfg: Config) -> object:
     from .evaluate import evaluate
 
     res = evaluate(cfg)
-    for who in ("agent", "random"):
-        print(f"{who}: {res[who]['mean']:.1f} ± {res[who]['std']:.1f}")
+    for who in ("agent", "random", "random_iid"):
+        label = f" ({res[who]['policy']})" if "policy" in res[who] else ""
+        print(f"{who}: {res[who]['mean']:.1f} ± {res[who]['std']:.1f}{label}")
     return res
 
 
