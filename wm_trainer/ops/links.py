@@ -10,6 +10,7 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 
+from wm_trainer.memory import SeqLSTM
 from wm_trainer.ops.conv import convolution_2d
 from wm_trainer.ops.deconv import deconvolution_2d
 from wm_trainer.ops.lstm import lstm_sequence
@@ -70,38 +71,13 @@ class ReLUDeconvolution2D(L.Deconvolution2D):
         return F.relu(super().forward(x))
 
 
-class FastSequenceLSTM(chainer.Chain):
+class FastSequenceLSTM(SeqLSTM):
     """An LSTM layer whose ``forward_seq`` runs :func:`wm_trainer.ops.lstm.lstm_sequence` (one FunctionNode).
 
-    Same parameters, initialisation and methods as ``wm_trainer.memory.SeqLSTM`` (and ``L.LSTM``):
-    ``upward`` Linear(in, 4H) with bias, ``lateral`` Linear(H, 4H) without; gate rows interleaved per
-    unit in ``F.lstm``'s order (a, i, f, o); forget-gate bias 1. Weights saved from either load into
-    the other. ``step`` (one step for a batch, e.g. in the dream) uses Chainer's ``F.lstm``.
+    Extends ``wm_trainer.memory.SeqLSTM``: the same parameters (``L.LSTM``'s layout), initialisation and
+    ``step`` (Chainer's ``F.lstm``, one step for a batch, e.g. in the dream), so weights saved from either
+    load into the other; only the whole-sequence pass is replaced.
     """
-
-    def __init__(self, in_size: int, hidden: int):
-        super().__init__()
-        self.hidden = hidden
-        with self.init_scope():
-            self.upward = L.Linear(in_size, 4 * hidden)
-            self.lateral = L.Linear(hidden, 4 * hidden, nobias=True)
-        self.upward.b.array.reshape(hidden, 4)[:, 2] = 1.0
-
-    def initial_state(self, batch: int) -> tuple:
-        """Zero (h, c) for ``batch`` sequences."""
-        z = self.xp.zeros((batch, self.hidden), dtype=self.upward.W.dtype)
-        return z, z.copy()
-
-    def step(self, x, state: tuple | None) -> tuple:
-        """One step for a batch: x (B, in) -> (h (B, H), (h, c))."""
-        gates = self.upward(x)
-        if state is None:
-            c = self.xp.zeros((gates.shape[0], self.hidden), dtype=gates.dtype)
-        else:
-            h, c = state
-            gates = gates + self.lateral(h)
-        c, h = F.lstm(c, gates)
-        return h, (h, c)
 
     def forward_seq(self, xs, state: tuple | None = None) -> tuple:
         """A whole batch of sequences: xs (B, T, in) -> (hs (B, T, H), final (h, c))."""
