@@ -24,6 +24,7 @@ import extensions as ext
 from . import episodes
 from .errors import UserError
 from .mdn import MDNHead, mdn_nll
+from .storage import load_weights
 
 State = tuple  # (h, c): each (B, hidden)
 
@@ -150,16 +151,10 @@ def build_mdnrnn(cfg, action_dim: int) -> MDNRNN:
 
 def load_mdnrnn(path, cfg, action_dim: int) -> MDNRNN:
     """M with weights from ``path`` (RunPaths.mdnrnn_model); UserError if missing or mismatched."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: M's weights are missing; run `wm-trainer train-mdnrnn` first")
-    model = build_mdnrnn(cfg, action_dim)
-    try:
-        chainer.serializers.load_npz(str(path), model)
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"{path}: cannot load M's weights with this config (vae.z_dim, mdnrnn.hidden, "
-                        f"mdnrnn.mixtures, mdnrnn.done_head): {e}") from None
-    return model
+    return load_weights(path, build_mdnrnn(cfg, action_dim),
+                        missing="M's weights are missing; run `wm-trainer train-mdnrnn` first",
+                        mismatch="cannot load M's weights with this config (vae.z_dim, mdnrnn.hidden, "
+                                 "mdnrnn.mixtures, mdnrnn.done_head)")
 
 
 def list_latents(folder) -> list[Path]:

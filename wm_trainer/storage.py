@@ -113,3 +113,22 @@ def atomic_save_npz(path: str | os.PathLike, obj: Any) -> Path:
     import chainer
 
     return _atomic(Path(path), lambda f: chainer.serializers.save_npz(f, obj))
+
+
+def load_weights(path: str | os.PathLike, model: Any, *, missing: str, mismatch: str) -> Any:
+    """Load ``chainer.serializers.load_npz`` weights into ``model``; a missing or mismatched file is a UserError.
+
+    ``missing`` and ``mismatch`` finish the one-line messages ("<path>: <missing>", "<path>: <mismatch>: <why>").
+    """
+    import chainer
+
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {missing}")
+    try:
+        chainer.serializers.load_npz(str(path), model)
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"{path}: {mismatch}: {e}") from None
+    return model

@@ -131,16 +131,8 @@ def to_uint8_frames(x) -> np.ndarray:
 
 def load_vae(path, z_dim: int, kl_tolerance: float = 0.5) -> ConvVAE:
     """A ConvVAE with weights from ``path`` (RunPaths.vae_model); UserError if missing or mismatched."""
-    from pathlib import Path
+    from .storage import load_weights
 
-    from .errors import UserError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: V's weights are missing; run `wm-trainer train-vae` first")
-    model = ConvVAE(z_dim, kl_tolerance)
-    try:
-        chainer.serializers.load_npz(str(path), model)
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"{path}: cannot load V's weights for vae.z_dim={z_dim}: {e}") from None
-    return model
+    return load_weights(path, ConvVAE(z_dim, kl_tolerance),
+                        missing="V's weights are missing; run `wm-trainer train-vae` first",
+                        mismatch=f"cannot load V's weights for vae.z_dim={z_dim}")
