@@ -163,9 +163,10 @@ class ChainerMDNRNN(chainer.Chain):
         h0 = np.zeros((n, self.hidden), x.dtype)
         run = lstm_sequence if self.fast else lstm_sequence_reference
         hs, _, _ = run(x, h0, h0.copy(), self.rnn.upward.W, self.rnn.lateral.W, self.rnn.upward.b)
-        logits, mu, log_std = self.mdn(F.reshape(hs, (n * t, self.hidden)))
-        nll = mdn_loss.mdn_nll if self.fast else mdn.mdn_nll
-        return nll(logits, mu, log_std, target.reshape(n * t, -1))
+        hs = F.reshape(hs, (n * t, self.hidden))
+        if self.fast:  # as wm_trainer.memory.MDNRNN.loss: the head's packed output, no split
+            return mdn_loss.mdn_nll_packed(self.mdn.packed(hs), target.reshape(n * t, -1), self.mdn.mixtures)
+        return mdn.mdn_nll(*self.mdn(hs), target.reshape(n * t, -1))
 
 
 def build_torch_mdnrnn(z: int = Z, action: int = ACTION, hidden: int = HIDDEN, mixtures: int = MIXTURES):

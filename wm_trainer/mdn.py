@@ -28,10 +28,13 @@ class MDNHead(chainer.Chain):
 
     def forward(self, h: chainer.Variable) -> tuple[chainer.Variable, chainer.Variable, chainer.Variable]:
         """Mixture parameters for each row of ``h``."""
-        y = self.linear(h)
-        y = F.reshape(y, (y.shape[0], self.out_dim, 3 * self.mixtures))
-        logits, mu, log_std = F.split_axis(y, 3, axis=2)
+        logits, mu, log_std = F.split_axis(self.packed(h), 3, axis=2)
         return logits, mu, log_std
+
+    def packed(self, h: chainer.Variable) -> chainer.Variable:
+        """The mixture parameters unsplit, (N, out_dim, 3K) = [logits | mu | log_std] (for mdn_nll_packed)."""
+        y = self.linear(h)
+        return F.reshape(y, (y.shape[0], self.out_dim, 3 * self.mixtures))
 
 
 def mdn_log_prob(logits, mu, log_std, target) -> chainer.Variable:
@@ -63,6 +66,15 @@ def mdn_nll(logits, mu, log_std, target, reduce: str = "mean") -> chainer.Variab
     if reduce != "mean":
         raise ValueError(f"reduce must be 'mean' or 'no', got {reduce!r}")
     return -F.mean(lp)
+
+
+def mdn_nll_packed(y, target, mixtures: int, reduce: str = "mean") -> chainer.Variable:
+    """:func:`mdn_nll` of ``MDNHead.packed``'s output: no split and, on the fast path, one gradient buffer."""
+    from . import ops
+
+    if ops.fast_ops_enabled():
+        return ops.mdn_nll_packed(y, target, mixtures, reduce=reduce)
+    return mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce=reduce)
 
 
 def _arr(x):

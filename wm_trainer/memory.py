@@ -23,7 +23,7 @@ import extensions as ext
 
 from . import episodes
 from .errors import UserError
-from .mdn import MDNHead, mdn_nll
+from .mdn import MDNHead, mdn_nll_packed
 from .storage import load_weights
 
 State = tuple  # (h, c): each (B, hidden)
@@ -125,8 +125,8 @@ class MDNRNN(chainer.Chain):
         b, t, _ = z_in.shape
         hs, _ = self.rnn.forward_seq(F.concat((z_in, a), axis=2))
         hs = F.reshape(hs, (b * t, self.hidden))
-        logits, mu, log_std = self.mdn(hs)
-        per_row = mdn_nll(logits, mu, log_std, z_next.reshape(b * t, self.z_dim), reduce="no")
+        per_row = mdn_nll_packed(self.mdn.packed(hs), z_next.reshape(b * t, self.z_dim), self.mixtures,
+                                 reduce="no")
         mask = nll_mask.reshape(-1).astype(per_row.dtype)
         nll = F.sum(per_row * mask) / (max(float(mask.sum()), 1.0) * self.z_dim)
         loss = nll

@@ -10,9 +10,10 @@ import chainer
 from wm_trainer.ops.conv import convolution_2d
 from wm_trainer.ops.deconv import deconvolution_2d
 from wm_trainer.ops.lstm import lstm_sequence
-from wm_trainer.ops.mdn_loss import mdn_nll
+from wm_trainer.ops.mdn_loss import mdn_nll, mdn_nll_packed
 
-__all__ = ["convolution_2d", "deconvolution_2d", "fast_ops_enabled", "lstm_sequence", "make_adam", "mdn_nll", "select"]
+__all__ = ["convolution_2d", "deconvolution_2d", "fast_ops_enabled", "lstm_sequence", "make_adam", "mdn_nll",
+           "mdn_nll_packed", "select"]
 
 
 def select(ops: str) -> None:
