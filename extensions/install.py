@@ -23,6 +23,41 @@ from .tensorboard import EXTENSION_NAME, TensorBoardReport, add_histograms_safe,
 from .updater import GradientLoggingMixin
 
 MONITOR_NAME = "ext_monitor"
+SCHEDULE_NAME = "ext_report_schedule"
+
+
+def log_schedule(trainer: training.Trainer) -> list[tuple[float, str]] | None:
+    """(period, unit) of every LogReport/PlotReport trigger of ``trainer``; None when there is none or one
+    is not an interval (then nothing is known of when the observation is read)."""
+    schedule = []
+    for entry in trainer._extensions.values():
+        if isinstance(entry.extension, (training.extensions.LogReport, training.extensions.PlotReport)):
+            trigger = getattr(entry.extension, "_trigger", None)
+            if not isinstance(trigger, training.triggers.IntervalTrigger):
+                return None
+            schedule.append((trigger.period, trigger.unit))
+    return schedule or None
+
+
+def _never(trainer: training.Trainer) -> bool:
+    return False
+
+
+class ReportSchedule(training.Extension):
+    """Tells a ``GradientLoggingMixin`` updater, when training starts, when the trainer's logs are written."""
+
+    trigger = staticmethod(_never)  # all its work is in initialize
+    priority = training.PRIORITY_READER
+    default_name = SCHEDULE_NAME
+
+    def initialize(self, trainer: training.Trainer) -> None:
+        updater = trainer.updater
+        if isinstance(updater, GradientLoggingMixin):
+            logged = updater.debug.gradients.report == "logged"
+            updater._ext.log_schedule = log_schedule(trainer) if logged else None
+
+    def __call__(self, trainer: training.Trainer) -> None:
+        pass
 
 
 def _logdir(trainer: training.Trainer, debug: DebugConfig) -> str | None:
@@ -90,6 +125,9 @@ def install(trainer: training.Trainer, debug: DebugConfig | dict | None = None) 
         updater.debug = debug
         updater.out = trainer.out
         updater.writer = writer
+        updater._ext.tb_report = trainer.get_extension(EXTENSION_NAME) if writer is not None else None
+        if SCHEDULE_NAME not in trainer._extensions:
+            trainer.extend(ReportSchedule(), name=SCHEDULE_NAME)
     elif MONITOR_NAME in trainer._extensions:
         monitor = trainer.get_extension(MONITOR_NAME)
         monitor.debug = debug

@@ -264,9 +264,18 @@ class TensorBoardReport(training.Extension):
         self.writer = writer
         self.batch = max(1, int(batch))
         self._pending: list[tuple[bytes, int, float]] = []
+        self._staged: tuple[int, dict[str, Any]] | None = None
+
+    def stage(self, values: dict[str, Any], iteration: int) -> None:
+        """Scalars to write with ``iteration``'s observation without putting them in the reporter (the
+        updater's gradient statistics on iterations no LogReport writes)."""
+        self._staged = (iteration, values)
 
     def __call__(self, trainer: training.Trainer) -> None:
         summary = encode_scalars(trainer.observation)
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0] == trainer.updater.iteration:
+            summary += encode_scalars(staged[1])
         if summary:
             self._pending.append((summary, trainer.updater.iteration, time.time()))
             if len(self._pending) >= self.batch:

@@ -49,6 +49,10 @@ class _State:
         self.last_failure: Failure | None = None
         self.backup = UpdateBackup()
         self.rng = RngTracker()
+        # (period, unit) of the trainer's LogReport/PlotReport triggers, found when training starts (see
+        # ``install``); None: hand the statistics to the reporter at every statistics iteration
+        self.log_schedule: list[tuple[float, str]] | None = None
+        self.tb_report: Any = None
 
 
 class GradientLoggingMixin:
@@ -69,7 +73,10 @@ class GradientLoggingMixin:
 
     Reporter keys: ``grad/<path>/{norm,mean,std,max_abs,zero_frac,nan,inf}``,
     ``grad/<path>/missing`` (1 when a parameter got no gradient), ``grad/global_norm``,
-    ``nonfinite/skipped``.
+    ``nonfinite/skipped``. With ``gradients.report: logged`` (the default) and a trainer set up by
+    ``install``, the statistics reach the reporter at the iterations the trainer's LogReport and
+    PlotReport write, so their logs show the values of that iteration rather than an average over
+    the interval; TensorBoard still gets them every ``gradients.every`` iterations.
     """
 
     def __init__(self, *args: Any, debug: DebugConfig | None = None, out: str | None = None,
@@ -190,9 +197,14 @@ class GradientLoggingMixin:
         del loss  # free the graph before the update, as Optimizer.update(lossfun) does
 
         every = debug.gradients.every
-        summary = gradient_summary(names, [p.grad for p in params], with_stats=every > 0 and iteration % every == 0)
+        logged = every > 0 and (st.log_schedule is None or self._logged_now(iteration))
+        stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
+        summary = gradient_summary(names, [p.grad for p in params], with_stats=stats_now)
         if summary.table is not None:
-            _report(summary.as_report())
+            if logged:
+                _report(summary.as_report())
+            elif st.tb_report is not None:
+                st.tb_report.stage(summary.as_report(), iteration)
         hist = debug.gradients.histograms_every
         if st.writer is not None and hist > 0 and iteration % hist == 0:
             self._histograms(names, params, iteration)
@@ -223,6 +235,21 @@ class GradientLoggingMixin:
             for name, param in target.namedparams(include_uninit=False):
                 print(name, param.grad)
         return updated
+
+    def _logged_now(self, iteration: int) -> bool:
+        """Whether a LogReport/PlotReport of the schedule will write after this iteration's update."""
+        for period, unit in self._ext.log_schedule or ():
+            if unit == "iteration":
+                if (iteration - 1) // period != iteration // period:
+                    return True
+                continue
+            try:
+                current, previous = self.epoch_detail, self.previous_epoch_detail
+            except AttributeError:  # an iterator without epochs: report rather than miss the log
+                return True
+            if (previous or 0.0) // period != current // period:
+                return True
+        return False
 
     def _histograms(self, names: list[str], params: list[chainer.Parameter], step: int) -> None:
         arrays = {f"grad/{name}": p.grad for name, p in zip(names, params) if p.grad is not None}

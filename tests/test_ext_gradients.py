@@ -196,3 +196,53 @@ def test_nonfinite_and_float32_overflow_in_big_gradients():
     for with_stats in (True, False):
         s = ext.gradient_summary(["w"], [huge], with_stats=with_stats)
         assert s.finite and s.global_norm == pytest.approx(1e20 * np.sqrt(huge.size), rel=1e-6)
+
+
+def _logged_run(tmp_path, log_trigger, report="logged", iterations=8):
+    """A trainer with TensorBoard on and a LogReport on ``log_trigger``: (LogReport log, TB norms by step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    np.random.seed(0)
+    model = MLP()
+    opt = chainer.optimizers.SGD(0.1)
+    opt.setup(model)
+    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data(), 5), opt, -1)
+    trainer = chainer.training.Trainer(updater, (iterations, "iteration"), out=str(tmp_path))
+    ext.install(trainer, {"gradients": {"report": report}, "tensorboard": {"logdir": str(tmp_path / "tb")}})
+    log = chainer.training.extensions.LogReport(trigger=log_trigger, filename=None)
+    trainer.extend(log)
+    seen = []
+    trainer.extend(lambda t: seen.append("grad/global_norm" in t.observation), trigger=(1, "iteration"))
+    trainer.run()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    norms = {e.step: e.value for e in acc.Scalars("grad/predictor/0/W/norm")}
+    return log.log, norms, seen
+
+
+def test_log_report_shows_the_logged_iteration_not_an_interval_average(tmp_path):
+    log, norms, seen = _logged_run(tmp_path, (2, "iteration"))
+    assert sorted(norms) == list(range(1, 9))  # TensorBoard: every iteration
+    assert seen == [False, True] * 4  # the reporter: the iterations LogReport writes
+    assert [entry["iteration"] for entry in log] == [2, 4, 6, 8]
+    for entry in log:
+        assert entry["grad/predictor/0/W/norm"] == pytest.approx(norms[entry["iteration"]], rel=1e-6)
+    assert norms[1] != pytest.approx(norms[2], rel=1e-3)  # an average would have differed
+
+
+def test_report_every_gives_log_report_the_interval_average(tmp_path):
+    log, norms, seen = _logged_run(tmp_path, (2, "iteration"), report="every", iterations=4)
+    assert seen == [True] * 4
+    assert log[0]["grad/predictor/0/W/norm"] == pytest.approx((norms[1] + norms[2]) / 2, rel=1e-5)
+
+
+def test_epoch_log_trigger_reports_at_the_end_of_each_epoch(tmp_path):
+    log, norms, seen = _logged_run(tmp_path, (1, "epoch"))  # 20 examples, batch 5: 4 iterations an epoch
+    assert seen == [False, False, False, True] * 2
+    assert [entry["iteration"] for entry in log] == [4, 8]
+    assert log[1]["grad/predictor/0/W/norm"] == pytest.approx(norms[8], rel=1e-6)
+
+
+def test_report_key_is_validated():
+    with pytest.raises(ext.ConfigError, match="debug.gradients.report"):
+        ext.DebugConfig.from_dict({"gradients": {"report": "sometimes"}})
