@@ -161,7 +161,7 @@ def bench_torch(quick: bool, tmp: str) -> list[Comparison]:
     from wm_trainer.memory import MDNRNN
     from wm_trainer.vision import ConvVAE
 
-    reps = 3 if quick else 5
+    reps = 3 if quick else 9
     out = []
     x, eps = bo.vae_batch()
     np.random.seed(0)

@@ -29,13 +29,18 @@ def data(n=20):
                                          rng.randint(0, 2, n).astype(np.int32))
 
 
-def trainer_with_capture(tmp_path, debug=None, iterations=4):
+def plain_trainer(tmp_path, iterations):
+    """An MLP trained by SGD through a GradientLoggingUpdater (20 examples, batch 5), nothing installed."""
     np.random.seed(0)
     model = MLP()
     opt = chainer.optimizers.SGD(0.1)
     opt.setup(model)
     updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data(), 5), opt, -1)
-    trainer = chainer.training.Trainer(updater, (iterations, "iteration"), out=str(tmp_path))
+    return chainer.training.Trainer(updater, (iterations, "iteration"), out=str(tmp_path)), model
+
+
+def trainer_with_capture(tmp_path, debug=None, iterations=4):
+    trainer, model = plain_trainer(tmp_path, iterations)
     ext.install(trainer, {"tensorboard": {"logdir": False}, **(debug or {})})
     seen = []
 
@@ -202,12 +207,7 @@ def _logged_run(tmp_path, log_trigger, report="logged", iterations=8):
     """A trainer with TensorBoard on and a LogReport on ``log_trigger``: (LogReport log, TB norms by step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    np.random.seed(0)
-    model = MLP()
-    opt = chainer.optimizers.SGD(0.1)
-    opt.setup(model)
-    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data(), 5), opt, -1)
-    trainer = chainer.training.Trainer(updater, (iterations, "iteration"), out=str(tmp_path))
+    trainer, _ = plain_trainer(tmp_path, iterations)
     ext.install(trainer, {"gradients": {"report": report}, "tensorboard": {"logdir": str(tmp_path / "tb")}})
     log = chainer.training.extensions.LogReport(trigger=log_trigger, filename=None)
     trainer.extend(log)
