@@ -174,6 +174,11 @@ def _histogram_proto(values: np.ndarray) -> HistogramProto:
     # TensorBoard reads right bucket limits only: keep the empty bucket left of the support
     counts = counts[start - 1:end] if start > 0 else np.concatenate([[0], counts[:end]])
     limits = limits[start:end + 1]
+    # a run of empty buckets becomes its last one, as TensorFlow's own encoder writes them: the same
+    # histogram in far fewer buckets (the tensorflow bins are 10 % wide, most of them empty)
+    keep = counts != 0
+    keep[:-1] |= keep[1:]
+    counts, limits = counts[keep], limits[keep]
     sq = float(np.dot(values, values))
     if not math.isfinite(sq):
         sq = float(np.square(values, dtype=np.float64).sum())
