@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet "torch==2.13.0" || echo "torch not available: PyTorch columns will say so"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0" \
+		|| echo "torch not available: PyTorch columns will say so"
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m benchmarks.run $(BENCH_ARGS)
 	$(PY) -m benchmarks.bench_gpu
 
