@@ -308,6 +308,26 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
+def _other_row(name: str, v: dict) -> str:
+    """A table row for a section measured as a dict (real-env evaluation, loader) rather than a comparison."""
+    if name == "realenv" and "target" in v:
+        t = v["target"]
+        ev = v[t["variant"]]
+        raw = v["raw_2_processes"]["steps_per_s"]["median"]
+        met = "yes" if t["met"] else "**no**"
+        envs = v["lockstep_envs_per_worker"]
+        return (f"| real-env evaluation, Doom, 2 workers x {envs} lockstep envs ({v['model']}) "
+                f"| raw random policy, 2 processes: {_fmt(raw)} env-steps/s | agent: "
+                f"{_fmt(ev['steps_per_s']['median'])} env-steps/s, {ev['episodes_per_s']['median']:.2f} episodes/s "
+                f"| {t['ratio_median']:.3f} | >= 0.80 of raw | {met} |")
+    if name == "loader" and "frames_per_s" in v:
+        met = "yes" if v["peak_growth_mb"] <= v["budget_mb"] * 1.1 else "**no**"
+        return (f"| frame loader, {v['store_mb']:.0f} MB store, {v['budget_mb']:.0f} MB budget | | "
+                f"{_fmt(v['frames_per_s'])} frames/s, peak memory +{v['peak_growth_mb']:.0f} MB | | "
+                f"memory within budget, never V's bottleneck | {met} |")
+    return f"| {name} | {json.dumps(v)} | | | | |"
+
+
 def markdown(results: dict) -> str:
     """The results as a markdown table (ratios first: they are what transfers across machines)."""
     lines = ["| benchmark | A | B | ratio (median, min–max) | target | met |", "|---|---|---|---|---|---|"]
@@ -320,7 +340,7 @@ def markdown(results: dict) -> str:
                      f"{_fmt(b['median'])} {b['unit']} | {r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f}){extra} | "
                      f"{c['target']} | {met} |")
     for name, v in results.get("other", {}).items():
-        lines.append(f"| {name} | {json.dumps(v)} | | | | |")
+        lines.append(_other_row(name, v))
     for name, v in results.get("unavailable", {}).items():
         lines.append(f"| {name} | not available: {v} | | | | |")
     return "\n".join(lines)
