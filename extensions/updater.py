@@ -200,7 +200,7 @@ class GradientLoggingMixin:
         logged = every > 0 and (st.log_schedule is None or self._logged_now(iteration))
         stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
         summary = gradient_summary(names, [p.grad for p in params], with_stats=stats_now)
-        if summary.table is not None:
+        if summary.values is not None:
             if logged:
                 _report(summary.as_report())
             elif st.tb_report is not None:
