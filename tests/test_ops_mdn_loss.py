@@ -99,3 +99,13 @@ def test_second_backward_on_the_same_graph_is_a_clear_error():
     loss.backward(retain_grad=True)
     with pytest.raises(RuntimeError, match="experiment.ops=chainer"):
         loss.backward()
+
+
+def test_packed_unsupported_dtype_falls_back_to_the_stock_composition():
+    rng = np.random.default_rng(7)
+    y = rng.standard_normal((3, 2, 6)).astype(np.float16)
+    target = rng.standard_normal((3, 2)).astype(np.float16)
+    out = mdn_nll_packed(y, target, 2, reduce="no")
+    assert not isinstance(out.creator, MDNNegLogLikelihood)
+    np.testing.assert_allclose(out.array, mdn.mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce="no").array,
+                               rtol=1e-3)

@@ -155,15 +155,11 @@ def _check_reduce(reduce: str) -> None:
 
 def mdn_nll_packed(y, target, mixtures: int, reduce: str = "mean"):
     """Drop-in for :func:`wm_trainer.mdn.mdn_nll_packed` (y (N, D, 3K) = [logits | mu | log_std])."""
-    from wm_trainer import mdn
-
     _check_reduce(reduce)
     arr = y.array if isinstance(y, chainer.Variable) else y
     t = target.array if isinstance(target, chainer.Variable) else target
     if not (type(arr) is np.ndarray and type(t) is np.ndarray and arr.dtype in FLOAT_TYPES):
-        logits, mu, log_std = F.split_axis(y, 3, axis=2)
-        nll = -mdn.mdn_log_prob(logits, mu, log_std, target)
-        return nll if reduce == "no" else F.mean(nll)
+        return mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce=reduce)  # its fallback: the stock composition
     if not isinstance(target, chainer.Variable):
         target = np.asarray(t, dtype=arr.dtype)
     per_row = MDNNegLogLikelihood(mixtures).apply((y, target))[0]
