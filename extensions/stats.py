@@ -39,15 +39,30 @@ def _report_keys(prefix: str, names: tuple[str, ...]) -> list[str]:
 class GradSummary:
     """What one pass over the gradients found: total squared norm, per-parameter stats, gaps.
 
-    ``values`` holds, when statistics were computed, one row of ``STATS`` per name in ``names``,
-    flattened, as Python floats (what the reporter gets); ``table`` is the same as an array.
+    ``sums`` holds, when statistics were computed, the reductions of each array in ``names``:
+    (sizes, sums, sums of squares, max |g|, zero counts). ``values`` derives from them, when first
+    read, one row of ``STATS`` per name, flattened, as Python floats (what the reporter gets);
+    ``table`` is the same as an array.
     """
 
     sqnorm: float
     names: tuple[str, ...] = ()
-    values: list[float] | None = dataclasses.field(default=None, repr=False)
+    sums: tuple[Sequence[float], ...] | None = dataclasses.field(default=None, repr=False)
     missing: list[str] = dataclasses.field(default_factory=list)
     nonfinite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    _values: list[float] | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @property
+    def has_stats(self) -> bool:
+        """Whether per-parameter statistics were computed (not only the global norm)."""
+        return self.sums is not None
+
+    @property
+    def values(self) -> list[float] | None:
+        """One row of ``STATS`` per name, flattened, or None when statistics were not computed."""
+        if self._values is None and self.sums is not None:
+            self._values = _derive(self.names, self.sums, self.nonfinite)
+        return self._values
 
     @property
     def table(self) -> np.ndarray | None:
@@ -153,24 +168,63 @@ def _sqnorm(a: np.ndarray) -> float:
     return sq
 
 
-def _big_stats(a: np.ndarray) -> tuple[float, float, float, float]:
-    """(sum, sum of squares, max |g|, zero count) of one big flat array, chunk by chunk."""
-    total = sq = zeros = 0.0
-    hi, lo = -math.inf, math.inf
-    is_zero = np.empty(min(a.size, _CHUNK), dtype=bool)
-    for i in range(0, a.size, _CHUNK):
-        c = a[i:i + _CHUNK]
-        total += float(c.sum())
-        sq += float(np.dot(c, c))
-        hi = max(hi, float(c.max()))
-        lo = min(lo, float(c.min()))
-        flags = is_zero[:c.size]
-        np.equal(c, 0, out=flags)
-        zeros += np.count_nonzero(flags)
-    if not math.isfinite(sq):  # float32 overflow, or a real NaN/Inf: settle both sums in float64
-        sq, total = _sqnorm(a), float(a.sum(dtype=np.float64))
-        hi, lo = float(a.max()), float(a.min())  # Python's max() does not propagate NaN
-    return total, sq, hi if hi != hi else max(hi, -lo), zeros
+def _pieces(arrays: Sequence[np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """(array index, flat piece of at most ``_CHUNK`` elements) over ``arrays``."""
+    out = []
+    for i, a in enumerate(arrays):
+        flat = a.ravel()
+        out.extend((i, flat[lo:lo + _CHUNK]) for lo in range(0, flat.size, _CHUNK))
+    return out
+
+
+_SCRATCH = np.empty(0, dtype=bool)
+
+
+def _over_pieces(fn: Any, pieces: list[tuple[int, np.ndarray]]) -> list[Any]:
+    """``[fn(piece, scratch) for _, piece in pieces]``; ``scratch`` is a bool buffer of ``_CHUNK`` elements."""
+    global _SCRATCH
+    if _SCRATCH.size < _CHUNK:
+        _SCRATCH = np.empty(_CHUNK, dtype=bool)
+    scratch = _SCRATCH
+    return [fn(c, scratch) for _, c in pieces]
+
+
+def _piece_stats(c: np.ndarray, scratch: np.ndarray) -> tuple[float, float, float, float, int]:
+    """(sum, sum of squares, max, min, zero count) of one cache-sized piece: each pass reads it from L2."""
+    flags = scratch[:c.size]
+    np.equal(c, 0, out=flags)  # count_nonzero of a float array is ten times slower than of bools
+    return (float(c.sum()), float(np.dot(c, c)), float(c.max()), float(c.min()), int(np.count_nonzero(flags)))
+
+
+def _big_stats(arrays: Sequence[np.ndarray]) -> list[tuple[float, float, float, float]]:
+    """(sum, sum of squares, max |g|, zero count) of each big array, piece by piece."""
+    totals = [[0.0, 0.0, -math.inf, math.inf, 0] for _ in arrays]
+    for (i, _), (s, q, hi, lo, z) in zip(pieces := _pieces(arrays), _over_pieces(_piece_stats, pieces)):
+        t = totals[i]
+        t[0] += s
+        t[1] += q
+        t[2] = hi if hi != hi or t[2] != t[2] else max(t[2], hi)  # Python's max() does not propagate NaN
+        t[3] = lo if lo != lo or t[3] != t[3] else min(t[3], lo)
+        t[4] += z
+    out = []
+    for a, (total, sq, hi, lo, zeros) in zip(arrays, totals):
+        if not math.isfinite(sq):  # float32 overflow, or a real NaN/Inf: settle both sums in float64
+            sq, total = _sqnorm(a.ravel()), float(a.sum(dtype=np.float64))
+        out.append((total, sq, hi if hi != hi else max(hi, -lo), zeros))
+    return out
+
+
+def _big_sqnorms(arrays: Sequence[np.ndarray]) -> list[float]:
+    """Sum of squares of each big array by BLAS dots over pieces, each piece's dot summed in float64;
+    recomputed in float64 where float32 overflowed."""
+    sqs = [0.0] * len(arrays)
+    for (i, _), q in zip(pieces := _pieces(arrays), _over_pieces(_dot_self, pieces)):
+        sqs[i] += q
+    return [q if math.isfinite(q) else _sqnorm(a.ravel()) for a, q in zip(arrays, sqs)]
+
+
+def _dot_self(c: np.ndarray, scratch: np.ndarray) -> float:
+    return float(np.dot(c, c))
 
 
 def _small_sums(layout: _Layout, arrays: Sequence[Any]) -> tuple[list[float], list[float], list[float],
@@ -192,13 +246,13 @@ def _small_sums(layout: _Layout, arrays: Sequence[Any]) -> tuple[list[float], li
 
 def _numpy_summary(names, arrays, missing, with_stats: bool) -> GradSummary:
     if not arrays:
-        return GradSummary(0.0, (), [] if with_stats else None, missing)
+        return GradSummary(0.0, (), ((),) * 5 if with_stats else None, missing)
     layout = _layout(arrays)
     if not with_stats:  # the guard alone: the global squared norm
         small = [arrays[i] for i in layout.small] if layout.big else arrays
         total = _sqnorm(_flat(small)) if layout.small else 0.0
-        for i in layout.big:
-            total += _sqnorm(arrays[i].ravel())
+        if layout.big:
+            total += sum(_big_sqnorms([arrays[i] for i in layout.big]))
         nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
         return GradSummary(total, tuple(names), None, missing, nonfinite)
     n = len(arrays)
@@ -207,29 +261,30 @@ def _numpy_summary(names, arrays, missing, with_stats: bool) -> GradSummary:
         small = [arrays[i] for i in layout.small] if layout.big else arrays
         for i, s, q, z, m in zip(layout.small, *_small_sums(layout, small)):
             sums[i], sqs[i], zeros[i], max_abs[i] = s, q, z, m
-    for i in layout.big:
-        sums[i], sqs[i], max_abs[i], zeros[i] = _big_stats(arrays[i].ravel())
+    if layout.big:
+        for i, row in zip(layout.big, _big_stats([arrays[i] for i in layout.big])):
+            sums[i], sqs[i], max_abs[i], zeros[i] = row
     total = sum(sqs)
     nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
-    return _assemble(names, layout.sizes, sums, sqs, max_abs, zeros, nonfinite, total, missing)
+    return GradSummary(total, tuple(names), (layout.sizes, sums, sqs, max_abs, zeros), missing, nonfinite)
 
 
-def _assemble(names, sizes, sums, sqs, max_abs, zeros, nonfinite, total, missing) -> GradSummary:
-    """The summary from per-array sums (Python floats or sequences of them), one row of ``STATS`` each."""
+def _derive(names: Sequence[str], sums: tuple[Sequence[float], ...], nonfinite: dict) -> list[float]:
+    """One row of ``STATS`` per name from its (size, sum, sum of squares, max |g|, zero count)."""
     values: list[float] = []
     sqrt = math.sqrt
-    for name, n, s, q, m, z in zip(names, sizes, sums, sqs, max_abs, zeros):
+    for name, n, s, q, m, z in zip(names, *sums):
         mean = s / n
         var = q / n - mean * mean
         nan, inf = nonfinite.get(name, (0, 0))
         values += (sqrt(q) if q >= 0 else q, mean, sqrt(var) if var > 0 else (0.0 if var == var else var), m,
                    z / n, float(nan), float(inf))
-    return GradSummary(total, tuple(names), values, missing, nonfinite)
+    return values
 
 
 def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary:
     if not arrays:
-        return GradSummary(0.0, (), [] if with_stats else None, missing)
+        return GradSummary(0.0, (), ((),) * 5 if with_stats else None, missing)
     f64 = xp.float64
     if not with_stats:
         sq = float(sum(xp.vdot(a.ravel(), a.ravel()).astype(f64) for a in arrays))
@@ -247,7 +302,8 @@ def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary
     table = chainer.backend.CpuDevice().send(xp.stack(rows))  # one device->host transfer
     sums, sqs, max_abs, zeros, nans, infs = table.T.tolist()
     nonfinite = {n: (int(a), int(b)) for n, a, b in zip(names, nans, infs) if a or b}
-    return _assemble(names, [a.size for a in arrays], sums, sqs, max_abs, zeros, nonfinite, sum(sqs), missing)
+    return GradSummary(sum(sqs), tuple(names), ([a.size for a in arrays], sums, sqs, max_abs, zeros), missing,
+                       nonfinite)
 
 
 def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: bool = True) -> GradSummary:
@@ -288,8 +344,8 @@ def all_finite(arrays: Sequence[Any]) -> bool:
         if layout.small:
             small = [arrays[i] for i in layout.small] if layout.big else arrays
             total = float(np.concatenate(small, axis=None, out=layout.work[0]).sum())
-        for i in layout.big:
-            total += float(arrays[i].sum())
+        if layout.big:  # squares rather than values: BLAS dots read faster than NumPy's pairwise sum
+            total += sum(_over_pieces(_dot_self, _pieces([arrays[i] for i in layout.big])))
     else:
         total = float(sum(a.sum(dtype=xp.float64) for a in arrays))
     if math.isfinite(total):

@@ -2,13 +2,13 @@
 
 One iteration, top to bottom (``GradientLoggingMixin.update_core``):
 next batch -> converter (float inputs cast to float64 in float64 mode) -> save the random
-state and start copying weights and optimizer state (on a worker thread for a big net, see
-``backup``) -> cleargrads -> ``compute_loss`` -> backward -> per-parameter statistics and
-the guard (loss and global gradient norm finite) -> histograms -> optimizer update only when
-finite -> parameters checked after the update (restored from the copy if the update made
-them non-finite). On a failure the iteration is replayed (same batch, same pre-update weights,
-same random state) to localise the birth and to replay it in float64, a report and the last
-good state are written, and the policy (raise, warn, skip) decides what happens next.
+state -> cleargrads -> ``compute_loss`` -> backward -> per-parameter statistics and the guard
+(loss and global gradient norm finite) -> histograms -> copy of weights and optimizer state
+(see ``backup``) and optimizer update, only when finite -> parameters checked after the update
+(restored from the copy if the update made them non-finite). On a failure the iteration is
+replayed (same batch, same pre-update weights, same random state) to localise the birth and to
+replay it in float64, a report and the last good state are written, and the policy (raise,
+warn, skip) decides what happens next.
 """
 from __future__ import annotations
 
@@ -182,8 +182,6 @@ class GradientLoggingMixin:
         names, params = self._param_table(target)
         xp = target.xp
         rng = st.rng.capture(xp, st.seeder) if nf.check and (nf.localize or nf.replay_float64) else None
-        if nf.check:
-            st.backup.start(params, optimizer)  # a big copy runs while the forward and backward passes do
 
         if debug.float64 and not st.float64_checked:
             check_float64(target)  # before the forward pass, where Chainer's type check would fail first
@@ -200,7 +198,7 @@ class GradientLoggingMixin:
         logged = every > 0 and (st.log_schedule is None or self._logged_now(iteration))
         stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
         summary = gradient_summary(names, [p.grad for p in params], with_stats=stats_now)
-        if summary.values is not None:
+        if summary.has_stats:
             if logged:
                 _report(summary.as_report())
             elif st.tb_report is not None:
@@ -220,8 +218,14 @@ class GradientLoggingMixin:
                 backup = st.backup
                 backup.finish(params, optimizer)
                 optimizer._ext_grad_sqnorm = (optimizer.t, summary.sqnorm)
-                optimizer.update()
-                bad = nonfinite_counts(names, [p.array for p in params]) if not _finite_params(params) else {}
+                try:
+                    optimizer.update()
+                finally:
+                    backup.settle()
+                finite = backup.params_finite(params)
+                if finite is None:
+                    finite = all_finite([p.array for p in params])
+                bad = {} if finite else nonfinite_counts(names, [p.array for p in params])
                 if bad:
                     backup.restore(optimizer)
                     self._on_nonfinite(optimizer, in_arrays, None, "parameters after the update", "update",
@@ -326,10 +330,6 @@ def _host_scalar(a: Any) -> float:
     if type(a) is np.ndarray:
         return float(a) if a.ndim == 0 else float(a.sum())
     return float(chainer.backend.CpuDevice().send(a).sum())
-
-
-def _finite_params(params: list[chainer.Parameter]) -> bool:
-    return all_finite([p.array for p in params])
 
 
 class GradientLoggingUpdater(GradientLoggingMixin, StandardUpdater):

@@ -331,15 +331,16 @@ class Wide(chainer.Chain):
         return F.mean_squared_error(self.l2(F.tanh(self.l1(x))), t)
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_adam_update_that_overflows_is_rolled_back_with_its_state(tmp_path, monkeypatch, background):
+@pytest.mark.parametrize("arena", [True, False])
+def test_adam_update_that_overflows_is_rolled_back_with_its_state(tmp_path, monkeypatch, arena):
     """Good updates, then one whose step overflows: parameters, Adam's moments and t come back bit for bit.
 
-    With ``background`` every backup copy runs on the worker thread during the forward pass.
+    With ``arena`` the net is small enough for its arrays to live in one flat array each dtype; without,
+    every array is copied on its own, split over the threads.
     """
     from extensions import backup
 
-    monkeypatch.setattr(backup, "BACKGROUND_BYTES", 0 if background else 1 << 40)
+    monkeypatch.setattr(backup, "ARENA_BYTES", 1 << 40 if arena else 0)
     np.random.seed(0)
     model = Wide()
     opt = chainer.optimizers.Adam(1e-3)
@@ -368,6 +369,94 @@ def test_adam_update_that_overflows_is_rolled_back_with_its_state(tmp_path, monk
     updater.update()  # training goes on from the restored state
     assert opt.t == 3 and all(np.isfinite(p.array).all() for p in model.params())
     assert not np.array_equal(model.l1.W.array, before["/l1/W"][0])
+
+
+def test_small_net_arrays_live_in_one_arena_and_a_replaced_array_is_followed(tmp_path):
+    """A small net's parameters and Adam state become views of one flat array with their values unchanged;
+    an array replaced between iterations (as ``to_device`` or ``cast_link`` do) is noticed, and a failed
+    update after it is still rolled back onto the new array."""
+    np.random.seed(0)
+    model = Wide()
+    opt = chainer.optimizers.Adam(1e-3)
+    opt.setup(model)
+    rng = np.random.RandomState(0)
+    data = chainer.datasets.TupleDataset(rng.randn(40, 200).astype(np.float32), rng.randn(40, 1).astype(np.float32))
+    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 10), opt, -1, out=str(tmp_path),
+                                         debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
+    w_before = model.l1.W.array.copy()
+    updater.update()  # Adam's state is created by this update: the next one lays it out
+    updater.update()
+    arena = updater._ext.backup.arena[np.dtype(np.float32)]
+    for p in model.params():
+        assert p.array.base is arena and p.update_rule.state["m"].base is arena
+    assert np.abs(model.l1.W.array - w_before).max() < 1e-2  # trained from its values, not from zeros
+
+    replaced = model.l2.W.array.copy()
+    model.l2.W.array = replaced  # a new array behind the toolkit's back
+    expected = replaced.copy()
+    opt.alpha = 1e39
+    updater.update()
+    assert updater.skipped == 1 and model.l2.W.array is not replaced  # laid out again, values kept
+    np.testing.assert_array_equal(model.l2.W.array, expected)
+    assert model.l2.W.array.base is updater._ext.backup.arena[np.dtype(np.float32)]
+
+
+class _WritesWeights:
+    """A pre-update hook that writes a parameter (not a gradient): the backup must copy before it runs."""
+
+    name = "writes_weights"
+    timing = "pre"
+    call_for_each_param = True
+
+    def __call__(self, rule, param):
+        param.array *= 1.0
+
+
+@pytest.mark.parametrize("case", ["saves", "custom_hook", "frozen_param"])
+def test_rule_that_saves_what_it_overwrites_is_rolled_back_bit_for_bit(tmp_path, monkeypatch, case):
+    """FastAdam saves each block before updating it (the toolkit's save protocol) instead of a copy beforehand;
+    a failed update comes back bit for bit. A custom pre-update hook turns the protocol off (the copy is
+    taken first); a parameter with no gradient is not updated and its values are left as they are."""
+    from extensions import backup
+    from wm_trainer.ops.adam import FastAdam, FastAdamRule
+
+    monkeypatch.setattr(backup, "ARENA_BYTES", 0)  # the path of big nets
+    saved = []
+    orig = FastAdamRule.update_core_cpu
+
+    def spy(self, param):
+        saved.append(self.save_overwritten is not None)
+        return orig(self, param)
+    monkeypatch.setattr(FastAdamRule, "update_core_cpu", spy)
+    np.random.seed(0)
+    model = Wide()
+    opt = FastAdam(1e-3)
+    opt.setup(model)
+    if case == "custom_hook":
+        opt.add_hook(_WritesWeights())
+    rng = np.random.RandomState(0)
+    data = chainer.datasets.TupleDataset(rng.randn(40, 200).astype(np.float32), rng.randn(40, 1).astype(np.float32))
+    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 10), opt, -1, out=str(tmp_path),
+                                         debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
+    updater.update()
+    updater.update()
+    if case == "frozen_param":
+        model.l1.b.update_rule.enabled = False  # given a save target, but its update never runs
+    before = {n: (p.array.copy(), p.update_rule.state["m"].copy(), p.update_rule.state["v"].copy())
+              for n, p in model.namedparams()}
+    saved.clear()
+    opt.alpha = 1e39
+    updater.update()
+    assert updater.skipped == 1 and updater.last_failure.where == "update"
+    assert all(saved) == (case != "custom_hook") and saved
+    for name, p in model.namedparams():
+        np.testing.assert_array_equal(p.array, before[name][0])
+        np.testing.assert_array_equal(p.update_rule.state["m"], before[name][1])
+        np.testing.assert_array_equal(p.update_rule.state["v"], before[name][2])
+    assert all(rule.save_overwritten is None for rule in (p.update_rule for p in model.params()))
+    opt.alpha = 1e-3
+    updater.update()
+    assert all(np.isfinite(p.array).all() for p in model.params())
 
 
 @pytest.mark.parametrize("fast", [True, False])
