@@ -132,7 +132,8 @@ class _Layout:
         self.sizes = list(sizes)
         self.big = [i for i, n in enumerate(sizes) if n >= BIG]
         self.small = [i for i, n in enumerate(sizes) if n < BIG]
-        small_sizes = np.array([sizes[i] for i in self.small], dtype=np.int64)
+        self.small_sizes = [sizes[i] for i in self.small]
+        small_sizes = np.array(self.small_sizes, dtype=np.int64)
         self.offsets = np.concatenate(([0], np.cumsum(small_sizes)[:-1])).astype(np.int64)
         self.work = np.empty((3, int(small_sizes.sum())))  # gathered values, their squares, zero flags
         self.out = np.empty((4, len(self.small)))  # per array: sum, sum of squares, zeros, max square
@@ -141,9 +142,9 @@ class _Layout:
 _LAYOUTS: dict[tuple[int, ...], _Layout] = {}
 
 
-def _layout(arrays: Sequence[Any]) -> _Layout:
-    """The layout of ``arrays``, cached by their sizes."""
-    key = tuple([a.size for a in arrays])
+def _layout(arrays: Sequence[Any], sizes: tuple[int, ...] | None = None) -> _Layout:
+    """The layout of ``arrays`` (whose sizes are ``sizes`` if given), cached by their sizes."""
+    key = tuple([a.size for a in arrays]) if sizes is None else sizes
     layout = _LAYOUTS.get(key)
     if layout is None:
         if len(_LAYOUTS) > 64:
@@ -237,17 +238,20 @@ def _small_sums(layout: _Layout, arrays: Sequence[Any]) -> tuple[list[float], li
     work, out = layout.work, layout.out
     np.concatenate(arrays, axis=None, out=work[0])
     np.multiply(work[0], work[0], out=work[1])
-    np.equal(work[0], 0, out=work[2])
+    np.sign(work[1], out=work[2])  # 1 where non-zero: float to float, unlike a comparison with 0
     np.add.reduceat(work, layout.offsets, axis=1, out=out[:3])
     np.maximum.reduceat(work[1], layout.offsets, out=out[3])
-    sums, sqs, zeros, max_sq = out.tolist()
-    return sums, sqs, zeros, [math.sqrt(m) for m in max_sq]
+    sums, sqs, nonzero, max_sq = out.tolist()
+    if not math.isfinite(sum(nonzero)):  # sign(NaN) is NaN: count the zeros exactly
+        np.equal(work[0], 0, out=work[2])
+        nonzero = [n - z for n, z in zip(layout.small_sizes, np.add.reduceat(work[2], layout.offsets).tolist())]
+    return sums, sqs, [n - c for n, c in zip(layout.small_sizes, nonzero)], [math.sqrt(m) for m in max_sq]
 
 
-def _numpy_summary(names, arrays, missing, with_stats: bool) -> GradSummary:
+def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, ...] | None = None) -> GradSummary:
     if not arrays:
         return GradSummary(0.0, (), ((),) * 5 if with_stats else None, missing)
-    layout = _layout(arrays)
+    layout = _layout(arrays, sizes)
     if not with_stats:  # the guard alone: the global squared norm
         small = [arrays[i] for i in layout.small] if layout.big else arrays
         total = _sqnorm(_flat(small)) if layout.small else 0.0
@@ -311,6 +315,13 @@ def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: boo
 
     ``grads`` holds one array (or None for a parameter that got no gradient) per name.
     """
+    sizes = []
+    for a in grads:  # the common case in one pass: every gradient there, non-empty, on the host
+        if a is None or type(a) is not np.ndarray or not a.size:
+            break
+        sizes.append(a.size)
+    else:
+        return _numpy_summary(names, grads, [], with_stats, tuple(sizes))
     present_names, present, missing = _split(names, grads)
     if not present or all(type(a) is np.ndarray for a in present):
         return _numpy_summary(present_names, present, missing, with_stats)

@@ -197,8 +197,9 @@ class GradientLoggingMixin:
         every = debug.gradients.every
         logged = every > 0 and (st.log_schedule is None or self._logged_now(iteration))
         stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
-        summary = gradient_summary(names, [p.grad for p in params], with_stats=stats_now)
-        if summary.has_stats:
+        summary = gradient_summary(names, [p.grad for p in params], with_stats=stats_now) if (
+            stats_now or nf.check) else None
+        if summary is not None and summary.has_stats:
             if logged:
                 _report(summary.as_report())
             elif st.tb_report is not None:

@@ -136,6 +136,8 @@ def test_gradient_summary_api():
     assert summary.missing == ["b"]
     bad = ext.gradient_summary(["a"], [np.array([np.nan, np.inf, 1.0], np.float32)])
     assert not bad.finite and bad.stats["a"]["nan"] == 1.0 and bad.stats["a"]["inf"] == 1.0
+    zeros = ext.gradient_summary(["a", "b"], [np.array([0.0, np.nan, 0.0, 2.0], np.float32), np.zeros(3, np.float32)])
+    assert zeros.stats["a"]["zero_frac"] == 0.5 and zeros.stats["b"]["zero_frac"] == 1.0  # exact beside a NaN
     huge = ext.gradient_summary(["a"], [np.full(4, 1e20, np.float32)], with_stats=False)
     assert huge.finite and huge.global_norm == pytest.approx(2e20)  # float32 squares would overflow
 

@@ -481,3 +481,12 @@ def test_rng_tracker_captures_the_exact_state_cheaply(monkeypatch, fast):
         np.testing.assert_array_equal(np.random.normal(size=5), first)
     assert (tracker._reader is not None) == fast  # the fast path is in use on this NumPy
     assert RngState.capture().legacy_state()[2] == np.random.get_state()[2]
+
+    # consecutive captures with no draw, one draw, a Gaussian taken from the cache (the position stays),
+    # 624 draws (every word regenerated, the position back where it was): each equals get_state()
+    np.random.seed(3)
+    for draw in (lambda: None, lambda: np.random.rand(), lambda: np.random.normal(), lambda: np.random.normal(),
+                 lambda: np.random.randint(0, 2 ** 31, size=624), lambda: None):
+        draw()
+        got, want = tracker.capture().legacy_state(), np.random.get_state()
+        assert np.array_equal(got[1], want[1]) and got[2:] == want[2:]
