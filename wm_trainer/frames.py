@@ -85,9 +85,12 @@ class FrameLoader(chainer.dataset.Iterator):
         self.n_frames = int(self._lengths.sum())
         frame_bytes = int(np.prod(self.frame_shape))
         self.memory_bytes = int(memory_mb * 2**20)
-        self.chunk_frames = min(self.memory_bytes // (2 * frame_bytes), self.n_frames)
+        # the budget holds two chunks (one served, one read ahead), their shuffled orders (8 bytes a
+        # frame) and two batches (the one the caller holds while the next is filled)
+        batches = 2 * self.batch_size * frame_bytes
+        self.chunk_frames = min(max(self.memory_bytes - batches, 0) // (2 * (frame_bytes + 8)), self.n_frames)
         if self.chunk_frames < min(self.batch_size, self.n_frames):
-            need = 2 * self.batch_size * frame_bytes / 2**20
+            need = (batches + 2 * self.batch_size * (frame_bytes + 8)) / 2**20
             raise UserError(f"frame loader memory budget {memory_mb} MB is too small for batches of "
                             f"{self.batch_size} frames (needs at least {need:.1f} MB)")
         self._threads = cf.ThreadPoolExecutor(1, thread_name_prefix="frame-loader")
