@@ -13,6 +13,7 @@ from wm_trainer.errors import UserError
 from wm_trainer.frames import FrameLoader, count_frames
 
 FRAME_MB = 64 * 64 * 3 / 2**20
+THREAD_MB = 0.25  # what the loader counts for its reader thread
 
 
 def _store(folder, lengths, compress_every: int = 0) -> int:
@@ -44,7 +45,7 @@ def test_one_epoch_serves_every_frame_once_shuffled(tmp_path):
     n = _store(tmp_path, LENGTHS, compress_every=5)  # a few compressed files take the slow path
     assert count_frames(tmp_path) == n
     # two chunks of 50 frames, their orders and two batches of 32
-    loader = FrameLoader(tmp_path, 32, memory_mb=164 * FRAME_MB + 1000 / 2**20, seed=1, repeat=False)
+    loader = FrameLoader(tmp_path, 32, memory_mb=164 * FRAME_MB + THREAD_MB + 0.001, seed=1, repeat=False)
     assert loader.chunk_frames == 50 and loader.n_frames == n
     batches = []
     for batch in loader:
@@ -64,14 +65,15 @@ def test_one_epoch_serves_every_frame_once_shuffled(tmp_path):
 
 def test_unshuffled_order_is_the_store_order(tmp_path):
     n = _store(tmp_path, LENGTHS[:4])
-    loader = FrameLoader(tmp_path, 10, memory_mb=(30 + 2 * 10) * FRAME_MB + 0.001, shuffle=False, repeat=False)
+    budget = (30 + 2 * 10) * FRAME_MB + THREAD_MB + 0.001
+    loader = FrameLoader(tmp_path, 10, memory_mb=budget, shuffle=False, repeat=False)
     seen = [i for b in loader for i in _ids(b)]
     assert seen == [(e, t) for e, n_t in enumerate(LENGTHS[:4]) for t in range(n_t)] and len(seen) == n
 
 
 def test_repeat_crosses_epochs_like_serial_iterator(tmp_path):
     n = _store(tmp_path, LENGTHS)
-    loader = FrameLoader(tmp_path, 25, memory_mb=(80 + 2 * 25) * FRAME_MB + 0.001, seed=3)
+    loader = FrameLoader(tmp_path, 25, memory_mb=(80 + 2 * 25) * FRAME_MB + THREAD_MB + 0.001, seed=3)
     counts: collections.Counter = collections.Counter()
     epochs, orders = [], {0: [], 1: []}
     assert loader.previous_epoch_detail is None
@@ -96,7 +98,7 @@ def test_repeat_crosses_epochs_like_serial_iterator(tmp_path):
 
 def test_serialize_resume_continues_the_same_stream(tmp_path):
     _store(tmp_path, LENGTHS)
-    budget = (60 + 2 * 16) * FRAME_MB + 0.001  # chunks of 30 frames beside two batches
+    budget = (60 + 2 * 16) * FRAME_MB + THREAD_MB + 0.001  # chunks of 30 frames beside two batches
     original = FrameLoader(tmp_path, 16, memory_mb=budget, seed=5)
     for _ in range(11):  # mid-epoch (291 frames), mid-chunk (60 frames)
         next(original)

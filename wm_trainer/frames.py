@@ -63,6 +63,9 @@ def count_frames(folder: str | os.PathLike) -> int:
     return sum(s.length for s in _scan_sources(folder)[0])
 
 
+_THREAD_BYTES = 256 * 1024  # the reader thread's stack and objects, counted in the budget
+
+
 class FrameLoader(chainer.dataset.Iterator):
     """Batches of uint8 frames (B, 64, 64, 3) from an episode folder, shuffled, within ``memory_mb``."""
 
@@ -86,8 +89,8 @@ class FrameLoader(chainer.dataset.Iterator):
         frame_bytes = int(np.prod(self.frame_shape))
         self.memory_bytes = int(memory_mb * 2**20)
         # the budget holds two chunks (one served, one read ahead), their shuffled orders (8 bytes a
-        # frame) and two batches (the one the caller holds while the next is filled)
-        batches = 2 * self.batch_size * frame_bytes
+        # frame), two batches (the one the caller holds while the next is filled) and the reader thread
+        batches = 2 * self.batch_size * frame_bytes + _THREAD_BYTES
         self.chunk_frames = min(max(self.memory_bytes - batches, 0) // (2 * (frame_bytes + 8)), self.n_frames)
         if self.chunk_frames < min(self.batch_size, self.n_frames):
             need = (batches + 2 * self.batch_size * (frame_bytes + 8)) / 2**20
