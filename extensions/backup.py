@@ -16,6 +16,7 @@ forward and backward passes only read them. The copy is taken right before the u
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import chainer
@@ -143,9 +144,11 @@ class UpdateBackup:
             if p.array is not view:
                 return None
         for dtype, flat in self.arena.items():
-            end = self.param_end[dtype]
-            if end and not np.isfinite(np.dot(flat[:end], flat[:end])):
-                return bool(np.isfinite(flat[:end]).all())
+            # a plain sum, not a BLAS dot: on a small net the dot's call costs several times its work
+            # (measured 15 us more an iteration in place); a sum of big finite values may overflow: then exact
+            params = flat[:self.param_end[dtype]]
+            if not math.isfinite(np.add.reduce(params)):
+                return bool(np.isfinite(params).all())
         return True
 
     def restore(self, optimizer: chainer.Optimizer) -> None:

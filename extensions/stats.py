@@ -110,10 +110,6 @@ def _split(names: Sequence[str], arrays: Sequence[Any]) -> tuple[list[str], list
     return present_names, present, missing
 
 
-def _flat(arrays: Sequence[Any]) -> Any:
-    return arrays[0].ravel() if len(arrays) == 1 else np.concatenate(arrays, axis=None)
-
-
 # Arrays at least this large are reduced one by one, in place (no concatenation copy, no float64
 # temporaries); smaller ones are gathered into one float64 buffer and reduced together with
 # ``reduceat``: a handful of NumPy calls whatever their number.
@@ -253,8 +249,12 @@ def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, .
         return GradSummary(0.0, (), ((),) * 5 if with_stats else None, missing)
     layout = _layout(arrays, sizes)
     if not with_stats:  # the guard alone: the global squared norm
-        small = [arrays[i] for i in layout.small] if layout.big else arrays
-        total = _sqnorm(_flat(small)) if layout.small else 0.0
+        total = 0.0
+        if layout.small:  # gathered in float64 and summed by NumPy: a BLAS dot costs more than it saves here
+            work = layout.work
+            np.concatenate([arrays[i] for i in layout.small] if layout.big else arrays, axis=None, out=work[0])
+            np.multiply(work[0], work[0], out=work[1])
+            total = float(np.add.reduce(work[1]))
         if layout.big:
             total += sum(_big_sqnorms([arrays[i] for i in layout.big]))
         nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
