@@ -22,16 +22,19 @@ import numpy as np
 STATS = ("norm", "mean", "std", "max_abs", "zero_frac", "nan", "inf")
 
 
-_KEYS: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+_KEYS: dict[tuple[Any, ...], tuple[str, ...]] = {}
 
 
-def _report_keys(prefix: str, names: tuple[str, ...]) -> list[str]:
-    key = (prefix, names)
+def _report_keys(prefix: str, names: tuple[str, ...], missing: tuple[str, ...] = (),
+                 with_stats: bool = True) -> tuple[str, ...]:
+    """``grad/global_norm``, then ``grad/<path>/<stat>`` per name if ``with_stats``, then ``grad/<path>/missing``."""
+    key = (prefix, names, missing, with_stats)
     keys = _KEYS.get(key)
     if keys is None:
         if len(_KEYS) > 64:
             _KEYS.clear()
-        keys = _KEYS[key] = [f"{prefix}/{n}/{s}" for n in names for s in STATS]
+        stats = [f"{prefix}/{n}/{s}" for n in names for s in STATS] if with_stats else []
+        keys = _KEYS[key] = (f"{prefix}/global_norm", *stats, *[f"{prefix}/{p}/missing" for p in missing])
     return keys
 
 
@@ -91,12 +94,18 @@ class GradSummary:
 
     def as_report(self, prefix: str = "grad") -> dict[str, float]:
         """Reporter keys ``grad/<path>/<stat>``, ``grad/<path>/missing`` and ``grad/global_norm``."""
-        out = {f"{prefix}/global_norm": self.global_norm}
-        if self.values is not None:
-            out.update(zip(_report_keys(prefix, self.names), self.values))
-        for path in self.missing:
-            out[f"{prefix}/{path}/missing"] = 1.0
-        return out
+        return dict(zip(*self.report_items(prefix)))
+
+    def report_items(self, prefix: str = "grad") -> tuple[tuple[str, ...], list[float]]:
+        """``as_report()`` as (keys, values); the keys are one cached tuple per set of names."""
+        values = self.values
+        keys = _report_keys(prefix, self.names, tuple(self.missing), values is not None)
+        out = [self.global_norm]
+        if values is not None:
+            out += values
+        if self.missing:
+            out += [1.0] * len(self.missing)
+        return keys, out
 
 
 def _split(names: Sequence[str], arrays: Sequence[Any]) -> tuple[list[str], list[Any], list[str]]:

@@ -117,6 +117,30 @@ def encode_scalars(values: dict[str, Any]) -> bytes:
     return b"".join(parts)
 
 
+_PACKERS: dict[tuple[str, ...], tuple[struct.Struct, list[Any]]] = {}
+
+
+def encode_items(tags: tuple[str, ...], values: list[float]) -> bytes:
+    """``encode_scalars(dict(zip(tags, values)))`` for Python floats: one cached ``struct`` per tag tuple packs
+    every (prefix, value) pair in one call."""
+    entry = _PACKERS.get(tags)
+    if entry is None:
+        if len(_PACKERS) > 64:
+            _PACKERS.clear()
+        prefixes = [_value_prefix(t) for t in tags]
+        fmt = struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes))
+        template: list[Any] = [None] * (2 * len(tags))
+        template[0::2] = prefixes
+        entry = _PACKERS[tags] = (fmt, template)
+    fmt, template = entry
+    args = template.copy()
+    args[1::2] = values
+    try:
+        return fmt.pack(*args)
+    except (OverflowError, struct.error):  # a value beyond float32 (written as +-inf) or not a float
+        return encode_scalars(dict(zip(tags, values)))
+
+
 def encode_event(summary: bytes, step: int, walltime: float) -> bytes:
     """A serialised ``Event(wall_time=walltime, step=step, summary=<summary bytes>)``."""
     # proto3 leaves out fields holding zero
@@ -271,16 +295,17 @@ class TensorBoardReport(training.Extension):
         self._pending: list[tuple[bytes, int, float]] = []
         self._staged: tuple[int, dict[str, Any]] | None = None
 
-    def stage(self, values: dict[str, Any], iteration: int) -> None:
+    def stage(self, values: dict[str, Any] | tuple[tuple[str, ...], list[float]], iteration: int) -> None:
         """Scalars to write with ``iteration``'s observation without putting them in the reporter (the
-        updater's gradient statistics on iterations no LogReport writes)."""
+        updater's gradient statistics on iterations no LogReport writes): a dict, or (tags, floats)."""
         self._staged = (iteration, values)
 
     def __call__(self, trainer: training.Trainer) -> None:
         summary = encode_scalars(trainer.observation)
         staged, self._staged = self._staged, None
         if staged is not None and staged[0] == trainer.updater.iteration:
-            summary += encode_scalars(staged[1])
+            values = staged[1]
+            summary += encode_scalars(values) if isinstance(values, dict) else encode_items(*values)
         if summary:
             self._pending.append((summary, trainer.updater.iteration, time.time()))
             if len(self._pending) >= self.batch:

@@ -203,7 +203,7 @@ class GradientLoggingMixin:
             if logged:
                 _report(summary.as_report())
             elif st.tb_report is not None:
-                st.tb_report.stage(summary.as_report(), iteration)
+                st.tb_report.stage(summary.report_items(), iteration)
         hist = debug.gradients.histograms_every
         if st.writer is not None and hist > 0 and iteration % hist == 0:
             self._histograms(names, params, iteration)

@@ -144,6 +144,19 @@ def test_scalar_events_are_protobufs_encoding():
     assert encode_scalars({"vector": np.ones(3)}) == b""
 
 
+def test_gradient_statistics_encoded_as_items_match_the_dict_encoding():
+    """The updater's (tags, floats) fast path writes the same bytes as the dict path, huge values included."""
+    from extensions.tensorboard import encode_items, encode_scalars
+
+    g = np.array([[0.0, 3e30], [-4.0, np.nan]], np.float32)
+    for summary in (ext.gradient_summary(["l1/W", "l1/b"], [g, None]),
+                    ext.gradient_summary(["l1/W"], [np.array([1.0, -2.0, 0.0], np.float32)]),
+                    ext.gradient_summary(["l1/W"], [np.array([1.0], np.float32)], with_stats=False)):
+        tags, values = summary.report_items()
+        assert dict(zip(tags, values)) == pytest.approx(summary.as_report(), nan_ok=True)
+        assert encode_items(tags, values) == encode_scalars(summary.as_report())  # 3e30 squared: beyond float32
+
+
 def test_histograms_match_tensorboardx_and_survive_huge_values(tmp_path):
     rng = np.random.RandomState(0)
     big = (rng.randn(50_000) * 1e-3).astype(np.float32)
