@@ -115,7 +115,7 @@ def bench_toolkit(quick: bool, tmp: str) -> list[Comparison]:
             # step), and its target is judged on total time (amortised), not on the median pair
             amortised = kind == "hist"
             # more pairs where a call is short: the median of 10 pairs of 65 ms calls moved by +-3 %
-            reps = 4 if quick else 10 if amortised else {"mdn-toy": 40, "convvae": 16}.get(net, 10)
+            reps = 4 if quick else 10 if amortised else {"mdn-toy": 40, "convvae": 24, "mdnrnn": 30}[net]
             n = max(1, 100 // reps) if amortised else iters
             label = "guard+stats" if kind == "stats" else "guard+stats+hist/100"
             c = compare_rates(f"toolkit cost, {net}", "plain StandardUpdater", lambda plain=plain, n=n: plain.run(n),
