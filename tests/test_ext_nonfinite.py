@@ -331,24 +331,29 @@ class Wide(chainer.Chain):
         return F.mean_squared_error(self.l2(F.tanh(self.l1(x))), t)
 
 
-@pytest.mark.parametrize("arena", [True, False])
-def test_adam_update_that_overflows_is_rolled_back_with_its_state(tmp_path, monkeypatch, arena):
-    """Good updates, then one whose step overflows: parameters, Adam's moments and t come back bit for bit.
-
-    With ``arena`` the net is small enough for its arrays to live in one flat array each dtype; without,
-    every array is copied on its own, split over the threads.
-    """
-    from extensions import backup
-
-    monkeypatch.setattr(backup, "ARENA_BYTES", 1 << 40 if arena else 0)
+def _wide_skipping(tmp_path, opt: chainer.Optimizer) -> tuple[Wide, chainer.Optimizer, ext.GradientLoggingUpdater]:
+    """A ``Wide`` net set up with ``opt`` under an updater whose policy is skip, on a fixed random batch stream."""
     np.random.seed(0)
     model = Wide()
-    opt = chainer.optimizers.Adam(1e-3)
     opt.setup(model)
     rng = np.random.RandomState(0)
     data = chainer.datasets.TupleDataset(rng.randn(40, 200).astype(np.float32), rng.randn(40, 1).astype(np.float32))
     updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 10), opt, -1, out=str(tmp_path),
                                          debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
+    return model, opt, updater
+
+
+@pytest.mark.parametrize("arena", [True, False])
+def test_adam_update_that_overflows_is_rolled_back_with_its_state(tmp_path, monkeypatch, arena):
+    """Good updates, then one whose step overflows: parameters, Adam's moments and t come back bit for bit.
+
+    With ``arena`` the net is small enough for its arrays to live in one flat array each dtype; without,
+    they are copied into the backup buffer one by one (Chainer's Adam does not save what it overwrites).
+    """
+    from extensions import backup
+
+    monkeypatch.setattr(backup, "ARENA_BYTES", 1 << 40 if arena else 0)
+    model, opt, updater = _wide_skipping(tmp_path, chainer.optimizers.Adam(1e-3))
     updater.update()
     updater.update()
 
@@ -375,14 +380,7 @@ def test_small_net_arrays_live_in_one_arena_and_a_replaced_array_is_followed(tmp
     """A small net's parameters and Adam state become views of one flat array with their values unchanged;
     an array replaced between iterations (as ``to_device`` or ``cast_link`` do) is noticed, and a failed
     update after it is still rolled back onto the new array."""
-    np.random.seed(0)
-    model = Wide()
-    opt = chainer.optimizers.Adam(1e-3)
-    opt.setup(model)
-    rng = np.random.RandomState(0)
-    data = chainer.datasets.TupleDataset(rng.randn(40, 200).astype(np.float32), rng.randn(40, 1).astype(np.float32))
-    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 10), opt, -1, out=str(tmp_path),
-                                         debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
+    model, opt, updater = _wide_skipping(tmp_path, chainer.optimizers.Adam(1e-3))
     w_before = model.l1.W.array.copy()
     updater.update()  # Adam's state is created by this update: the next one lays it out
     updater.update()
@@ -428,16 +426,9 @@ def test_rule_that_saves_what_it_overwrites_is_rolled_back_bit_for_bit(tmp_path,
         saved.append(self.save_overwritten is not None)
         return orig(self, param)
     monkeypatch.setattr(FastAdamRule, "update_core_cpu", spy)
-    np.random.seed(0)
-    model = Wide()
-    opt = FastAdam(1e-3)
-    opt.setup(model)
+    model, opt, updater = _wide_skipping(tmp_path, FastAdam(1e-3))
     if case == "custom_hook":
         opt.add_hook(_WritesWeights())
-    rng = np.random.RandomState(0)
-    data = chainer.datasets.TupleDataset(rng.randn(40, 200).astype(np.float32), rng.randn(40, 1).astype(np.float32))
-    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 10), opt, -1, out=str(tmp_path),
-                                         debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
     updater.update()
     updater.update()
     if case == "frozen_param":
