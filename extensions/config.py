@@ -15,10 +15,12 @@ class GradientsConfig:
     every: int = field(1, min=0, help="per-parameter gradient stats every N iterations (0 = off)")
     histograms_every: int = field(100, min=0, help="gradient and weight histograms every N iterations (0 = off)")
     print: bool = field(False, help="print(name, param.grad) after each update, as the seed's updater did")
-    report: Literal["logged", "every"] = field(
+    report: Literal["logged", "every", "tensorboard"] = field(
         "logged", help="logged: the reporter gets the stats of each iteration LogReport/PlotReport write (their "
         "log shows that iteration's values, not an interval average); TensorBoard gets every N. every: the "
-        "reporter gets every N (LogReport then averages them)")
+        "reporter gets every N (LogReport then averages them). tensorboard: TensorBoard only, never the "
+        "reporter (LogReport rewrites its whole log at each write, and 7 keys a parameter make that grow "
+        "with the run)")
 
 
 @dataclasses.dataclass
@@ -51,6 +53,11 @@ class DebugConfig:
     gradients: GradientsConfig = field(default_factory=GradientsConfig, help="gradient statistics")
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig, help="NaN/Inf detection")
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig, help="TensorBoard output")
+
+    def validate(self) -> None:
+        if self.gradients.report == "tensorboard" and self.gradients.every and self.tensorboard.logdir is False:
+            raise ValueError("gradients.report is tensorboard but tensorboard.logdir is false: the statistics "
+                             "would go nowhere (turn TensorBoard on, or use report: logged)")
 
     @classmethod
     def from_dict(cls, data: dict | None, *, source: Source | None = None, prefix: str = "debug") -> DebugConfig:

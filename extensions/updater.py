@@ -195,7 +195,8 @@ class GradientLoggingMixin:
         del loss  # free the graph before the update, as Optimizer.update(lossfun) does
 
         every = debug.gradients.every
-        logged = every > 0 and (st.log_schedule is None or self._logged_now(iteration))
+        logged = every > 0 and debug.gradients.report != "tensorboard" and (
+            st.log_schedule is None or self._logged_now(iteration))
         stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
         summary = gradient_summary(names, [p.grad for p in params], with_stats=stats_now) if (
             stats_now or nf.check) else None

@@ -245,6 +245,14 @@ def test_epoch_log_trigger_reports_at_the_end_of_each_epoch(tmp_path):
     assert log[1]["grad/predictor/0/W/norm"] == pytest.approx(norms[8], rel=1e-6)
 
 
+def test_report_tensorboard_keeps_the_statistics_out_of_log_report(tmp_path):
+    log, norms, seen = _logged_run(tmp_path, (2, "iteration"), report="tensorboard", iterations=4)
+    assert sorted(norms) == [1, 2, 3, 4] and seen == [False] * 4
+    assert not any(k.startswith("grad/") for entry in log for k in entry)
+
+
 def test_report_key_is_validated():
     with pytest.raises(ext.ConfigError, match="debug.gradients.report"):
         ext.DebugConfig.from_dict({"gradients": {"report": "sometimes"}})
+    with pytest.raises(ext.ConfigError, match="tensorboard.logdir is false"):
+        ext.DebugConfig.from_dict({"gradients": {"report": "tensorboard"}, "tensorboard": {"logdir": False}})
