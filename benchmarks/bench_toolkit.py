@@ -6,7 +6,9 @@ The sides are the very steppers of ``benchmarks.run`` (a Trainer with a LogRepor
 Single iterations alternate A B A B ..., so the ratio of the two medians tracks the toolkit's
 own cost on a shared, noisy machine better than a few long calls do. A second table times
 the toolkit's pieces in isolation on the same net (statistics, backup, post-update check,
-RNG capture, reporter handling of the extra keys) so a regression can be located.
+RNG capture, reporter handling of the extra keys, TensorBoard encoding) so a regression can be
+located. Timed alone in a loop their caches are hot: inside a real iteration each NumPy call costs
+two to five times more.
 """
 from __future__ import annotations
 
@@ -61,9 +63,9 @@ def compare(net: str, kind: str, pairs: int, tmp: str) -> dict:
 
 def pieces(net: str, tmp: str) -> dict:
     """Microseconds per iteration of each toolkit piece, timed alone on ``net`` after one real iteration."""
-    from extensions.backup import UpdateBackup
     from extensions.replay import RngTracker
     from extensions.stats import all_finite, gradient_summary
+    from extensions.tensorboard import encode_items
 
     stepper = _make_stepper(net, "stats", os.path.join(tmp, net, "pieces"))
     stepper.run(2)
@@ -75,14 +77,19 @@ def pieces(net: str, tmp: str) -> dict:
     summary = gradient_summary(names, grads)
     report = summary.as_report()
     summ = chainer.reporter.DictSummary()
-    backup = UpdateBackup()  # timed as a copy on the training thread (finish without a background start)
+    backup = updater._ext.backup  # the updater's own: its plan (flat arena or per-array buffers) is made
     tracker = RngTracker()
+
+    def post_check() -> bool:
+        finite = backup.params_finite(params)
+        return all_finite([p.array for p in params]) if finite is None else finite
     out = {
         "stats": _median_us(lambda: gradient_summary(names, grads), n),
         "guard_only": _median_us(lambda: gradient_summary(names, grads, with_stats=False), n),
         "as_report": _median_us(summary.as_report, n),
+        "tensorboard_encode": _median_us(lambda: encode_items(*summary.report_items()), n),
         "backup": _median_us(lambda: backup.finish(params, opt), n),
-        "post_check": _median_us(lambda: all_finite([p.array for p in params]), n),
+        "post_check": _median_us(post_check, n),
         "rng_capture": _median_us(lambda: tracker.capture(np), n),
         "logreport_keys": _median_us(lambda: summ.add(report), n),
         "keys": len(report),
