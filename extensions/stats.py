@@ -174,63 +174,24 @@ def _sqnorm(a: np.ndarray) -> float:
     return sq
 
 
-def _pieces(arrays: Sequence[np.ndarray]) -> list[tuple[int, np.ndarray]]:
-    """(array index, flat piece of at most ``_CHUNK`` elements) over ``arrays``."""
-    out = []
-    for i, a in enumerate(arrays):
-        flat = a.ravel()
-        out.extend((i, flat[lo:lo + _CHUNK]) for lo in range(0, flat.size, _CHUNK))
-    return out
-
-
-_SCRATCH = np.empty(0, dtype=bool)
-
-
-def _over_pieces(fn: Any, pieces: list[tuple[int, np.ndarray]]) -> list[Any]:
-    """``[fn(piece, scratch) for _, piece in pieces]``; ``scratch`` is a bool buffer of ``_CHUNK`` elements."""
-    global _SCRATCH
-    if _SCRATCH.size < _CHUNK:
-        _SCRATCH = np.empty(_CHUNK, dtype=bool)
-    scratch = _SCRATCH
-    return [fn(c, scratch) for _, c in pieces]
-
-
-def _piece_stats(c: np.ndarray, scratch: np.ndarray) -> tuple[float, float, float, float, int]:
-    """(sum, sum of squares, max, min, zero count) of one cache-sized piece: each pass reads it from L2."""
-    flags = scratch[:c.size]
-    np.equal(c, 0, out=flags)  # count_nonzero of a float array is ten times slower than of bools
-    return (float(c.sum()), float(np.dot(c, c)), float(c.max()), float(c.min()), int(np.count_nonzero(flags)))
-
-
-def _big_stats(arrays: Sequence[np.ndarray]) -> list[tuple[float, float, float, float]]:
-    """(sum, sum of squares, max |g|, zero count) of each big array, piece by piece."""
-    totals = [[0.0, 0.0, -math.inf, math.inf, 0] for _ in arrays]
-    for (i, _), (s, q, hi, lo, z) in zip(pieces := _pieces(arrays), _over_pieces(_piece_stats, pieces)):
-        t = totals[i]
-        t[0] += s
-        t[1] += q
-        t[2] = hi if hi != hi or t[2] != t[2] else max(t[2], hi)  # Python's max() does not propagate NaN
-        t[3] = lo if lo != lo or t[3] != t[3] else min(t[3], lo)
-        t[4] += z
-    out = []
-    for a, (total, sq, hi, lo, zeros) in zip(arrays, totals):
-        if not math.isfinite(sq):  # float32 overflow, or a real NaN/Inf: settle both sums in float64
-            sq, total = _sqnorm(a.ravel()), float(a.sum(dtype=np.float64))
-        out.append((total, sq, hi if hi != hi else max(hi, -lo), zeros))
-    return out
-
-
-def _big_sqnorms(arrays: Sequence[np.ndarray]) -> list[float]:
-    """Sum of squares of each big array by BLAS dots over pieces, each piece's dot summed in float64;
-    recomputed in float64 where float32 overflowed."""
-    sqs = [0.0] * len(arrays)
-    for (i, _), q in zip(pieces := _pieces(arrays), _over_pieces(_dot_self, pieces)):
-        sqs[i] += q
-    return [q if math.isfinite(q) else _sqnorm(a.ravel()) for a, q in zip(arrays, sqs)]
-
-
-def _dot_self(c: np.ndarray, scratch: np.ndarray) -> float:
-    return float(np.dot(c, c))
+def _big_stats(a: np.ndarray) -> tuple[float, float, float, float]:
+    """(sum, sum of squares, max |g|, zero count) of one big flat array, chunk by chunk."""
+    total = sq = zeros = 0.0
+    hi, lo = -math.inf, math.inf
+    is_zero = np.empty(min(a.size, _CHUNK), dtype=bool)
+    for i in range(0, a.size, _CHUNK):
+        c = a[i:i + _CHUNK]
+        total += float(c.sum())
+        sq += float(np.dot(c, c))
+        hi = max(hi, float(c.max()))
+        lo = min(lo, float(c.min()))
+        flags = is_zero[:c.size]
+        np.equal(c, 0, out=flags)  # count_nonzero of a float array is ten times slower than of bools
+        zeros += np.count_nonzero(flags)
+    if not math.isfinite(sq):  # float32 overflow, or a real NaN/Inf: settle both sums in float64
+        sq, total = _sqnorm(a), float(a.sum(dtype=np.float64))
+        hi, lo = float(a.max()), float(a.min())  # Python's max() does not propagate NaN
+    return total, sq, hi if hi != hi else max(hi, -lo), zeros
 
 
 def _small_sums(layout: _Layout, arrays: Sequence[Any]) -> tuple[list[float], list[float], list[float],
@@ -247,10 +208,12 @@ def _small_sums(layout: _Layout, arrays: Sequence[Any]) -> tuple[list[float], li
     np.add.reduceat(work, layout.offsets, axis=1, out=out[:3])
     np.maximum.reduceat(work[1], layout.offsets, out=out[3])
     sums, sqs, nonzero, max_sq = out.tolist()
-    if not math.isfinite(sum(nonzero)):  # sign(NaN) is NaN: count the zeros exactly
+    if math.isfinite(sum(nonzero)):
+        zeros = [n - c for n, c in zip(layout.small_sizes, nonzero)]
+    else:  # sign(NaN) is NaN: count the zeros exactly
         np.equal(work[0], 0, out=work[2])
-        nonzero = [n - z for n, z in zip(layout.small_sizes, np.add.reduceat(work[2], layout.offsets).tolist())]
-    return sums, sqs, [n - c for n, c in zip(layout.small_sizes, nonzero)], [math.sqrt(m) for m in max_sq]
+        zeros = np.add.reduceat(work[2], layout.offsets).tolist()
+    return sums, sqs, zeros, [math.sqrt(m) for m in max_sq]
 
 
 def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, ...] | None = None) -> GradSummary:
@@ -264,8 +227,8 @@ def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, .
             np.concatenate([arrays[i] for i in layout.small] if layout.big else arrays, axis=None, out=work[0])
             np.multiply(work[0], work[0], out=work[1])
             total = float(np.add.reduce(work[1]))
-        if layout.big:
-            total += sum(_big_sqnorms([arrays[i] for i in layout.big]))
+        for i in layout.big:
+            total += _sqnorm(arrays[i].ravel())
         nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
         return GradSummary(total, tuple(names), None, missing, nonfinite)
     n = len(arrays)
@@ -274,9 +237,8 @@ def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, .
         small = [arrays[i] for i in layout.small] if layout.big else arrays
         for i, s, q, z, m in zip(layout.small, *_small_sums(layout, small)):
             sums[i], sqs[i], zeros[i], max_abs[i] = s, q, z, m
-    if layout.big:
-        for i, row in zip(layout.big, _big_stats([arrays[i] for i in layout.big])):
-            sums[i], sqs[i], max_abs[i], zeros[i] = row
+    for i in layout.big:
+        sums[i], sqs[i], max_abs[i], zeros[i] = _big_stats(arrays[i].ravel())
     total = sum(sqs)
     nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
     return GradSummary(total, tuple(names), (layout.sizes, sums, sqs, max_abs, zeros), missing, nonfinite)
@@ -364,8 +326,8 @@ def all_finite(arrays: Sequence[Any]) -> bool:
         if layout.small:
             small = [arrays[i] for i in layout.small] if layout.big else arrays
             total = float(np.concatenate(small, axis=None, out=layout.work[0]).sum())
-        if layout.big:  # squares rather than values: BLAS dots read faster than NumPy's pairwise sum
-            total += sum(_over_pieces(_dot_self, _pieces([arrays[i] for i in layout.big])))
+        for i in layout.big:  # squares by BLAS dots read faster than NumPy's pairwise sum of the values
+            total += _sqnorm(arrays[i].ravel())
     else:
         total = float(sum(a.sum(dtype=xp.float64) for a in arrays))
     if math.isfinite(total):
