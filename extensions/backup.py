@@ -95,7 +95,8 @@ class UpdateBackup:
     def __init__(self) -> None:
         self.arrays: list[Any] = []  # what the last plan copies, in ``_collect`` order (identity checks)
         self.groups: dict[Any, list[Any]] = {}  # dtype -> arrays, in the order of the buffer
-        self.entries: list[tuple[Any, Any, Any]] = []  # (array, its flat place in a buffer, its rule)
+        # (array, its flat place in a buffer, its rule, its owner: a Parameter or a state dict, state key or None)
+        self.entries: list[tuple[Any, Any, Any, Any, Any]] = []
         self.by_rule: list[tuple[chainer.Parameter, Any, Any, dict[str, Any]]] = []  # (param, rule, place, state)
         self.delegated: list[Any] = []  # rules given a save target for the coming update
         self.untouched: set[int] = set()  # ids of delegated rules whose update did not run
@@ -103,16 +104,23 @@ class UpdateBackup:
         self.arena: dict[Any, np.ndarray] = {}  # dtype -> flat array the arrays are views of (small nets)
         self.param_end: dict[Any, int] = {}  # dtype -> elements of the arena holding parameters (they come first)
         self.param_views: list[tuple[chainer.Parameter, np.ndarray]] = []
+        self.state_views: list[tuple[dict[str, Any], str, np.ndarray]] = []
         self.scratch: dict[Any, np.ndarray] = {}  # dtype -> room for |parameters| (the post-update check)
         self.rules: list[tuple[Any, int, bool]] = []
         self.optimizer_t = 0
+        self.replans = 0  # plans made in a row (arrays replaced at every step)
 
     def finish(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> None:
         """Save every parameter and float state array (and each rule's ``t``) as they are now."""
         arrays, self.rules = _collect(params)
         self.optimizer_t = optimizer.t
         if len(arrays) != len(self.arrays) or not all([a is b for a, b in zip(arrays, self.arrays)]):
-            self._plan(params, arrays)  # first call, or arrays initialised or replaced since the last plan
+            # first call, or arrays initialised or replaced since the last plan; an update rule that
+            # replaces its arrays every step (Chainer's fp32 update of float16 weights) gets no arena
+            self.replans += 1
+            self._plan(params, arrays, arena=self.replans < 5)
+        else:
+            self.replans = 0
         self.untouched = set()
         if self.arena:
             for dtype, flat in self.arena.items():
@@ -123,7 +131,7 @@ class UpdateBackup:
             self._copy()
             return
         skip = {id(rule) for rule in self.delegated}
-        for a, place, rule in self.entries:
+        for a, place, rule, _, _ in self.entries:
             if id(rule) not in skip:
                 np.copyto(place, a.reshape(-1))
 
@@ -155,24 +163,35 @@ class UpdateBackup:
         return True
 
     def restore(self, optimizer: chainer.Optimizer) -> None:
-        """Write the saved values back into the same arrays; forget state the update created."""
+        """Write the saved values back into the same arrays (put back where the update replaced one); forget
+        state the update created."""
         if self.arena:
             for dtype, flat in self.arena.items():
                 np.copyto(flat, self.buffers[dtype])
+            for p, view in self.param_views:  # put back arrays the update replaced
+                p.array = view
+            for state, key, view in self.state_views:
+                state[key] = view
         else:
-            for a, place, rule in self.entries:
-                if id(rule) not in self.untouched:
-                    chainer.backend.get_array_module(a).copyto(a, place.reshape(a.shape))
+            for a, place, rule, owner, key in self.entries:
+                if id(rule) in self.untouched:
+                    continue
+                chainer.backend.get_array_module(a).copyto(a, place.reshape(a.shape))
+                if key is None:
+                    if owner.array is not a:
+                        owner.array = a
+                elif owner.get(key) is not a:
+                    owner[key] = a
         for rule, t, had_no_state in self.rules:
             rule.t = t
             if had_no_state:
                 rule._state = None
         optimizer.t = self.optimizer_t
 
-    def _plan(self, params: list[chainer.Parameter], arrays: list[Any]) -> None:
-        self.arena, self.param_end, self.param_views, self.scratch = {}, {}, [], {}
+    def _plan(self, params: list[chainer.Parameter], arrays: list[Any], arena: bool = True) -> None:
+        self.arena, self.param_end, self.param_views, self.state_views, self.scratch = {}, {}, [], [], {}
         on_host = all([type(a) is np.ndarray for a in arrays])
-        if (on_host and sum([a.nbytes for a in arrays]) < ARENA_BYTES
+        if (arena and on_host and sum([a.nbytes for a in arrays]) < ARENA_BYTES
                 and len({id(a) for a in arrays}) == len(arrays)):
             self._make_arena(params)
             arrays, _ = _collect(params)
@@ -206,7 +225,7 @@ class UpdateBackup:
             else:
                 rule = self.by_rule[-1][1]
                 self.by_rule[-1][3][key] = places[id(a)]
-            self.entries.append((a, places[id(a)], rule))
+            self.entries.append((a, places[id(a)], rule, owner, key))
         if not on_host or len(places) != len(arrays):  # on a device, or an array listed twice: copy it all
             self.by_rule = []
         else:
@@ -244,6 +263,7 @@ class UpdateBackup:
                     end = offset + a.size
                 else:
                     owner[key] = view
+                    self.state_views.append((owner, key, view))
                 offset += _padded(a.size)
             self.arena[dtype] = flat
             self.param_end[dtype] = end

@@ -450,6 +450,36 @@ def test_rule_that_saves_what_it_overwrites_is_rolled_back_bit_for_bit(tmp_path,
     assert all(np.isfinite(p.array).all() for p in model.params())
 
 
+class _ReplacingSGDRule(chainer.optimizers.sgd.SGDRule):
+    """An update that builds a new array instead of writing in place (as Chainer's fp32 update of float16 does)."""
+
+    def update_core_cpu(self, param):
+        param.array = param.array - param.array.dtype.type(self.hyperparam.lr) * param.grad
+
+
+class _ReplacingSGD(chainer.optimizers.SGD):
+    def create_update_rule(self):
+        return _ReplacingSGDRule(self.hyperparam)
+
+
+@pytest.mark.parametrize("steps", [1, 7])
+def test_rule_that_replaces_its_arrays_is_rolled_back_onto_them(tmp_path, steps):
+    """The failed update replaced the weight arrays: the saved values come back in the arrays the model had.
+    After one step the net is in the arena; after seven replacements in a row it has left it."""
+    model, opt, updater = _wide_skipping(tmp_path, _ReplacingSGD(1e-3))
+    for _ in range(steps):
+        updater.update()
+    assert bool(updater._ext.backup.arena) == (steps == 1)
+    before = {n: (p.array, p.array.copy()) for n, p in model.namedparams()}
+    opt.lr = 1e39
+    updater.update()
+    assert updater.skipped == 1
+    arena = updater._ext.backup.arena.get(np.dtype(np.float32))
+    for name, p in model.namedparams():  # the model's own arrays again (laid out anew in the arena at step 1)
+        assert p.array is before[name][0] if arena is None else p.array.base is arena
+        np.testing.assert_array_equal(p.array, before[name][1])
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_rng_tracker_captures_the_exact_state_cheaply(monkeypatch, fast):
     """The raw-memory capture equals get_state(), cached Gaussian included, and replays the same draws."""
