@@ -22,6 +22,8 @@ from typing import Any
 import chainer
 import numpy as np
 
+from .stats import all_finite
+
 ARENA_BYTES = 1 << 22
 
 SAVE_PROTOCOL = """How an update rule saves the values its update overwrites (``UpdateBackup`` uses it when it can).
@@ -39,6 +41,11 @@ Chainer's gradient hooks or the toolkit's clipping (a hook that writes a paramet
 _ALIGN = 16  # elements: each array of an arena starts on a 64-byte boundary for float32
 
 
+def _is_float(v: Any) -> bool:
+    """Whether a state entry is a float array (what the update overwrites; counters and the like are not)."""
+    return getattr(v, "dtype", None) is not None and v.dtype.kind == "f"
+
+
 def _collect(params: list[chainer.Parameter]) -> tuple[list[Any], list[tuple[Any, int, bool]]]:
     """The arrays the update will overwrite (parameters, float state) and (rule, t, had no state) per rule."""
     arrays: list[Any] = []
@@ -54,7 +61,7 @@ def _collect(params: list[chainer.Parameter]) -> tuple[list[Any], list[tuple[Any
         state = rule._state
         rules.append((rule, rule.t, state is None))
         if state:
-            arrays.extend([v for v in state.values() if getattr(v, "dtype", None) is not None and v.dtype.kind == "f"])
+            arrays.extend([v for v in state.values() if _is_float(v)])
     return arrays, rules
 
 
@@ -67,8 +74,7 @@ def _slots(params: list[chainer.Parameter]) -> list[tuple[Any, Any, Any]]:
         out.append((p.array, p, None))
         rule = p.update_rule
         if rule is not None and rule._state:
-            out.extend((v, rule._state, k) for k, v in rule._state.items()
-                       if getattr(v, "dtype", None) is not None and v.dtype.kind == "f")
+            out.extend((v, rule._state, k) for k, v in rule._state.items() if _is_float(v))
     return out
 
 
@@ -127,13 +133,7 @@ class UpdateBackup:
                 np.copyto(self.buffers[dtype], flat)
             return
         self.delegated = self._delegate(optimizer) if self.by_rule else []
-        if not self.delegated:
-            self._copy()
-            return
-        skip = {id(rule) for rule in self.delegated}
-        for a, place, rule, _, _ in self.entries:
-            if id(rule) not in skip:
-                np.copyto(place, a.reshape(-1))
+        self._copy({id(rule) for rule in self.delegated})
 
     def settle(self) -> None:
         """After ``optimizer.update()``: note which rules given a save target did not run (their arrays are as
@@ -144,14 +144,11 @@ class UpdateBackup:
                 self.untouched.add(id(rule))
         self.delegated = []
 
-    def params_finite(self, params: list[chainer.Parameter]) -> bool | None:
-        """Whether every parameter is finite, from the arena in one reduction; None when there is no arena
-        (or the update replaced a parameter's array): check them another way."""
-        if not self.arena:
-            return None
-        for p, view in self.param_views:
-            if p.array is not view:
-                return None
+    def params_finite(self, params: list[chainer.Parameter]) -> bool:
+        """Whether every parameter is finite after the update: from the arena in one reduction, or array by
+        array when there is none (or the update replaced a parameter's array)."""
+        if not self.arena or any([p.array is not view for p, view in self.param_views]):
+            return all_finite([p.array for p in params])
         for dtype, flat in self.arena.items():
             # the largest |value| (NaN propagates): no BLAS dot, whose call costs several times its work on a
             # small net (15 us more an iteration, measured in place), and no sum, which would overflow on big
@@ -218,12 +215,11 @@ class UpdateBackup:
             at = offsets[a.dtype]
             places[id(a)] = self.buffers[a.dtype][at:at + a.size]
             offsets[a.dtype] = at + a.size
-        for a, owner, key in _slots(params):
-            rule = owner.update_rule if key is None else None
+        for a, owner, key in _slots(params):  # a parameter, then its state entries
             if key is None:
+                rule = owner.update_rule
                 self.by_rule.append((owner, rule, places[id(a)], {}))
             else:
-                rule = self.by_rule[-1][1]
                 self.by_rule[-1][3][key] = places[id(a)]
             self.entries.append((a, places[id(a)], rule, owner, key))
         if not on_host or len(places) != len(arrays):  # on a device, or an array listed twice: copy it all
@@ -269,14 +265,12 @@ class UpdateBackup:
             self.param_end[dtype] = end
             self.scratch[dtype] = np.empty(end, dtype)
 
-    def _copy(self) -> None:
-        for dtype, group in self.groups.items():
-            buf = self.buffers[dtype]
-            if type(buf) is not np.ndarray:
-                xp = chainer.backend.get_array_module(buf)
-                offset = 0
-                for a in group:
-                    xp.copyto(buf[offset:offset + a.size], a.ravel())
-                    offset += a.size
-                continue
-            np.concatenate(group, axis=None, out=buf)
+    def _copy(self, skip: set[int]) -> None:
+        """Copy every array into its place, but those of the rules in ``skip`` (they save themselves)."""
+        if not skip and all([type(buf) is np.ndarray for buf in self.buffers.values()]):
+            for dtype, group in self.groups.items():  # one call per dtype
+                np.concatenate(group, axis=None, out=self.buffers[dtype])
+            return
+        for a, place, rule, _, _ in self.entries:
+            if id(rule) not in skip:
+                chainer.backend.get_array_module(a).copyto(place, a.reshape(-1))

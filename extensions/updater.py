@@ -28,7 +28,7 @@ from .errors import NonFiniteError
 from .localize import Birth, localize
 from .replay import RngState, RngTracker, replay_float64
 from .report import Failure, update_counts, write_report
-from .stats import GradSummary, all_finite, gradient_summary, nonfinite_counts
+from .stats import GradSummary, gradient_summary, nonfinite_counts
 from .tensorboard import add_histograms_safe
 
 logger = logging.getLogger("extensions")
@@ -224,10 +224,7 @@ class GradientLoggingMixin:
                     optimizer.update()
                 finally:
                     backup.settle()
-                finite = backup.params_finite(params)
-                if finite is None:
-                    finite = all_finite([p.array for p in params])
-                bad = {} if finite else nonfinite_counts(names, [p.array for p in params])
+                bad = {} if backup.params_finite(params) else nonfinite_counts(names, [p.array for p in params])
                 if bad:
                     backup.restore(optimizer)
                     self._on_nonfinite(optimizer, in_arrays, None, "parameters after the update", "update",
