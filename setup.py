@@ -30,6 +30,8 @@ setup(
         "pillow>=10,<12",
         "tqdm>=4.66,<5",
         "threadpoolctl>=3.2,<4",  # the fast LSTM pins BLAS to one thread per batch slice
+        # one compiled pass for the toolkit's per-iteration gradient statistics, backup and check on small nets
+        "numba>=0.59,<0.63",
     ],
     extras_require={
         "dev": ["pytest>=7.4,<9", "ruff>=0.5", "tensorboard>=2.14,<3", "threadpoolctl>=3.2"],

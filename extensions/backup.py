@@ -16,12 +16,14 @@ forward and backward passes only read them. The copy is taken right before the u
 """
 from __future__ import annotations
 
-import math
+import operator
 from typing import Any
 
 import chainer
 import numpy as np
 
+from . import kernels
+from .arrays import fast_access, raw_arrays
 from .stats import all_finite
 
 ARENA_BYTES = 1 << 22
@@ -91,6 +93,47 @@ def _padded(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+_rule_of = operator.attrgetter("update_rule")
+_state_of = operator.attrgetter("_state")
+_t_of = operator.attrgetter("t")
+
+
+class _ArenaWatch:
+    """What an arena plan assumed about the parameters and their rules, checked with C-level ``map`` calls.
+
+    Holds, for every parameter, its array (None if uninitialised) and rule; for every rule its
+    state dict (or None) and that dict's length; for every float state entry its array. Any
+    of them replaced, or a state entry added, means the plan is out of date.
+    """
+
+    def __init__(self, params: list[chainer.Parameter]):
+        self.params = list(params)
+        self.arrays = raw_arrays(self.params)
+        self.param_rules = list(map(_rule_of, self.params))
+        self.rules = [r for r in self.param_rules if r is not None]
+        self.states = list(map(_state_of, self.rules))
+        self.dicts = [s for s in self.states if s is not None]
+        self.lens = list(map(len, self.dicts))
+        entries = [(d, k, v) for d in self.dicts for k, v in d.items() if _is_float(v)]
+        self.entry_dicts = [d for d, _, _ in entries]
+        self.entry_keys = [k for _, k, _ in entries]
+        self.entry_arrays = [v for _, _, v in entries]
+        self.no_state = [s is None for s in self.states]
+
+    def params_intact(self) -> bool:
+        """Whether every parameter still holds the array it held at the plan."""
+        return all(map(operator.is_, raw_arrays(self.params), self.arrays))
+
+    def intact(self, params: list[chainer.Parameter]) -> bool:
+        """Whether ``params`` are the planned ones and every array, rule and state entry is as planned."""
+        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and self.params_intact()
+                and all(map(operator.is_, map(_rule_of, self.params), self.param_rules))
+                and all(map(operator.is_, map(_state_of, self.rules), self.states))
+                and list(map(len, self.dicts)) == self.lens
+                and all(map(operator.is_, map(dict.get, self.entry_dicts, self.entry_keys), self.entry_arrays)))
+
+
 class UpdateBackup:
     """Copy of every parameter and float update-rule state array, restorable bit for bit after a failed update.
 
@@ -111,16 +154,39 @@ class UpdateBackup:
         self.param_end: dict[Any, int] = {}  # dtype -> elements of the arena holding parameters (they come first)
         self.param_views: list[tuple[chainer.Parameter, np.ndarray]] = []
         self.state_views: list[tuple[dict[str, Any], str, np.ndarray]] = []
-        self.scratch: dict[Any, np.ndarray] = {}  # dtype -> room for |parameters| (the post-update check)
+        self.watch: _ArenaWatch | None = None  # what the arena plan assumed (None: no arena)
+        self.copies: list[tuple[np.ndarray, np.ndarray]] = []  # (saved values, arena) per dtype
+        self.checks: list[np.ndarray] = []  # the arena's parameters, per dtype
         self.rules: list[tuple[Any, int, bool]] = []
         self.optimizer_t = 0
         self.replans = 0  # plans made in a row (arrays replaced at every step)
 
+    def begin(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer
+              ) -> tuple[np.ndarray, np.ndarray] | None:
+        """When the arena is as planned and of one dtype, note each rule's ``t`` and return (arena, copy) for
+        the caller to copy (e.g. ``gradient_summary(save=...)``, inside its pass over the gradients); else
+        None: call ``finish``."""
+        watch = self.watch
+        if watch is None or len(self.copies) != 1 or not watch.intact(params):
+            return None
+        self.optimizer_t = optimizer.t
+        self.replans = 0
+        self.rules = list(zip(watch.rules, map(_t_of, watch.rules), watch.no_state))
+        saved, flat = self.copies[0]
+        return flat, saved
+
     def finish(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> None:
         """Save every parameter and float state array (and each rule's ``t``) as they are now."""
-        arrays, self.rules = _collect(params)
         self.optimizer_t = optimizer.t
-        if len(arrays) != len(self.arrays) or not all([a is b for a, b in zip(arrays, self.arrays)]):
+        watch = self.watch
+        if watch is not None and watch.intact(params):  # the arena as planned: the common case, in C-level calls
+            self.replans = 0
+            self.rules = list(zip(watch.rules, map(_t_of, watch.rules), watch.no_state))
+            for saved, flat in self.copies:
+                saved[...] = flat
+            return
+        arrays, self.rules = _collect(params)
+        if len(arrays) != len(self.arrays) or not all([a is b for a, b in zip(arrays, self.arrays)]) or self.arena:
             # first call, or arrays initialised or replaced since the last plan; an update rule that
             # replaces its arrays every step (Chainer's fp32 update of float16 weights) gets no arena
             self.replans += 1
@@ -129,8 +195,8 @@ class UpdateBackup:
             self.replans = 0
         self.untouched = set()
         if self.arena:
-            for dtype, flat in self.arena.items():
-                np.copyto(self.buffers[dtype], flat)
+            for saved, flat in self.copies:
+                saved[...] = flat
             return
         self.delegated = self._delegate(optimizer) if self.by_rule else []
         self._copy({id(rule) for rule in self.delegated})
@@ -147,17 +213,11 @@ class UpdateBackup:
     def params_finite(self, params: list[chainer.Parameter]) -> bool:
         """Whether every parameter is finite after the update: from the arena in one reduction, or array by
         array when there is none (or the update replaced a parameter's array)."""
-        if not self.arena or any([p.array is not view for p, view in self.param_views]):
+        if self.watch is None or not self.watch.params_intact():
             return all_finite([p.array for p in params])
-        for dtype, flat in self.arena.items():
-            # the largest |value| (NaN propagates): no BLAS dot, whose call costs several times its work on a
-            # small net (15 us more an iteration, measured in place), and no sum, which would overflow on big
-            # finite values and warn on inf - inf
-            end = self.param_end[dtype]
-            scratch = self.scratch[dtype][:end]
-            if not math.isfinite(np.maximum.reduce(np.abs(flat[:end], out=scratch), initial=0)):
-                return False
-        return True
+        # one compiled pass (or NumPy's largest |value|): no BLAS dot, whose call costs several times its work
+        # on a small net, and no sum, which would overflow on big finite values and warn on inf - inf
+        return all(map(kernels.all_finite, self.checks))
 
     def restore(self, optimizer: chainer.Optimizer) -> None:
         """Write the saved values back into the same arrays (put back where the update replaced one); forget
@@ -186,10 +246,11 @@ class UpdateBackup:
         optimizer.t = self.optimizer_t
 
     def _plan(self, params: list[chainer.Parameter], arrays: list[Any], arena: bool = True) -> None:
-        self.arena, self.param_end, self.param_views, self.state_views, self.scratch = {}, {}, [], [], {}
+        self.arena, self.param_end, self.param_views, self.state_views = {}, {}, [], []
+        self.watch, self.copies, self.checks = None, [], []
         on_host = all([type(a) is np.ndarray for a in arrays])
         if (arena and on_host and sum([a.nbytes for a in arrays]) < ARENA_BYTES
-                and len({id(a) for a in arrays}) == len(arrays)):
+                and len({id(a) for a in arrays}) == len(arrays) and fast_access(params)):
             self._make_arena(params)
             arrays, _ = _collect(params)
         self.arrays = arrays
@@ -208,6 +269,9 @@ class UpdateBackup:
                 self.buffers[dtype] = xp.empty(size, dtype)
         self.entries, self.by_rule = [], []
         if self.arena:
+            self.watch = _ArenaWatch(params)
+            self.copies = [(self.buffers[dtype], flat) for dtype, flat in self.arena.items()]
+            self.checks = [flat[:self.param_end[dtype]] for dtype, flat in self.arena.items()]
             return
         offsets = dict.fromkeys(groups, 0)
         places = {}
@@ -263,7 +327,6 @@ class UpdateBackup:
                 offset += _padded(a.size)
             self.arena[dtype] = flat
             self.param_end[dtype] = end
-            self.scratch[dtype] = np.empty(end, dtype)
 
     def _copy(self, skip: set[int]) -> None:
         """Copy every array into its place, but those of the rules in ``skip`` (they save themselves)."""

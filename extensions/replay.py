@@ -58,14 +58,15 @@ class _RawReader:
         self._tail = mt[_MT_BYTES - 16:]
         self._gauss = memoryview((ctypes.c_char * _AUG.size).from_address(aug_address)).cast("B")
         self._last = b""
+        self._last_tail = self._last_gauss = b""
 
     def read(self) -> bytes:
         """The current state as bytes: key, position, has_gauss, gauss."""
         return self._mt.tobytes() + self._aug.tobytes()
 
-    def read_if_changed(self) -> bytes:
-        """``read()``, answered from the last read when the position, the last three words of the key and the
-        cached Gaussian are as they were then.
+    def changed(self) -> bool:
+        """Whether the state may differ from the last ``read_if_changed``: the position, the last three words of
+        the key or the cached Gaussian differ.
 
         Draws only move the position forward until all 624 words are used, then regenerate every word
         and start again at 0; so those bytes unchanged mean no draw happened, unless a whole multiple
@@ -73,10 +74,14 @@ class _RawReader:
         leaves the 2.5 KB state out of cache, and reading it all costs about 9 us there, a tenth of
         the toolkit's budget on a small net; the probe reads two cache lines.
         """
-        last = self._last
-        if last and self._tail == last[_MT_BYTES - 16:_MT_BYTES] and self._gauss == last[_MT_BYTES:]:
-            return last
-        self._last = self.read()
+        return not self._last or self._tail != self._last_tail or self._gauss != self._last_gauss
+
+    def read_if_changed(self) -> bytes:
+        """``read()``, answered from the last read when ``changed()`` says the state is as it was then."""
+        if self.changed():
+            self._last = self.read()
+            self._last_tail = self._last[_MT_BYTES - 16:_MT_BYTES]
+            self._last_gauss = self._last[_MT_BYTES:]
         return self._last
 
     @classmethod
@@ -166,16 +171,24 @@ class RngTracker:
     def __init__(self) -> None:
         self._random_state: Any = None
         self._reader: _RawReader | None = None
+        self._last: RngState | None = None
 
     def capture(self, xp: Any = np, seeder: np.random.Generator | None = None) -> RngState:
         """The random state now, as ``RngState.capture(xp, seeder)`` would save it."""
         random_state = getattr(np.random.mtrand, "_rand", None)
         if random_state is not self._random_state:
-            self._random_state = random_state
+            self._random_state, self._last = random_state, None
             self._reader = _RawReader.create(random_state) if random_state is not None else None
         reader = self._reader
-        state = RngState(raw=reader.read_if_changed()) if reader is not None else RngState(np.random.get_state())
-        state.reseed_cupy(xp, seeder)
+        if reader is None:
+            state = RngState(np.random.get_state())
+        elif xp is np and self._last is not None and not reader.changed():  # no draw since: the same state
+            return self._last
+        else:
+            state = RngState(raw=reader.read_if_changed())
+        if xp is not np:
+            state.reseed_cupy(xp, seeder)
+        self._last = state if xp is np and reader is not None else None
         return state
 
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import chainer
 import numpy as np
+
+from . import kernels
 
 STATS = ("norm", "mean", "std", "max_abs", "zero_frac", "nan", "inf")
 
@@ -138,13 +141,23 @@ class _Layout:
         self.big = [i for i, n in enumerate(sizes) if n >= BIG]
         self.small = [i for i, n in enumerate(sizes) if n < BIG]
         self.small_sizes = [sizes[i] for i in self.small]
-        small_sizes = np.array(self.small_sizes, dtype=np.int64)
-        self.offsets = np.concatenate(([0], np.cumsum(small_sizes)[:-1])).astype(np.int64)
-        self.work = np.empty((3, int(small_sizes.sum())))  # gathered values, their squares, zero flags
-        self.out = np.empty((4, len(self.small)))  # per array: sum, sum of squares, zeros, max square
+        # where each small array starts in the gathered buffer, and where the last one ends
+        self.bounds = np.concatenate(([0], np.cumsum(self.small_sizes, dtype=np.int64))).astype(np.int64)
+        self.gathered: dict[Any, np.ndarray] = {}  # dtype -> buffer the small arrays are gathered into
+        self.out = np.empty((4, len(self.small)))  # per array: sum, sum of squares, max |g|, zero count
+
+    def gather(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """The small ``arrays`` copied one after another into a reused buffer of their dtype (float64 if mixed)."""
+        dtypes = set(map(_dtype, arrays))
+        dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float64)
+        buf = self.gathered.get(dtype)
+        if buf is None:
+            buf = self.gathered[dtype] = np.empty(int(self.bounds[-1]), dtype)
+        return np.concatenate(arrays, axis=None, out=buf)
 
 
 _LAYOUTS: dict[tuple[int, ...], _Layout] = {}
+_dtype = operator.attrgetter("dtype")
 
 
 def _layout(arrays: Sequence[Any], sizes: tuple[int, ...] | None = None) -> _Layout:
@@ -194,54 +207,46 @@ def _big_stats(a: np.ndarray) -> tuple[float, float, float, float]:
     return total, sq, hi if hi != hi else max(hi, -lo), zeros
 
 
-def _small_sums(layout: _Layout, arrays: Sequence[Any]) -> tuple[list[float], list[float], list[float],
-                                                                   list[float]]:
-    """(sums, sums of squares, zero counts, max |g|) of the small arrays, gathered into one float64 buffer.
+def _small_sums(layout: _Layout, arrays: Sequence[Any], save: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[list[float], list[float], list[float], list[float], float]:
+    """(sums, sums of squares, zero counts, max |g|) of the small arrays and their total sum of squares.
 
-    Six NumPy calls whatever the number of arrays (each costs microseconds on a cold cache after a
-    backward pass): max |g| is the square root of the largest square, exact for float32 inputs.
+    The arrays are gathered into one buffer and reduced in one call of ``kernels.segment_stats``
+    (a compiled loop, or NumPy's ``reduceat``), whatever their number; ``save`` is its pre-update copy.
     """
-    work, out = layout.work, layout.out
-    np.concatenate(arrays, axis=None, out=work[0])
-    np.multiply(work[0], work[0], out=work[1])
-    np.sign(work[1], out=work[2])  # 1 where non-zero: float to float, unlike a comparison with 0
-    np.add.reduceat(work, layout.offsets, axis=1, out=out[:3])
-    np.maximum.reduceat(work[1], layout.offsets, out=out[3])
-    sums, sqs, nonzero, max_sq = out.tolist()
-    if math.isfinite(sum(nonzero)):
-        zeros = [n - c for n, c in zip(layout.small_sizes, nonzero)]
-    else:  # sign(NaN) is NaN: count the zeros exactly
-        np.equal(work[0], 0, out=work[2])
-        zeros = np.add.reduceat(work[2], layout.offsets).tolist()
-    return sums, sqs, zeros, [math.sqrt(m) for m in max_sq]
+    total = kernels.segment_stats(layout.gather(arrays), layout.bounds, layout.out, save)
+    sums, sqs, max_abs, zeros = layout.out.tolist()
+    return sums, sqs, zeros, max_abs, total
 
 
-def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, ...] | None = None) -> GradSummary:
+def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, ...] | None = None,
+                   save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary:
     if not arrays:
+        if save is not None:
+            np.copyto(save[1], save[0])
         return GradSummary(0.0, (), ((),) * 5 if with_stats else None, missing)
     layout = _layout(arrays, sizes)
-    if not with_stats:  # the guard alone: the global squared norm
+    if not layout.big:  # all gathered: the reductions come out in the arrays' order
+        sums, sqs, zeros, max_abs, total = _small_sums(layout, arrays, save)
+    else:
+        n = len(arrays)
+        sums, sqs, zeros, max_abs = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
         total = 0.0
-        if layout.small:  # gathered in float64 and summed by NumPy: a BLAS dot costs more than it saves here
-            work = layout.work
-            np.concatenate([arrays[i] for i in layout.small] if layout.big else arrays, axis=None, out=work[0])
-            np.multiply(work[0], work[0], out=work[1])
-            total = float(np.add.reduce(work[1]))
+        if layout.small:
+            *small, total = _small_sums(layout, [arrays[i] for i in layout.small], save)
+            for i, s, q, z, m in zip(layout.small, *small):
+                sums[i], sqs[i], zeros[i], max_abs[i] = s, q, z, m
+        elif save is not None:
+            np.copyto(save[1], save[0])
         for i in layout.big:
-            total += _sqnorm(arrays[i].ravel())
-        nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
-        return GradSummary(total, tuple(names), None, missing, nonfinite)
-    n = len(arrays)
-    sums, sqs, zeros, max_abs = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
-    if layout.small:
-        small = [arrays[i] for i in layout.small] if layout.big else arrays
-        for i, s, q, z, m in zip(layout.small, *_small_sums(layout, small)):
-            sums[i], sqs[i], zeros[i], max_abs[i] = s, q, z, m
-    for i in layout.big:
-        sums[i], sqs[i], max_abs[i], zeros[i] = _big_stats(arrays[i].ravel())
-    total = sum(sqs)
+            if with_stats:
+                sums[i], sqs[i], max_abs[i], zeros[i] = _big_stats(arrays[i].ravel())
+                total += sqs[i]
+            else:  # the guard alone: the squared norm is one read
+                total += _sqnorm(arrays[i].ravel())
     nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
-    return GradSummary(total, tuple(names), (layout.sizes, sums, sqs, max_abs, zeros), missing, nonfinite)
+    return GradSummary(total, tuple(names), (layout.sizes, sums, sqs, max_abs, zeros) if with_stats else None,
+                       missing, nonfinite)
 
 
 def _derive(names: Sequence[str], sums: tuple[Sequence[float], ...], nonfinite: dict) -> list[float]:
@@ -281,23 +286,31 @@ def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary
                        nonfinite)
 
 
-def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: bool = True) -> GradSummary:
+_size = operator.attrgetter("size")
+
+
+def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: bool = True,
+                     save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary:
     """Global squared norm of ``grads`` and, if ``with_stats``, per-parameter statistics.
 
     ``grads`` holds one array (or None for a parameter that got no gradient) per name.
+    ``save=(src, dst)`` also copies host array ``src`` into ``dst`` (a small net's pre-update
+    backup), inside the same compiled pass over the gradients when there is one.
     """
-    sizes = []
-    for a in grads:  # the common case in one pass: every gradient there, non-empty, on the host
-        if a is None or type(a) is not np.ndarray or not a.size:
-            break
-        sizes.append(a.size)
-    else:
-        return _numpy_summary(names, grads, [], with_stats, tuple(sizes))
+    if set(map(type, grads)) == _HOST_ONLY:  # the common case: every gradient there, on the host
+        sizes = tuple(map(_size, grads))
+        if 0 not in sizes:
+            return _numpy_summary(names, grads, [], with_stats, sizes, save)
     present_names, present, missing = _split(names, grads)
     if not present or all(type(a) is np.ndarray for a in present):
-        return _numpy_summary(present_names, present, missing, with_stats)
+        return _numpy_summary(present_names, present, missing, with_stats, save=save)
+    if save is not None:
+        np.copyto(save[1], save[0])
     xp = chainer.backend.get_array_module(*present)
     return _device_summary(xp, present_names, present, missing, with_stats)
+
+
+_HOST_ONLY = {np.ndarray}
 
 
 def nonfinite_counts(names: Sequence[str], arrays: Sequence[Any]) -> dict[str, tuple[int, int]]:
@@ -325,7 +338,8 @@ def all_finite(arrays: Sequence[Any]) -> bool:
         total = 0.0
         if layout.small:
             small = [arrays[i] for i in layout.small] if layout.big else arrays
-            total = float(np.concatenate(small, axis=None, out=layout.work[0]).sum())
+            if not kernels.all_finite(layout.gather(small)):
+                return False
         for i in layout.big:  # squares by BLAS dots read faster than NumPy's pairwise sum of the values
             total += _sqnorm(arrays[i].ravel())
     else:

@@ -21,6 +21,7 @@ import numpy as np
 from chainer.dataset import convert
 from chainer.training.updaters import StandardUpdater
 
+from .arrays import fast_access, raw_grads
 from .backup import UpdateBackup
 from .config import DebugConfig
 from .dtype import check_float64, float64_converter
@@ -42,7 +43,8 @@ class _State:
         self.out: str | None = None
         self.writer: Any = None
         self.seeder = np.random.default_rng()
-        self.table: tuple[int, list[str], list[chainer.Parameter]] | None = None
+        # (id of the target, parameter paths, parameters, whether ``arrays.raw_grads`` may read them)
+        self.table: tuple[int, list[str], list[chainer.Parameter], bool] | None = None
         self.float64_checked = False
         self.failures = 0
         self.skipped = 0
@@ -170,8 +172,16 @@ class GradientLoggingMixin:
         cached = self._ext.table
         if cached is None or cached[0] != id(target):
             named = list(target.namedparams(include_uninit=True))
-            cached = self._ext.table = (id(target), [n.lstrip("/") for n, _ in named], [p for _, p in named])
+            params = [p for _, p in named]
+            cached = self._ext.table = (id(target), [n.lstrip("/") for n, _ in named], params, fast_access(params))
         return cached[1], cached[2]
+
+    def _grads(self, params: list[chainer.Parameter]) -> list[Any]:
+        """Every parameter's gradient (None where there is none), read the fast way when it is safe."""
+        table = self._ext.table
+        if table is not None and table[2] is params and table[3]:
+            return raw_grads(params)
+        return [p.grad for p in params]
 
     def guarded_update(self, optimizer: chainer.Optimizer, in_arrays: Any) -> bool:
         """Forward, backward, statistics, guard and update on ``in_arrays``; True if the weights were updated."""
@@ -198,7 +208,9 @@ class GradientLoggingMixin:
         logged = every > 0 and debug.gradients.report != "tensorboard" and (
             st.log_schedule is None or self._logged_now(iteration))
         stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
-        summary = gradient_summary(names, [p.grad for p in params], with_stats=stats_now) if (
+        # a small net's pre-update copy rides along the pass over the gradients (see backup.begin)
+        save = st.backup.begin(params, optimizer) if nf.check else None
+        summary = gradient_summary(names, self._grads(params), with_stats=stats_now, save=save) if (
             stats_now or nf.check) else None
         if summary is not None and summary.has_stats:
             if logged:
@@ -218,7 +230,8 @@ class GradientLoggingMixin:
                                    not math.isfinite(loss_value) else "backward", loss_value, summary, {})
             else:
                 backup = st.backup
-                backup.finish(params, optimizer)
+                if save is None:
+                    backup.finish(params, optimizer)
                 optimizer._ext_grad_sqnorm = (optimizer.t, summary.sqnorm)
                 try:
                     optimizer.update()

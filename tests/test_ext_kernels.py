@@ -1,0 +1,154 @@
+"""The compiled per-iteration loops (numba) against their NumPy twins, and the toolkit on either."""
+from __future__ import annotations
+
+import chainer
+import numpy as np
+import pytest
+
+import extensions as ext
+from extensions import kernels
+from extensions.stats import gradient_summary
+
+needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba not importable here")
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def kernel_kind(request):
+    """Run a test on the compiled loops (skipped without numba) and on NumPy."""
+    if request.param == "compiled" and not kernels.available():
+        pytest.skip("numba not importable here")
+    kernels.use(request.param == "compiled")
+    yield request.param
+    kernels.use(True)
+
+
+def _segments(dtype):
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal(n).astype(dtype) for n in (1, 7, 64, 300)]
+    parts[1][[0, 3]] = 0.0
+    parts[2][5] = np.nan
+    parts[2][6] = 0.0  # a zero beside a NaN is still counted
+    parts[3][10] = -np.inf
+    work = np.concatenate(parts)
+    bounds = np.concatenate(([0], np.cumsum([p.size for p in parts]))).astype(np.int64)
+    return parts, work, bounds
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_segment_stats_match_a_float64_reference(kernel_kind, dtype):
+    parts, work, bounds = _segments(dtype)
+    out = np.empty((4, len(parts)))
+    src = np.arange(50, dtype=dtype)
+    dst = np.zeros_like(src)
+    total = kernels.segment_stats(work, bounds, out, save=(src, dst))
+    np.testing.assert_array_equal(dst, src)
+    for s, p in enumerate(parts):
+        x = p.astype(np.float64)
+        np.testing.assert_allclose(out[0, s], x.sum(), rtol=1e-12)
+        np.testing.assert_allclose(out[1, s], (x * x).sum(), rtol=1e-12)
+        np.testing.assert_array_equal(out[2, s], np.abs(x).max())  # NaN where there is one
+        assert out[3, s] == np.count_nonzero(x == 0)
+    assert np.isnan(total)  # a NaN in one segment makes the total non-finite
+    finite = work[:bounds[2]]
+    assert kernels.segment_stats(finite, bounds[:3], out[:, :2]) == pytest.approx(
+        float((finite.astype(np.float64) ** 2).sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_all_finite(kernel_kind, dtype):
+    big = np.finfo(dtype).max
+    assert kernels.all_finite(np.array([0.0, -big, big], dtype))  # huge but finite: no overflow, no warning
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.zeros(33, dtype)
+        values[17] = bad
+        assert not kernels.all_finite(values)
+    assert kernels.all_finite(np.zeros(0, dtype))
+
+
+def test_both_paths_give_the_same_gradient_summary():
+    """The statistics the reporter gets do not depend on whether numba is there."""
+    rng = np.random.default_rng(1)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (4,), (200, 5), (1,))]
+    grads[1][:] = 0.0
+    names = ["a/W", "a/b", "c/W", "c/b"]
+    results = []
+    for compiled in ([True, False] if kernels.available() else [False]):
+        kernels.use(compiled)
+        try:
+            results.append(gradient_summary(names, grads))
+        finally:
+            kernels.use(True)
+    for summary in results:
+        np.testing.assert_allclose(summary.table, results[0].table, rtol=1e-12)
+        assert summary.stats["a/b"]["zero_frac"] == 1.0
+        assert summary.global_norm == pytest.approx(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum())
+                                                                for g in grads)), rel=1e-12)
+
+
+def test_environment_switch_turns_the_compiled_loops_off(monkeypatch):
+    monkeypatch.setenv("EXTENSIONS_KERNELS", "numpy")
+    kernels.use(True)
+    try:
+        assert not kernels.available()
+    finally:
+        monkeypatch.delenv("EXTENSIONS_KERNELS")
+        kernels.use(True)
+
+
+def test_toolkit_rolls_back_a_small_net_on_either_path(tmp_path, kernel_kind):
+    """The arena's copy rides along the gradient pass and its check after the update is a kernel: a step that
+    overflows is caught and undone bit for bit, compiled or not."""
+    np.random.seed(0)
+    model = chainer.links.Classifier(chainer.Sequential(chainer.links.Linear(6, 8), chainer.functions.relu,
+                                                        chainer.links.Linear(8, 3)))
+    opt = chainer.optimizers.Adam(1e-3)
+    opt.setup(model)
+    rng = np.random.RandomState(0)
+    data = chainer.datasets.TupleDataset(rng.randn(40, 6).astype(np.float32), rng.randint(0, 3, 40).astype(np.int32))
+    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 10), opt, -1, out=str(tmp_path),
+                                         debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
+    for _ in range(3):
+        updater.update()
+    assert updater._ext.backup.watch is not None  # the arena is in use
+    before = {n: (p.array.copy(), p.update_rule.state["m"].copy(), p.update_rule.t) for n, p in model.namedparams()}
+    opt.alpha = 1e39
+    updater.update()
+    assert updater.skipped == 1 and updater.last_failure.where == "update"
+    for n, p in model.namedparams():
+        np.testing.assert_array_equal(p.array, before[n][0])
+        np.testing.assert_array_equal(p.update_rule.state["m"], before[n][1])
+        assert p.update_rule.t == before[n][2]
+
+
+def test_arena_follows_new_update_rules(tmp_path):
+    """``optimizer.setup`` again gives every parameter a new rule (no state yet): the arena is laid out anew,
+    and a failed update afterwards restores the new rules' state and counters."""
+    np.random.seed(0)
+    model = chainer.Sequential(chainer.links.Linear(5, 4))
+    opt = chainer.optimizers.Adam(1e-3)
+    opt.setup(model)
+    data = chainer.datasets.TupleDataset(np.random.randn(20, 5).astype(np.float32))
+    updater = ext.GradientLoggingUpdater(chainer.iterators.SerialIterator(data, 5), opt, -1, out=str(tmp_path),
+                                         loss_func=lambda x: chainer.functions.sum(model(x) ** 2),
+                                         debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
+    updater.update()
+    updater.update()
+    old_rules = [p.update_rule for p in model.params()]
+    opt2 = chainer.optimizers.Adam(1e-3)
+    opt2.setup(model)
+    opt2.use_auto_new_epoch = True  # as StandardUpdater sets for its own optimizers
+    updater._optimizers["main"] = opt2
+    updater.update()
+    updater.update()
+    rules = [p.update_rule for p in model.params()]
+    assert all(a is not b for a, b in zip(rules, old_rules))
+    arena = updater._ext.backup.arena[np.dtype(np.float32)]
+    assert all(r.state["v"].base is arena for r in rules)
+    before = [(p.array.copy(), p.update_rule.state["v"].copy(), p.update_rule.t) for p in model.params()]
+    opt2.alpha = 1e39
+    updater.update()
+    assert updater.skipped == 1
+    for p, (w, v, t) in zip(model.params(), before):
+        np.testing.assert_array_equal(p.array, w)
+        np.testing.assert_array_equal(p.update_rule.state["v"], v)
+        assert p.update_rule.t == t
