@@ -87,9 +87,10 @@ def _make_stepper(net: str, kind: str, out: str, float64: bool = False) -> Train
                     batch = self.converter(self.get_iterator("main").next(), self.device)
                     opt = self.get_optimizer("main")
                     opt.update(opt.target.loss, **batch)
-            updater = PlainM(it, opt, **kwargs)
+            updater = PlainM(it, opt, device=-1, **kwargs)
         else:
-            updater = chainer.training.updaters.StandardUpdater(it, opt, **kwargs)
+            # the same device argument as the toolkit's side (-1: its converter sends batches to the CPU)
+            updater = chainer.training.updaters.StandardUpdater(it, opt, device=-1, **kwargs)
         trainer = make_trainer(updater, out)
     else:
         debug = ext.DebugConfig.from_dict({

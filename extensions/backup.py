@@ -96,29 +96,37 @@ def _padded(n: int) -> int:
 _rule_of = operator.attrgetter("update_rule")
 _state_of = operator.attrgetter("_state")
 _t_of = operator.attrgetter("t")
+_rule_state_of = operator.attrgetter("update_rule._state")
 
 
 class _ArenaWatch:
-    """What an arena plan assumed about the parameters and their rules, checked with C-level ``map`` calls.
+    """What an arena plan assumed about the parameters and their rules, checked with a few C-level ``map`` calls.
 
-    Holds, for every parameter, its array (None if uninitialised) and rule; for every rule its
-    state dict (or None) and that dict's length; for every float state entry its array. Any
-    of them replaced, or a state entry added, means the plan is out of date.
+    Holds every parameter's array (None if uninitialised); for every float state entry, its
+    parameter, key and array (read back through ``update_rule._state``, so a replaced rule or
+    state dict shows as replaced arrays); the length of every state dict (an entry added);
+    and the parameters whose rule had no state, or that had no rule, with that rule. Any of
+    them different means the plan is out of date.
     """
 
     def __init__(self, params: list[chainer.Parameter]):
+        self.source = params  # the list itself: callers that keep passing it are checked by identity
         self.params = list(params)
         self.arrays = raw_arrays(self.params)
-        self.param_rules = list(map(_rule_of, self.params))
-        self.rules = [r for r in self.param_rules if r is not None]
-        self.states = list(map(_state_of, self.rules))
-        self.dicts = [s for s in self.states if s is not None]
-        self.lens = list(map(len, self.dicts))
-        entries = [(d, k, v) for d in self.dicts for k, v in d.items() if _is_float(v)]
-        self.entry_dicts = [d for d, _, _ in entries]
+        param_rules = list(map(_rule_of, self.params))
+        self.rules = [r for r in param_rules if r is not None]
+        states = list(map(_state_of, self.rules))
+        self.no_state = [s is None for s in states]
+        with_rule = [p for p, r in zip(self.params, param_rules) if r is not None]
+        self.stateful = [p for p, st in zip(with_rule, states) if st is not None]
+        self.lens = [len(st) for st in states if st is not None]
+        entries = [(p, k, v) for p, st in zip(with_rule, states) if st is not None
+                   for k, v in st.items() if _is_float(v)]
+        self.entry_params = [p for p, _, _ in entries]
         self.entry_keys = [k for _, k, _ in entries]
         self.entry_arrays = [v for _, _, v in entries]
-        self.no_state = [s is None for s in self.states]
+        # parameters without a rule, or whose rule had no state: their rule (or None) must stay, stateless
+        self.bare = [(p, r) for p, r in zip(self.params, param_rules) if r is None or r._state is None]
 
     def params_intact(self) -> bool:
         """Whether every parameter still holds the array it held at the plan."""
@@ -126,12 +134,18 @@ class _ArenaWatch:
 
     def intact(self, params: list[chainer.Parameter]) -> bool:
         """Whether ``params`` are the planned ones and every array, rule and state entry is as planned."""
-        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and self.params_intact()
-                and all(map(operator.is_, map(_rule_of, self.params), self.param_rules))
-                and all(map(operator.is_, map(_state_of, self.rules), self.states))
-                and list(map(len, self.dicts)) == self.lens
-                and all(map(operator.is_, map(dict.get, self.entry_dicts, self.entry_keys), self.entry_arrays)))
+        if params is not self.source and (len(params) != len(self.params)
+                                          or not all(map(operator.is_, params, self.params))):
+            return False
+        try:
+            return (self.params_intact()
+                    and all(map(operator.is_, map(dict.get, map(_rule_state_of, self.entry_params), self.entry_keys),
+                                self.entry_arrays))
+                    and list(map(len, map(_rule_state_of, self.stateful))) == self.lens
+                    and (not self.bare or all(p.update_rule is r and (r is None or r._state is None)
+                                              for p, r in self.bare)))
+        except (AttributeError, TypeError):  # a rule removed, a state dict gone
+            return False
 
 
 class UpdateBackup:
@@ -157,7 +171,11 @@ class UpdateBackup:
         self.watch: _ArenaWatch | None = None  # what the arena plan assumed (None: no arena)
         self.copies: list[tuple[np.ndarray, np.ndarray]] = []  # (saved values, arena) per dtype
         self.checks: list[np.ndarray] = []  # the arena's parameters, per dtype
-        self.rules: list[tuple[Any, int, bool]] = []
+        # (rule, its t, whether it had no state) per rule; None when ``begin`` kept only ``ts`` (the watch's rules)
+        self.rules: list[tuple[Any, int, bool]] | None = []
+        self.ts: list[int] = []
+        self.check_first: Any = None  # the compiled finiteness check for the first (usually only) dtype
+        self.pair: tuple[np.ndarray, np.ndarray] | None = None  # (arena, its copy) when of one dtype
         self.optimizer_t = 0
         self.replans = 0  # plans made in a row (arrays replaced at every step)
 
@@ -171,9 +189,9 @@ class UpdateBackup:
             return None
         self.optimizer_t = optimizer.t
         self.replans = 0
-        self.rules = list(zip(watch.rules, map(_t_of, watch.rules), watch.no_state))
-        saved, flat = self.copies[0]
-        return flat, saved
+        self.rules = None
+        self.ts = list(map(_t_of, watch.rules))
+        return self.pair
 
     def finish(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> None:
         """Save every parameter and float state array (and each rule's ``t``) as they are now."""
@@ -217,6 +235,8 @@ class UpdateBackup:
             return all_finite([p.array for p in params])
         # one compiled pass (or NumPy's largest |value|): no BLAS dot, whose call costs several times its work
         # on a small net, and no sum, which would overflow on big finite values and warn on inf - inf
+        if len(self.checks) == 1:
+            return self.check_first(self.checks[0])
         return all(map(kernels.all_finite, self.checks))
 
     def restore(self, optimizer: chainer.Optimizer) -> None:
@@ -239,7 +259,8 @@ class UpdateBackup:
                         owner.array = a
                 elif owner.get(key) is not a:
                     owner[key] = a
-        for rule, t, had_no_state in self.rules:
+        rules = self.rules if self.rules is not None else zip(self.watch.rules, self.ts, self.watch.no_state)
+        for rule, t, had_no_state in rules:
             rule.t = t
             if had_no_state:
                 rule._state = None
@@ -272,6 +293,8 @@ class UpdateBackup:
             self.watch = _ArenaWatch(params)
             self.copies = [(self.buffers[dtype], flat) for dtype, flat in self.arena.items()]
             self.checks = [flat[:self.param_end[dtype]] for dtype, flat in self.arena.items()]
+            self.check_first = kernels.all_finite_for(self.checks[0].dtype)
+            self.pair = (self.copies[0][1], self.copies[0][0])
             return
         offsets = dict.fromkeys(groups, 0)
         places = {}

@@ -55,6 +55,7 @@ class ReportSchedule(training.Extension):
         if isinstance(updater, GradientLoggingMixin):
             logged = updater.debug.gradients.report == "logged"
             updater._ext.log_schedule = log_schedule(trainer) if logged else None
+            updater._ext.next_log = 0
 
     def __call__(self, trainer: training.Trainer) -> None:
         pass

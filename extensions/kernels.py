@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,15 +22,18 @@ _compiled: dict[str, Any] | None = None
 _tried = False
 
 
-def _segment_stats(work, offsets, out, src, dst):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
+def _segment_table(work, offsets, row, src, dst):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
     for i in range(src.size):  # the pre-update copy, when asked for (else both are empty)
         dst[i] = src[i]
     total = 0.0
+    inf = np.inf
     for s in range(offsets.size - 1):
         acc = 0.0
         sq = 0.0
         hi = 0.0
         zeros = 0
+        nans = 0
+        infs = 0
         for i in range(offsets[s], offsets[s + 1]):
             v = np.float64(work[i])
             acc += v
@@ -39,11 +43,23 @@ def _segment_stats(work, offsets, out, src, dst):  # pragma: no cover - compiled
                 hi = a
             if v == 0.0:
                 zeros += 1
-        out[0, s] = acc
-        out[1, s] = sq
-        out[2, s] = hi
-        out[3, s] = zeros
+            elif a != a:
+                nans += 1
+            elif a == inf:
+                infs += 1
+        n = offsets[s + 1] - offsets[s]
+        mean = acc / n
+        var = sq / n - mean * mean
+        at = 1 + 7 * s
+        row[at] = np.sqrt(sq) if sq >= 0 else sq
+        row[at + 1] = mean
+        row[at + 2] = np.sqrt(var) if var > 0 else (0.0 if var == var else var)
+        row[at + 3] = hi
+        row[at + 4] = zeros / n
+        row[at + 5] = nans
+        row[at + 6] = infs
         total += sq
+    row[0] = np.sqrt(total) if total >= 0 else np.nan
     return total
 
 
@@ -70,7 +86,7 @@ def _compile() -> dict[str, Any] | None:
     try:
         with warnings.catch_warnings():  # a read-only install cannot cache: compile in memory, silently
             warnings.simplefilter("ignore", numba.NumbaWarning)
-            _compiled = {"stats": jit(_segment_stats), "finite": jit(_all_finite)}
+            _compiled = {"table": jit(_segment_table), "finite": jit(_all_finite)}
     except Exception:  # numba present but unusable here: NumPy does the work
         _compiled = None
     return _compiled
@@ -89,35 +105,63 @@ def use(compiled: bool) -> None:
         _tried = True
 
 
-def segment_stats(work: np.ndarray, offsets: np.ndarray, out: np.ndarray,
-                  save: tuple[np.ndarray, np.ndarray] | None = None) -> float:
-    """Per segment ``work[offsets[s]:offsets[s+1]]``: sum, sum of squares, max |x| (NaN if any) and zero count
-    into ``out[0..3, s]`` (float64); returns the total sum of squares. ``save=(src, dst)`` also copies ``src``
-    into ``dst`` in the same call."""
+def segment_table_for(dtype: Any) -> Callable[..., float]:
+    """``f(work, offsets, row, src, dst) -> total``: ``segment_table`` for ``work`` and ``src`` of ``dtype``, bound
+    once (no per-call dispatch); ``src`` and ``dst`` may be empty."""
     kernels = _compile()
-    if kernels is not None and work.dtype in _COMPILED_DTYPES and (save is None or save[0].dtype == work.dtype):
-        src, dst = save if save is not None else (work[:0], work[:0])
-        return kernels["stats"](work, offsets, out, src, dst)
-    if save is not None:
+    if kernels is not None and np.dtype(dtype) in _COMPILED_DTYPES:
+        return kernels["table"]
+    return _numpy_segment_table
+
+
+def segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray,
+                  save: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """The gradient statistics of each segment ``work[offsets[s]:offsets[s+1]]`` in one pass: into ``row[1 + 7s:]``
+    its L2 norm, mean, std, max |x| (NaN if any), fraction of zeros, NaN count and Inf count (the order of
+    ``stats.STATS``), and into ``row[0]`` the L2 norm of all; returns the total sum of squares, accumulated in
+    float64. ``save=(src, dst)`` also copies ``src`` into ``dst`` in the same call."""
+    if save is not None and save[0].dtype != work.dtype:
         np.copyto(save[1], save[0])
-    return _numpy_segment_stats(work, offsets, out)
+        save = None
+    src, dst = save if save is not None else (work[:0], work[:0])
+    return segment_table_for(work.dtype)(work, offsets, row, src, dst)
 
 
-def _numpy_segment_stats(work: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> float:
-    starts = offsets[:-1]
+def _numpy_segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray, src: np.ndarray,
+                         dst: np.ndarray) -> float:
+    if src.size:
+        np.copyto(dst, src)
+    starts, n = offsets[:-1], np.diff(offsets).astype(np.float64)
     x = work.astype(np.float64)
-    np.add.reduceat(x, starts, out=out[0])
-    sq = x * x
-    np.add.reduceat(sq, starts, out=out[1])
+    sq = np.add.reduceat(x * x, starts)
+    mean = np.add.reduceat(x, starts) / n
+    table = row[1:].reshape(-1, 7)
     with np.errstate(invalid="ignore"):
-        np.maximum.reduceat(np.abs(x), starts, out=out[2])
-    np.add.reduceat((x == 0).astype(np.float64), starts, out=out[3])
-    return float(out[1].sum())
+        var = sq / n - mean * mean
+        table[:, 0] = np.where(sq >= 0, np.sqrt(np.abs(sq)), sq)
+        table[:, 1] = mean
+        table[:, 2] = np.where(var > 0, np.sqrt(np.abs(var)), np.where(var == var, 0.0, var))
+        table[:, 3] = np.maximum.reduceat(np.abs(x), starts)
+        table[:, 4] = np.add.reduceat((x == 0).astype(np.float64), starts) / n
+        table[:, 5] = np.add.reduceat(np.isnan(x).astype(np.float64), starts)
+        table[:, 6] = np.add.reduceat(np.isinf(x).astype(np.float64), starts)
+        total = float(sq.sum())
+    row[0] = math.sqrt(total) if total >= 0 else math.nan
+    return total
+
+
+def all_finite_for(dtype: Any) -> Callable[[np.ndarray], bool]:
+    """``all_finite`` for flat arrays of ``dtype``, bound once."""
+    kernels = _compile()
+    if kernels is not None and np.dtype(dtype) in _COMPILED_DTYPES:
+        return kernels["finite"]
+    return _numpy_all_finite
+
+
+def _numpy_all_finite(values: np.ndarray) -> bool:
+    return math.isfinite(np.maximum.reduce(np.abs(values), initial=0))
 
 
 def all_finite(values: np.ndarray) -> bool:
     """Whether every element of the flat array ``values`` is finite (no overflow, no warning)."""
-    kernels = _compile()
-    if kernels is not None and values.dtype in _COMPILED_DTYPES:
-        return bool(kernels["finite"](values))
-    return math.isfinite(np.maximum.reduce(np.abs(values), initial=0))
+    return bool(all_finite_for(values.dtype)(values))

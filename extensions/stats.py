@@ -45,15 +45,14 @@ def _report_keys(prefix: str, names: tuple[str, ...], missing: tuple[str, ...] =
 class GradSummary:
     """What one pass over the gradients found: total squared norm, per-parameter stats, gaps.
 
-    ``sums`` holds, when statistics were computed, the reductions of each array in ``names``:
-    (sizes, sums, sums of squares, max |g|, zero counts). ``values`` derives from them, when first
-    read, one row of ``STATS`` per name, flattened, as Python floats (what the reporter gets);
-    ``table`` is the same as an array.
+    ``row``, when statistics were computed, is a float64 array: the global norm, then one row of
+    ``STATS`` per name in ``names``, flattened. ``values`` is the same without the global norm as
+    Python floats (what the reporter gets), converted when first read; ``table`` is one row per name.
     """
 
     sqnorm: float
     names: tuple[str, ...] = ()
-    sums: tuple[Sequence[float], ...] | None = dataclasses.field(default=None, repr=False)
+    row: np.ndarray | None = dataclasses.field(default=None, repr=False)
     missing: list[str] = dataclasses.field(default_factory=list)
     nonfinite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     _values: list[float] | None = dataclasses.field(default=None, init=False, repr=False)
@@ -61,21 +60,21 @@ class GradSummary:
     @property
     def has_stats(self) -> bool:
         """Whether per-parameter statistics were computed (not only the global norm)."""
-        return self.sums is not None
+        return self.row is not None
 
     @property
     def values(self) -> list[float] | None:
         """One row of ``STATS`` per name, flattened, or None when statistics were not computed."""
-        if self._values is None and self.sums is not None:
-            self._values = _derive(self.names, self.sums, self.nonfinite)
+        if self._values is None and self.row is not None:
+            self._values = self.row[1:].tolist()
         return self._values
 
     @property
     def table(self) -> np.ndarray | None:
         """The statistics as an array (one row per name, one column per entry of ``STATS``), or None."""
-        if self.values is None:
+        if self.row is None:
             return None
-        return np.array(self.values, dtype=np.float64).reshape(len(self.names), len(STATS))
+        return self.row[1:].reshape(len(self.names), len(STATS)).copy()
 
     @property
     def global_norm(self) -> float:
@@ -101,14 +100,16 @@ class GradSummary:
 
     def report_items(self, prefix: str = "grad") -> tuple[tuple[str, ...], list[float]]:
         """``as_report()`` as (keys, values); the keys are one cached tuple per set of names."""
-        values = self.values
-        keys = _report_keys(prefix, self.names, tuple(self.missing), values is not None)
-        out = [self.global_norm]
-        if values is not None:
-            out += values
+        keys, row = self.report_array(prefix)
+        return keys, row.tolist()
+
+    def report_array(self, prefix: str = "grad") -> tuple[tuple[str, ...], np.ndarray]:
+        """``report_items()`` with the values as one float64 array (no copy when no gradient is missing)."""
+        keys = _report_keys(prefix, self.names, tuple(self.missing), self.row is not None)
+        row = self.row if self.row is not None else np.array([self.global_norm])
         if self.missing:
-            out += [1.0] * len(self.missing)
-        return keys, out
+            row = np.concatenate([row, np.ones(len(self.missing))])
+        return keys, row
 
 
 def _split(names: Sequence[str], arrays: Sequence[Any]) -> tuple[list[str], list[Any], list[str]]:
@@ -144,7 +145,6 @@ class _Layout:
         # where each small array starts in the gathered buffer, and where the last one ends
         self.bounds = np.concatenate(([0], np.cumsum(self.small_sizes, dtype=np.int64))).astype(np.int64)
         self.gathered: dict[Any, np.ndarray] = {}  # dtype -> buffer the small arrays are gathered into
-        self.out = np.empty((4, len(self.small)))  # per array: sum, sum of squares, max |g|, zero count
 
     def gather(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """The small ``arrays`` copied one after another into a reused buffer of their dtype (float64 if mixed)."""
@@ -207,16 +207,14 @@ def _big_stats(a: np.ndarray) -> tuple[float, float, float, float]:
     return total, sq, hi if hi != hi else max(hi, -lo), zeros
 
 
-def _small_sums(layout: _Layout, arrays: Sequence[Any], save: tuple[np.ndarray, np.ndarray] | None = None
-                ) -> tuple[list[float], list[float], list[float], list[float], float]:
-    """(sums, sums of squares, zero counts, max |g|) of the small arrays and their total sum of squares.
-
-    The arrays are gathered into one buffer and reduced in one call of ``kernels.segment_stats``
-    (a compiled loop, or NumPy's ``reduceat``), whatever their number; ``save`` is its pre-update copy.
-    """
-    total = kernels.segment_stats(layout.gather(arrays), layout.bounds, layout.out, save)
-    sums, sqs, max_abs, zeros = layout.out.tolist()
-    return sums, sqs, zeros, max_abs, total
+def _small_table(layout: _Layout, arrays: Sequence[Any], save: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, float]:
+    """(row, total sum of squares) of the small arrays: ``kernels.segment_table``'s row (their global norm, then
+    ``STATS`` per array) from one gather and one call (a compiled loop, or NumPy's ``reduceat``), whatever their
+    number; ``save`` is its pre-update copy."""
+    row = np.empty(1 + len(STATS) * len(arrays))
+    total = kernels.segment_table(layout.gather(arrays), layout.bounds, row, save)
+    return row, total
 
 
 def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, ...] | None = None,
@@ -224,32 +222,41 @@ def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, .
     if not arrays:
         if save is not None:
             np.copyto(save[1], save[0])
-        return GradSummary(0.0, (), ((),) * 5 if with_stats else None, missing)
+        return GradSummary(0.0, (), np.zeros(1) if with_stats else None, missing)
     layout = _layout(arrays, sizes)
-    if not layout.big:  # all gathered: the reductions come out in the arrays' order
-        sums, sqs, zeros, max_abs, total = _small_sums(layout, arrays, save)
-    else:
-        n = len(arrays)
-        sums, sqs, zeros, max_abs = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
-        total = 0.0
-        if layout.small:
-            *small, total = _small_sums(layout, [arrays[i] for i in layout.small], save)
-            for i, s, q, z, m in zip(layout.small, *small):
-                sums[i], sqs[i], zeros[i], max_abs[i] = s, q, z, m
-        elif save is not None:
-            np.copyto(save[1], save[0])
-        for i in layout.big:
-            if with_stats:
-                sums[i], sqs[i], max_abs[i], zeros[i] = _big_stats(arrays[i].ravel())
-                total += sqs[i]
-            else:  # the guard alone: the squared norm is one read
-                total += _sqnorm(arrays[i].ravel())
+    if not layout.big:  # all gathered: the kernel's row is the summary's
+        row, total = _small_table(layout, arrays, save)
+        nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
+        return GradSummary(total, tuple(names), row if with_stats else None, missing, nonfinite)
+    total, k = 0.0, len(STATS)
+    small_rows = None
+    if layout.small:
+        small_row, total = _small_table(layout, [arrays[i] for i in layout.small], save)
+        small_rows = small_row[1:].reshape(-1, k)
+    elif save is not None:
+        np.copyto(save[1], save[0])
+    big = []
+    for i in layout.big:
+        a = arrays[i].ravel()
+        if with_stats:
+            s, q, m, z = _big_stats(a)
+            big.append((layout.sizes[i], s, q, m, z))
+            total += q
+        else:  # the guard alone: the squared norm is one read
+            total += _sqnorm(a)
     nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
-    return GradSummary(total, tuple(names), (layout.sizes, sums, sqs, max_abs, zeros) if with_stats else None,
-                       missing, nonfinite)
+    if not with_stats:
+        return GradSummary(total, tuple(names), None, missing, nonfinite)
+    row = np.empty(1 + k * len(arrays))
+    table = row[1:].reshape(-1, k)
+    if small_rows is not None:
+        table[layout.small] = small_rows
+    table[layout.big] = np.array(_derive([names[i] for i in layout.big], list(zip(*big)), nonfinite)).reshape(-1, k)
+    row[0] = math.sqrt(total) if total >= 0 else math.nan
+    return GradSummary(total, tuple(names), row, missing, nonfinite)
 
 
-def _derive(names: Sequence[str], sums: tuple[Sequence[float], ...], nonfinite: dict) -> list[float]:
+def _derive(names: Sequence[str], sums: Sequence[Sequence[float]], nonfinite: dict) -> list[float]:
     """One row of ``STATS`` per name from its (size, sum, sum of squares, max |g|, zero count)."""
     values: list[float] = []
     sqrt = math.sqrt
@@ -264,7 +271,7 @@ def _derive(names: Sequence[str], sums: tuple[Sequence[float], ...], nonfinite: 
 
 def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary:
     if not arrays:
-        return GradSummary(0.0, (), ((),) * 5 if with_stats else None, missing)
+        return GradSummary(0.0, (), np.zeros(1) if with_stats else None, missing)
     f64 = xp.float64
     if not with_stats:
         sq = float(sum(xp.vdot(a.ravel(), a.ravel()).astype(f64) for a in arrays))
@@ -282,8 +289,10 @@ def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary
     table = chainer.backend.CpuDevice().send(xp.stack(rows))  # one device->host transfer
     sums, sqs, max_abs, zeros, nans, infs = table.T.tolist()
     nonfinite = {n: (int(a), int(b)) for n, a, b in zip(names, nans, infs) if a or b}
-    return GradSummary(sum(sqs), tuple(names), ([a.size for a in arrays], sums, sqs, max_abs, zeros), missing,
-                       nonfinite)
+    total = sum(sqs)
+    values = _derive(names, ([a.size for a in arrays], sums, sqs, max_abs, zeros), nonfinite)
+    row = np.array([math.sqrt(total) if total >= 0 else math.nan, *values])
+    return GradSummary(total, tuple(names), row, missing, nonfinite)
 
 
 _size = operator.attrgetter("size")
@@ -311,6 +320,56 @@ def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: boo
 
 
 _HOST_ONLY = {np.ndarray}
+
+
+class HostGradients:
+    """``gradient_summary`` for a net whose gradients have the same sizes and dtype at every iteration.
+
+    The checks that the gradients still fit (sizes, dtype, all on the host) are two C-level calls
+    (a size map, and a gather that refuses any other dtype); the statistics and the optional
+    pre-update copy are one ``kernels.segment_table`` call bound at construction. Made by
+    ``HostGradients.fitting``, for small arrays of one float dtype only (others take the general path).
+    """
+
+    def __init__(self, names: Sequence[str], sizes: tuple[int, ...], dtype: Any):
+        self.names = tuple(names)
+        self.sizes = sizes
+        self.bounds = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).astype(np.int64)
+        self.gathered = np.empty(int(self.bounds[-1]), dtype)
+        self.row_size = 1 + len(STATS) * len(sizes)
+        self.kernel = kernels.segment_table_for(dtype)
+        self.no_save = (self.gathered[:0], self.gathered[:0])
+        self.dtype = np.dtype(dtype)
+
+    @classmethod
+    def fitting(cls, names: Sequence[str], grads: Sequence[Any]) -> HostGradients | None:
+        """A pass for ``grads`` if they are all host arrays of one float dtype under ``BIG`` elements, else None."""
+        if not grads or set(map(type, grads)) != _HOST_ONLY or len(set(map(_dtype, grads))) != 1:
+            return None
+        sizes = tuple(map(_size, grads))
+        if 0 in sizes or max(sizes) >= BIG or grads[0].dtype.kind != "f":
+            return None
+        return cls(names, sizes, grads[0].dtype)
+
+    def summary(self, grads: Sequence[Any], with_stats: bool,
+                save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary | None:
+        """``gradient_summary(self.names, grads, with_stats, save)``, or None (nothing done) if ``grads`` no
+        longer fit this pass."""
+        try:
+            if tuple(map(_size, grads)) != self.sizes:
+                return None
+            np.concatenate(grads, axis=None, out=self.gathered, casting="no")
+        except (AttributeError, TypeError, ValueError):  # a gradient missing, on a device, or of another dtype
+            return None
+        if save is None:
+            save = self.no_save
+        elif save[0].dtype != self.dtype:
+            np.copyto(save[1], save[0])
+            save = self.no_save
+        row = np.empty(self.row_size)
+        total = self.kernel(self.gathered, self.bounds, row, save[0], save[1])
+        nonfinite = {} if math.isfinite(total) else nonfinite_counts(self.names, grads)
+        return GradSummary(total, self.names, row if with_stats else None, [], nonfinite)
 
 
 def nonfinite_counts(names: Sequence[str], arrays: Sequence[Any]) -> dict[str, tuple[int, int]]:

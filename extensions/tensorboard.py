@@ -117,28 +117,41 @@ def encode_scalars(values: dict[str, Any]) -> bytes:
     return b"".join(parts)
 
 
-_PACKERS: dict[tuple[str, ...], tuple[struct.Struct, list[Any]]] = {}
+_ROW_LAYOUTS: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
 
 
-def encode_items(tags: tuple[str, ...], values: list[float]) -> bytes:
-    """``encode_scalars(dict(zip(tags, values)))`` for Python floats: one cached ``struct`` per tag tuple packs
-    every (prefix, value) pair in one call."""
-    entry = _PACKERS.get(tags)
-    if entry is None:
-        if len(_PACKERS) > 64:
-            _PACKERS.clear()
-        prefixes = [_value_prefix(t) for t in tags]
-        fmt = struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes))
-        template: list[Any] = [None] * (2 * len(tags))
-        template[0::2] = prefixes
-        entry = _PACKERS[tags] = (fmt, template)
-    fmt, template = entry
-    args = template.copy()
-    args[1::2] = values
-    try:
-        return fmt.pack(*args)
-    except (OverflowError, struct.error):  # a value beyond float32 (written as +-inf) or not a float
-        return encode_scalars(dict(zip(tags, values)))
+def _row_layout(tags: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(the encoded summary of ``tags`` with zeros for values, as bytes; the byte index of each value's 4 bytes)."""
+    layout = _ROW_LAYOUTS.get(tags)
+    if layout is None:
+        if len(_ROW_LAYOUTS) > 64:
+            _ROW_LAYOUTS.clear()
+        template, places, at = bytearray(), [], 0
+        for tag in tags:
+            prefix = _value_prefix(tag)
+            template += prefix + bytes(4)
+            at += len(prefix)
+            places.append(at)
+            at += 4
+        index = (np.array(places, dtype=np.intp)[:, None] + np.arange(4)).ravel()
+        layout = _ROW_LAYOUTS[tags] = (np.frombuffer(bytes(template), dtype=np.uint8), index)
+    return layout
+
+
+def encode_rows(tags: tuple[str, ...], rows: np.ndarray) -> list[bytes]:
+    """``[encode_scalars(dict(zip(tags, row))) for row in rows]`` for a 2-D float array, in a few NumPy calls:
+    the summaries differ only in their 4-byte floats, written into copies of one template."""
+    template, index = _row_layout(tags)
+    n = len(rows)
+    buf = np.empty((n, template.size), dtype=np.uint8)
+    buf[:] = template
+    rows = np.asarray(rows, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # beyond float32 (even within rounding of its largest): +-inf, as protobuf
+        rows = np.where(np.abs(rows) > _FLOAT32_MAX, np.copysign(np.inf, rows), rows)
+    floats = rows.astype("<f4")
+    buf[:, index] = floats.view(np.uint8).reshape(n, -1)
+    raw, size = buf.tobytes(), template.size
+    return [raw[i * size:(i + 1) * size] for i in range(n)]
 
 
 def encode_event(summary: bytes, step: int, walltime: float) -> bytes:
@@ -277,44 +290,62 @@ def add_image_grid(writer: SummaryWriter, tag: str, images: Any, step: int) -> n
     return grid
 
 
+def _always(trainer: training.Trainer) -> bool:
+    return True
+
+
 class TensorBoardReport(training.Extension):
     """Writes each iteration's reporter scalars to TensorBoard; closes the writer when training ends.
 
     Events are handed to the writer in batches of ``batch`` iterations (and on error, on
     ``flush()`` and at the end): one wake-up of tensorboardX's writer thread per batch instead
-    of one per iteration. Each event keeps its own step and wall time.
+    of one per iteration. Each event keeps its own step and wall time. Values staged as rows
+    under the same tags (the updater's gradient statistics) are encoded together at the flush.
     """
 
-    trigger = 1, "iteration"
+    trigger = staticmethod(_always)  # every iteration, without IntervalTrigger's epoch arithmetic
     priority = training.PRIORITY_READER
     default_name = EXTENSION_NAME
 
     def __init__(self, writer: SummaryWriter, batch: int = 50):
         self.writer = writer
         self.batch = max(1, int(batch))
-        self._pending: list[tuple[bytes, int, float]] = []
-        self._staged: tuple[int, dict[str, Any]] | None = None
+        # (observation summary, step, walltime, tags of a staged row or None, the row)
+        self._pending: list[tuple[bytes, int, float, tuple[str, ...] | None, Any]] = []
+        self._staged: tuple[int, Any] | None = None
 
-    def stage(self, values: dict[str, Any] | tuple[tuple[str, ...], list[float]], iteration: int) -> None:
+    def stage(self, values: dict[str, Any] | tuple[tuple[str, ...], Any], iteration: int) -> None:
         """Scalars to write with ``iteration``'s observation without putting them in the reporter (the
-        updater's gradient statistics on iterations no LogReport writes): a dict, or (tags, floats)."""
+        updater's gradient statistics on iterations no LogReport writes): a dict, or (tags, floats) with
+        the floats as a list or a 1-D array (kept, not copied, until the flush)."""
         self._staged = (iteration, values)
 
     def __call__(self, trainer: training.Trainer) -> None:
+        iteration = trainer.updater.iteration
         summary = encode_scalars(trainer.observation)
         staged, self._staged = self._staged, None
-        if staged is not None and staged[0] == trainer.updater.iteration:
+        tags = row = None
+        if staged is not None and staged[0] == iteration:
             values = staged[1]
-            summary += encode_scalars(values) if isinstance(values, dict) else encode_items(*values)
-        if summary:
-            self._pending.append((summary, trainer.updater.iteration, time.time()))
+            if isinstance(values, dict):
+                summary += encode_scalars(values)
+            else:
+                tags, row = values
+        if summary or tags:
+            self._pending.append((summary, iteration, time.time(), tags, row))
             if len(self._pending) >= self.batch:
                 self.flush()
 
     def flush(self) -> None:
         """Hand every pending event to the writer."""
         pending, self._pending = self._pending, []
-        write_encoded(self.writer, pending)
+        rows: dict[tuple[str, ...], list[Any]] = {}
+        for _, _, _, tags, row in pending:
+            if tags is not None:
+                rows.setdefault(tags, []).append(row)
+        encoded = {tags: iter(encode_rows(tags, np.array(block, dtype=np.float64))) for tags, block in rows.items()}
+        write_encoded(self.writer, [(summary + next(encoded[tags]) if tags is not None else summary, step, walltime)
+                                    for summary, step, walltime, tags, _ in pending])
 
     def on_error(self, trainer: training.Trainer, exc: BaseException, tb: Any) -> None:
         self.flush()

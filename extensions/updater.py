@@ -29,7 +29,7 @@ from .errors import NonFiniteError
 from .localize import Birth, localize
 from .replay import RngState, RngTracker, replay_float64
 from .report import Failure, update_counts, write_report
-from .stats import GradSummary, gradient_summary, nonfinite_counts
+from .stats import GradSummary, HostGradients, gradient_summary, nonfinite_counts
 from .tensorboard import add_histograms_safe
 
 logger = logging.getLogger("extensions")
@@ -54,7 +54,9 @@ class _State:
         # (period, unit) of the trainer's LogReport/PlotReport triggers, found when training starts (see
         # ``install``); None: hand the statistics to the reporter at every statistics iteration
         self.log_schedule: list[tuple[float, str]] | None = None
+        self.next_log = 0  # with a schedule in iterations only: no log is written before this iteration
         self.tb_report: Any = None
+        self.grad_pass: HostGradients | None = None  # the fast gradient pass for this net, once seen
 
 
 class GradientLoggingMixin:
@@ -174,14 +176,25 @@ class GradientLoggingMixin:
             named = list(target.namedparams(include_uninit=True))
             params = [p for _, p in named]
             cached = self._ext.table = (id(target), [n.lstrip("/") for n, _ in named], params, fast_access(params))
+            self._ext.grad_pass = None
         return cached[1], cached[2]
 
-    def _grads(self, params: list[chainer.Parameter]) -> list[Any]:
-        """Every parameter's gradient (None where there is none), read the fast way when it is safe."""
-        table = self._ext.table
-        if table is not None and table[2] is params and table[3]:
-            return raw_grads(params)
-        return [p.grad for p in params]
+    def _summary(self, names: list[str], params: list[chainer.Parameter], with_stats: bool,
+                 save: tuple[Any, Any] | None) -> GradSummary:
+        """``gradient_summary`` of every parameter's gradient; through the prepared ``HostGradients`` pass while
+        the gradients fit it (the common case: the same host arrays' shapes every iteration)."""
+        st = self._ext
+        table = st.table
+        grads = raw_grads(params) if table is not None and table[2] is params and table[3] else [
+            p.grad for p in params]
+        host = st.grad_pass
+        if host is not None:
+            summary = host.summary(grads, with_stats, save)
+            if summary is not None:
+                return summary
+        summary = gradient_summary(names, grads, with_stats, save)
+        st.grad_pass = HostGradients.fitting(names, grads)
+        return summary
 
     def guarded_update(self, optimizer: chainer.Optimizer, in_arrays: Any) -> bool:
         """Forward, backward, statistics, guard and update on ``in_arrays``; True if the weights were updated."""
@@ -206,17 +219,16 @@ class GradientLoggingMixin:
 
         every = debug.gradients.every
         logged = every > 0 and debug.gradients.report != "tensorboard" and (
-            st.log_schedule is None or self._logged_now(iteration))
+            st.log_schedule is None or iteration >= st.next_log and self._logged_now(iteration))
         stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
         # a small net's pre-update copy rides along the pass over the gradients (see backup.begin)
         save = st.backup.begin(params, optimizer) if nf.check else None
-        summary = gradient_summary(names, self._grads(params), with_stats=stats_now, save=save) if (
-            stats_now or nf.check) else None
+        summary = self._summary(names, params, stats_now, save) if stats_now or nf.check else None
         if summary is not None and summary.has_stats:
             if logged:
                 _report(summary.as_report())
             elif st.tb_report is not None:
-                st.tb_report.stage(summary.report_items(), iteration)
+                st.tb_report.stage(summary.report_array(), iteration)
         hist = debug.gradients.histograms_every
         if st.writer is not None and hist > 0 and iteration % hist == 0:
             self._histograms(names, params, iteration)
@@ -254,10 +266,12 @@ class GradientLoggingMixin:
 
     def _logged_now(self, iteration: int) -> bool:
         """Whether a LogReport/PlotReport of the schedule will write after this iteration's update."""
-        for period, unit in self._ext.log_schedule or ():
+        schedule = self._ext.log_schedule or ()
+        logged = False
+        for period, unit in schedule:
             if unit == "iteration":
                 if (iteration - 1) // period != iteration // period:
-                    return True
+                    logged = True
                 continue
             try:
                 current, previous = self.epoch_detail, self.previous_epoch_detail
@@ -265,7 +279,10 @@ class GradientLoggingMixin:
                 return True
             if (previous or 0.0) // period != current // period:
                 return True
-        return False
+        if schedule and all(unit == "iteration" and float(period).is_integer() for period, unit in schedule):
+            # the next iteration any of them writes: nothing to ask before it
+            self._ext.next_log = min(math.ceil((iteration // period + 1) * period) for period, _ in schedule)
+        return logged
 
     def _histograms(self, names: list[str], params: list[chainer.Parameter], step: int) -> None:
         arrays = {f"grad/{name}": p.grad for name, p in zip(names, params) if p.grad is not None}

@@ -35,23 +35,29 @@ def _segments(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_segment_stats_match_a_float64_reference(kernel_kind, dtype):
+def test_segment_table_matches_a_float64_reference(kernel_kind, dtype):
     parts, work, bounds = _segments(dtype)
-    out = np.empty((4, len(parts)))
+    row = np.full(1 + 7 * len(parts), -1.0)
     src = np.arange(50, dtype=dtype)
     dst = np.zeros_like(src)
-    total = kernels.segment_stats(work, bounds, out, save=(src, dst))
+    total = kernels.segment_table(work, bounds, row, save=(src, dst))
     np.testing.assert_array_equal(dst, src)
+    table = row[1:].reshape(-1, 7)
     for s, p in enumerate(parts):
         x = p.astype(np.float64)
-        np.testing.assert_allclose(out[0, s], x.sum(), rtol=1e-12)
-        np.testing.assert_allclose(out[1, s], (x * x).sum(), rtol=1e-12)
-        np.testing.assert_array_equal(out[2, s], np.abs(x).max())  # NaN where there is one
-        assert out[3, s] == np.count_nonzero(x == 0)
-    assert np.isnan(total)  # a NaN in one segment makes the total non-finite
+        q = (x * x).sum()
+        mean = x.sum() / x.size
+        with np.errstate(invalid="ignore"):
+            std = np.sqrt(max(q / x.size - mean * mean, 0.0)) if np.isfinite(q) else np.nan
+        want = [np.sqrt(q), mean, std, np.abs(x).max(), np.count_nonzero(x == 0) / x.size,
+                np.count_nonzero(np.isnan(x)), np.count_nonzero(np.isinf(x))]
+        np.testing.assert_allclose(table[s], want, rtol=1e-12, atol=1e-15)  # NaN where the reference has one
+    assert np.isnan(total) and np.isnan(row[0])  # a NaN in one segment makes the total non-finite
     finite = work[:bounds[2]]
-    assert kernels.segment_stats(finite, bounds[:3], out[:, :2]) == pytest.approx(
-        float((finite.astype(np.float64) ** 2).sum()), rel=1e-12)
+    row2 = np.empty(1 + 7 * 2)
+    expected = float((finite.astype(np.float64) ** 2).sum())
+    assert kernels.segment_table(finite, bounds[:3], row2) == pytest.approx(expected, rel=1e-12)
+    assert row2[0] == pytest.approx(np.sqrt(expected), rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])

@@ -144,9 +144,10 @@ def test_scalar_events_are_protobufs_encoding():
     assert encode_scalars({"vector": np.ones(3)}) == b""
 
 
-def test_gradient_statistics_encoded_as_items_match_the_dict_encoding():
-    """The updater's (tags, floats) fast path writes the same bytes as the dict path, huge values included."""
-    from extensions.tensorboard import encode_items, encode_scalars
+def test_gradient_statistics_encoded_as_rows_match_the_dict_encoding():
+    """The updater's rows of statistics, encoded together at the flush, are the same bytes as the dict path,
+    values beyond float32 (written as +-inf), NaN, -0.0 and float32 denormals included."""
+    from extensions.tensorboard import encode_rows, encode_scalars
 
     g = np.array([[0.0, 3e30], [-4.0, np.nan]], np.float32)
     for summary in (ext.gradient_summary(["l1/W", "l1/b"], [g, None]),
@@ -154,7 +155,44 @@ def test_gradient_statistics_encoded_as_items_match_the_dict_encoding():
                     ext.gradient_summary(["l1/W"], [np.array([1.0], np.float32)], with_stats=False)):
         tags, values = summary.report_items()
         assert dict(zip(tags, values)) == pytest.approx(summary.as_report(), nan_ok=True)
-        assert encode_items(tags, values) == encode_scalars(summary.as_report())  # 3e30 squared: beyond float32
+        keys, row = summary.report_array()
+        assert keys == tags and row.tolist() == pytest.approx(values, nan_ok=True)
+        assert encode_rows(tags, row[None]) == [encode_scalars(summary.as_report())]  # 3e30 squared: beyond float32
+    tags = ("a", "b/c", "x" * 200)
+    rows = np.array([[1.5, -1e39, 0.0], [np.nan, -0.0, 1e-45], [3.4028235e38, 1e39, -7.25]])
+    assert encode_rows(tags, rows) == [encode_scalars(dict(zip(tags, r))) for r in rows.tolist()]
+
+
+def test_staged_rows_reach_tensorboard_with_their_steps(tmp_path):
+    """Rows staged at each iteration are written at the flush, each with its own step, beside the observation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from extensions.tensorboard import TensorBoardReport
+
+    class Updater:
+        iteration = 0
+
+    class Trainer:
+        updater = Updater()
+        observation: dict = {}
+
+    report = TensorBoardReport(ext.open_writer(tmp_path), batch=3)
+    trainer = Trainer()
+    for it in range(1, 8):
+        trainer.updater.iteration = it
+        trainer.observation = {"main/loss": float(it)}
+        if it != 4:  # a row staged for another iteration is not written with this one
+            report.stage((("grad/global_norm", "grad/l/W/norm"), np.array([10.0 * it, -1.0 * it])), it)
+        else:
+            report.stage((("grad/global_norm",), np.array([99.0])), 3)
+        report(trainer)
+    report.finalize()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    steps = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert steps["main/loss"] == [(i, float(i)) for i in range(1, 8)]
+    assert steps["grad/global_norm"] == [(i, 10.0 * i) for i in range(1, 8) if i != 4]
+    assert steps["grad/l/W/norm"] == [(i, -1.0 * i) for i in range(1, 8) if i != 4]
 
 
 def test_histograms_match_tensorboardx_and_survive_huge_values(tmp_path):
