@@ -71,6 +71,53 @@ def _all_finite(values):  # pragma: no cover - compiled by numba
     return True
 
 
+def _histogram_table(values, offsets, edges, counts, stats):  # pragma: no cover - compiled by numba
+    nb = edges.size - 1
+    first, last = edges[0], edges[nb]
+    inf = np.inf
+    for s in range(offsets.size - 1):
+        lo = inf
+        hi = -inf
+        acc = 0.0
+        sq = 0.0
+        finite = 0
+        nans = 0
+        infs = 0
+        outside = 0
+        for i in range(offsets[s], offsets[s + 1]):
+            v = np.float64(values[i])
+            if v != v:
+                nans += 1
+                continue
+            if v == inf or v == -inf:
+                infs += 1
+                continue
+            finite += 1
+            lo = min(lo, v)
+            hi = max(hi, v)
+            acc += v
+            sq += v * v
+            if v < first or v > last:
+                outside += 1
+                continue
+            a, b = 0, nb  # the last edge <= v, as np.histogram places it (the last bucket is closed)
+            while b - a > 1:
+                m = (a + b) // 2
+                if edges[m] <= v:
+                    a = m
+                else:
+                    b = m
+            counts[s, a] += 1
+        stats[s, 0] = lo
+        stats[s, 1] = hi
+        stats[s, 2] = acc
+        stats[s, 3] = sq
+        stats[s, 4] = finite
+        stats[s, 5] = nans
+        stats[s, 6] = infs
+        stats[s, 7] = outside
+
+
 def _compile() -> dict[str, Any] | None:
     global _compiled, _tried
     if _tried:
@@ -86,7 +133,8 @@ def _compile() -> dict[str, Any] | None:
     try:
         with warnings.catch_warnings():  # a read-only install cannot cache: compile in memory, silently
             warnings.simplefilter("ignore", numba.NumbaWarning)
-            _compiled = {"table": jit(_segment_table), "finite": jit(_all_finite)}
+            _compiled = {"table": jit(_segment_table), "finite": jit(_all_finite),
+                         "histogram": jit(_histogram_table)}
     except Exception:  # numba present but unusable here: NumPy does the work
         _compiled = None
     return _compiled
@@ -165,3 +213,18 @@ def _numpy_all_finite(values: np.ndarray) -> bool:
 def all_finite(values: np.ndarray) -> bool:
     """Whether every element of the flat array ``values`` is finite (no overflow, no warning)."""
     return bool(all_finite_for(values.dtype)(values))
+
+
+def histogram_table(values: np.ndarray, offsets: np.ndarray, edges: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each segment ``values[offsets[s]:offsets[s+1]]``: its counts in the buckets of the sorted ``edges``
+    (as ``np.histogram`` places finite values; the last bucket is closed) and (min, max, sum, sum of squares,
+    finite count, NaN count, Inf count, finite values outside the edges) of its finite values, all in one
+    compiled pass. None without the compiled loops (callers use ``np.histogram``)."""
+    kernels = _compile()
+    if kernels is None or values.dtype not in _COMPILED_DTYPES:
+        return None
+    counts = np.zeros((offsets.size - 1, edges.size - 1), dtype=np.int64)
+    stats = np.empty((offsets.size - 1, 8))
+    kernels["histogram"](values, offsets, edges, counts, stats)
+    return counts, stats

@@ -22,6 +22,8 @@ from chainer import training
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.summary_pb2 import HistogramProto, Summary
 
+from . import kernels
+
 EXTENSION_NAME = "ext_tensorboard"
 
 
@@ -206,6 +208,15 @@ def _histogram_proto(values: np.ndarray) -> HistogramProto:
     lo, hi = float(values.min()), float(values.max())
     bins = _DEFAULT_BINS if _DEFAULT_BINS[0] <= lo and hi <= _DEFAULT_BINS[-1] else 30
     counts, limits = np.histogram(values, bins=bins)
+    sq = float(np.dot(values, values))
+    if not math.isfinite(sq):
+        sq = float(np.square(values, dtype=np.float64).sum())
+    return _bucket_proto(counts, limits, lo, hi, values.size, float(values.sum(dtype=np.float64)), sq)
+
+
+def _bucket_proto(counts: np.ndarray, limits: np.ndarray, lo: float, hi: float, num: int, total: float,
+                  sq: float) -> HistogramProto:
+    """A HistogramProto of bucket ``counts`` between ``limits``, trimmed to the support."""
     nonzero = np.flatnonzero(counts)
     start, end = int(nonzero[0]), int(nonzero[-1]) + 1
     # TensorBoard reads right bucket limits only: keep the empty bucket left of the support
@@ -216,12 +227,40 @@ def _histogram_proto(values: np.ndarray) -> HistogramProto:
     keep = counts != 0
     keep[:-1] |= keep[1:]
     counts, limits = counts[keep], limits[keep]
-    sq = float(np.dot(values, values))
-    if not math.isfinite(sq):
-        sq = float(np.square(values, dtype=np.float64).sum())
-    return HistogramProto(min=lo, max=hi, num=values.size,
-                          sum=float(values.sum(dtype=np.float64)), sum_squares=sq,
+    return HistogramProto(min=lo, max=hi, num=num, sum=total, sum_squares=sq,
                           bucket_limit=limits.tolist(), bucket=counts.tolist())
+
+
+def _count_values(tag: str, nan: int, inf: int) -> list[Any]:
+    return [Summary.Value(tag=f"{tag}/nan_count", simple_value=float(nan)),
+            Summary.Value(tag=f"{tag}/inf_count", simple_value=float(inf))]
+
+
+def _host_histograms(arrays: dict[str, Any]) -> dict[str, tuple[list[Any], dict[str, int]]]:
+    """``histogram_values`` of the host float arrays among ``arrays``, from one compiled pass over all of them
+    (empty without the compiled loops); an array with finite values beyond the default buckets is left out."""
+    host = {tag: a.ravel() for tag, a in arrays.items()
+            if type(a) is np.ndarray and a.dtype.kind == "f" and a.size}
+    if not host or not kernels.available():
+        return {}
+    sizes = [a.size for a in host.values()]
+    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    gathered = np.concatenate(list(host.values()), axis=None, out=np.empty(int(offsets[-1])), casting="same_kind")
+    table = kernels.histogram_table(gathered, offsets, _DEFAULT_BINS)
+    if table is None:
+        return {}
+    counts, stats = table
+    out = {}
+    for s, tag in enumerate(host):
+        lo, hi, total, sq, finite, nan, inf, outside = stats[s].tolist()
+        if outside:
+            continue
+        values = []
+        if finite:
+            values.append(Summary.Value(tag=tag, histo=_bucket_proto(counts[s], _DEFAULT_BINS, lo, hi, int(finite),
+                                                                      total, sq)))
+        out[tag] = (values + _count_values(tag, int(nan), int(inf)), {"nan": int(nan), "inf": int(inf)})
+    return out
 
 
 def histogram_values(tag: str, array: Any) -> tuple[list[Any], dict[str, int]]:
@@ -237,17 +276,16 @@ def histogram_values(tag: str, array: Any) -> tuple[list[Any], dict[str, int]]:
     values = []
     if n_finite:
         values.append(Summary.Value(tag=tag, histo=_histogram_proto(a if n_finite == a.size else a[finite])))
-    values.append(Summary.Value(tag=f"{tag}/nan_count", simple_value=float(counts["nan"])))
-    values.append(Summary.Value(tag=f"{tag}/inf_count", simple_value=float(counts["inf"])))
-    return values, counts
+    return values + _count_values(tag, counts["nan"], counts["inf"]), counts
 
 
 def add_histograms_safe(writer: SummaryWriter, arrays: dict[str, Any], step: int) -> dict[str, dict[str, int]]:
     """``add_histogram_safe`` for many tags at once, written as one event; returns the counts per tag."""
     summary = Summary()
     counts = {}
+    done = _host_histograms(arrays)
     for tag, array in arrays.items():
-        values, counts[tag] = histogram_values(tag, array)
+        values, counts[tag] = done[tag] if tag in done else histogram_values(tag, array)
         summary.value.extend(values)
     if summary.value:
         writer._get_file_writer().add_summary(summary, step)

@@ -198,13 +198,14 @@ class GradientLoggingMixin:
 
     def guarded_update(self, optimizer: chainer.Optimizer, in_arrays: Any) -> bool:
         """Forward, backward, statistics, guard and update on ``in_arrays``; True if the weights were updated."""
-        st, debug = self._ext, self._ext.debug
+        st = self._ext
+        debug = st.debug
         nf = debug.nonfinite
+        check = nf.check
         iteration = self.iteration + 1
         target = optimizer.target
         names, params = self._param_table(target)
-        xp = target.xp
-        rng = st.rng.capture(xp, st.seeder) if nf.check and (nf.localize or nf.replay_float64) else None
+        rng = st.rng.capture(target.xp, st.seeder) if check and (nf.localize or nf.replay_float64) else None
 
         if debug.float64 and not st.float64_checked:
             check_float64(target)  # before the forward pass, where Chainer's type check would fail first
@@ -214,7 +215,7 @@ class GradientLoggingMixin:
         if debug.float64 and not st.float64_checked:
             check_float64(target)  # parameters initialised lazily by that forward pass
             st.float64_checked = True
-        loss_value = _host_scalar(loss.array) if nf.check else math.nan
+        loss_value = _host_scalar(loss.array) if check else math.nan
         del loss  # free the graph before the update, as Optimizer.update(lossfun) does
 
         every = debug.gradients.every
@@ -222,8 +223,9 @@ class GradientLoggingMixin:
             st.log_schedule is None or iteration >= st.next_log and self._logged_now(iteration))
         stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
         # a small net's pre-update copy rides along the pass over the gradients (see backup.begin)
-        save = st.backup.begin(params, optimizer) if nf.check else None
-        summary = self._summary(names, params, stats_now, save) if stats_now or nf.check else None
+        backup = st.backup
+        save = backup.begin(params, optimizer) if check else None
+        summary = self._summary(names, params, stats_now, save) if stats_now or check else None
         if summary is not None and summary.has_stats:
             if logged:
                 _report(summary.as_report())
@@ -234,14 +236,13 @@ class GradientLoggingMixin:
             self._histograms(names, params, iteration)
 
         updated = False
-        if nf.check:
-            if not math.isfinite(loss_value) or not summary.finite:
+        if check:
+            if not (math.isfinite(loss_value) and math.isfinite(summary.sqnorm)):
                 trigger = (f"loss is {loss_value}" if not math.isfinite(loss_value)
                            else f"global gradient norm is {summary.global_norm}")
                 self._on_nonfinite(optimizer, in_arrays, rng, trigger, "forward" if
                                    not math.isfinite(loss_value) else "backward", loss_value, summary, {})
             else:
-                backup = st.backup
                 if save is None:
                     backup.finish(params, optimizer)
                 optimizer._ext_grad_sqnorm = (optimizer.t, summary.sqnorm)

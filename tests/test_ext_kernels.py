@@ -158,3 +158,33 @@ def test_arena_follows_new_update_rules(tmp_path):
         np.testing.assert_array_equal(p.array, w)
         np.testing.assert_array_equal(p.update_rule.state["v"], v)
         assert p.update_rule.t == t
+
+
+@needs_numba
+def test_compiled_histograms_match_numpys():
+    """One compiled pass over many arrays gives the buckets ``np.histogram`` gives each, values on the bucket
+    edges (the last one included), zeros, NaN and Inf included; finite values beyond the buckets go the NumPy way."""
+    from extensions.tensorboard import _DEFAULT_BINS, _host_histograms, histogram_values
+
+    rng = np.random.default_rng(2)
+    edges = _DEFAULT_BINS[[0, 1, 700, 749, 750, 751, 900, -2, -1]]
+    arrays = {"w": rng.standard_normal((30, 20)).astype(np.float32) * 1e-3,
+              "edges": np.concatenate([edges, -edges[:5], [0.0, 0.0]]),
+              "bad": np.array([1.0, np.nan, np.inf, -np.inf, -2.5], np.float32),
+              "allnan": np.full(4, np.nan, np.float32),
+              "huge": np.array([1e30, 1.0])}
+    done = _host_histograms(arrays)
+    assert set(done) == {"w", "edges", "bad", "allnan"}  # "huge" is left to np.histogram's 30 uniform buckets
+    for tag, (values, counts) in done.items():
+        want_values, want_counts = histogram_values(tag, arrays[tag])
+        assert counts == want_counts
+        assert [v.tag for v in values] == [v.tag for v in want_values]
+        for got, want in zip(values, want_values):
+            if got.HasField("histo"):
+                g, w = got.histo, want.histo
+                assert list(g.bucket) == list(w.bucket) and list(g.bucket_limit) == list(w.bucket_limit)
+                assert (g.min, g.max, g.num) == (w.min, w.max, w.num)
+                assert g.sum == pytest.approx(w.sum, rel=1e-9)
+                assert g.sum_squares == pytest.approx(w.sum_squares, rel=1e-5)
+            else:
+                assert got.simple_value == want.simple_value
