@@ -21,6 +21,7 @@ import numpy as np
 from chainer import training
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.summary_pb2 import HistogramProto, Summary
+from tensorboardX.record_writer import masked_crc32c
 
 from . import kernels
 
@@ -78,6 +79,8 @@ def write_scalars(writer: SummaryWriter, values: dict[str, Any], step: int) -> i
 # encoding of Event{wall_time, step, summary: Summary{value: [{tag, simple_value}]}}.
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 _VALUE_PREFIX: dict[str, bytes] = {}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -164,27 +167,44 @@ def encode_event(summary: bytes, step: int, walltime: float) -> bytes:
     return time_field + step_field + b"\x2a" + _varint(len(summary)) + summary
 
 
-def _raw_event_writer(writer: SummaryWriter) -> Any:
-    """tensorboardX's own thread-safe writer of serialised events into the writer's event file, or None."""
+def _events_writer(writer: SummaryWriter) -> Any:
+    """tensorboardX's ``EventsWriter`` behind ``writer`` (its lock, record writer and open file), or None."""
     file_writer = writer._get_file_writer()
     events = getattr(file_writer, "event_writer", None)
     if events is None or getattr(events, "_closed", True):
         return None
-    return getattr(getattr(events, "_ev_writer", None), "_write_serialized_event", None)
+    ev = getattr(events, "_ev_writer", None)
+    if not all(hasattr(ev, a) for a in ("_lock", "_num_outstanding_events", "_py_recordio_writer")):
+        return None
+    if getattr(ev._py_recordio_writer, "_writer", None) is None:
+        return None
+    return ev
+
+
+def tf_records(payloads: list[bytes]) -> bytes:
+    """TFRecord framing of each payload (length, its masked CRC-32C, the payload, its masked CRC-32C), joined:
+    the bytes tensorboardX's ``RecordWriter.write`` writes for each, in one piece."""
+    parts = []
+    for data in payloads:
+        header = _U64.pack(len(data))
+        parts += (header, _U32.pack(masked_crc32c(header)), data, _U32.pack(masked_crc32c(data)))
+    return b"".join(parts)
 
 
 def write_encoded(writer: SummaryWriter, events: list[tuple[bytes, int, float]]) -> None:
-    """Write (serialised summary, step, walltime) events into ``writer``'s event file, in order."""
+    """Write (serialised summary, step, walltime) events into ``writer``'s event file, in order, in one write."""
     if not events:
         return
-    write = _raw_event_writer(writer)
-    if write is None:  # another tensorboardX layout: through its public API
+    ev = _events_writer(writer)
+    if ev is None:  # another tensorboardX layout: through its public API
         file_writer = writer._get_file_writer()
         for summary, step, walltime in events:
             file_writer.add_summary(Summary.FromString(summary), step, walltime)
         return
-    for summary, step, walltime in events:
-        write(encode_event(summary, step, walltime))
+    data = tf_records([encode_event(summary, step, walltime) for summary, step, walltime in events])
+    with ev._lock:
+        ev._num_outstanding_events += len(events)
+        ev._py_recordio_writer._writer.write(data)
 
 
 def _tensorflow_bins() -> np.ndarray:

@@ -220,3 +220,18 @@ def test_histograms_match_tensorboardx_and_survive_huge_values(tmp_path):
     huge = acc.Histograms("huge")[0].histogram_value  # beyond tensorboardX's buckets: it used to fail here
     assert (huge.num, huge.min, huge.max) == (3, -2e30, 1e30) and sum(huge.bucket) == 3
     assert acc.Scalars("nan/nan_count")[0].value == 5
+
+
+def test_records_written_in_one_piece_are_tensorboardx_records(tmp_path):
+    """The flush frames its events itself and writes them at once: the same bytes as tensorboardX's RecordWriter."""
+    from tensorboardX.record_writer import RecordWriter
+
+    from extensions.tensorboard import tf_records
+
+    payloads = [b"", b"x", bytes(range(256)) * 3, b"event" * 1000]
+    path = tmp_path / "ref.tfevents"
+    ref = RecordWriter(str(path))
+    for p in payloads:
+        ref.write(p)
+    ref.close()
+    assert tf_records(payloads) == path.read_bytes()
