@@ -71,9 +71,11 @@ def _all_finite(values):  # pragma: no cover - compiled by numba
     return True
 
 
-def _histogram_table(values, offsets, edges, counts, stats):  # pragma: no cover - compiled by numba
+def _histogram_table(values, offsets, edges, counts, stats, zero, scale, ratio):  # pragma: no cover - numba
+    # ``edges`` are sorted; near-geometric around ``edges[zero] == 0``: +-scale * ratio**k (as tensorboardX's)
     nb = edges.size - 1
     first, last = edges[0], edges[nb]
+    inv_log_ratio = 1.0 / np.log(ratio)
     inf = np.inf
     for s in range(offsets.size - 1):
         lo = inf
@@ -100,14 +102,20 @@ def _histogram_table(values, offsets, edges, counts, stats):  # pragma: no cover
             if v < first or v > last:
                 outside += 1
                 continue
-            a, b = 0, nb  # the last edge <= v, as np.histogram places it (the last bucket is closed)
-            while b - a > 1:
-                m = (a + b) // 2
-                if edges[m] <= v:
-                    a = m
-                else:
-                    b = m
-            counts[s, a] += 1
+            # the last edge <= v, as np.histogram places it (the last bucket is closed): a guess from the
+            # edges' geometric spacing, then corrected against the edges themselves
+            if v > 0.0 and v >= scale:
+                k = zero + 1 + int(np.log(v / scale) * inv_log_ratio)
+            elif v < 0.0 and -v >= scale:
+                k = zero - 1 - int(np.log(-v / scale) * inv_log_ratio) - 1
+            else:
+                k = zero if v >= 0.0 else zero - 1
+            k = min(max(k, 0), nb - 1)
+            while k > 0 and edges[k] > v:
+                k -= 1
+            while k < nb - 1 and edges[k + 1] <= v:
+                k += 1
+            counts[s, k] += 1
         stats[s, 0] = lo
         stats[s, 1] = hi
         stats[s, 2] = acc
@@ -215,16 +223,17 @@ def all_finite(values: np.ndarray) -> bool:
     return bool(all_finite_for(values.dtype)(values))
 
 
-def histogram_table(values: np.ndarray, offsets: np.ndarray, edges: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray] | None:
+def histogram_table(values: np.ndarray, offsets: np.ndarray, edges: np.ndarray, zero: int, scale: float,
+                    ratio: float) -> tuple[np.ndarray, np.ndarray] | None:
     """For each segment ``values[offsets[s]:offsets[s+1]]``: its counts in the buckets of the sorted ``edges``
     (as ``np.histogram`` places finite values; the last bucket is closed) and (min, max, sum, sum of squares,
     finite count, NaN count, Inf count, finite values outside the edges) of its finite values, all in one
-    compiled pass. None without the compiled loops (callers use ``np.histogram``)."""
+    compiled pass. ``edges[zero]`` is 0 and the others about +-``scale * ratio**k`` (any sorted edges give the
+    right counts; these make the search short). None without the compiled loops (callers use ``np.histogram``)."""
     kernels = _compile()
     if kernels is None or values.dtype not in _COMPILED_DTYPES:
         return None
     counts = np.zeros((offsets.size - 1, edges.size - 1), dtype=np.int64)
     stats = np.empty((offsets.size - 1, 8))
-    kernels["histogram"](values, offsets, edges, counts, stats)
+    kernels["histogram"](values, offsets, edges, counts, stats, zero, scale, ratio)
     return counts, stats
