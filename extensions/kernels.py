@@ -141,11 +141,26 @@ def _compile() -> dict[str, Any] | None:
     try:
         with warnings.catch_warnings():  # a read-only install cannot cache: compile in memory, silently
             warnings.simplefilter("ignore", numba.NumbaWarning)
-            _compiled = {"table": jit(_segment_table), "finite": jit(_all_finite),
-                         "histogram": jit(_histogram_table)}
-    except Exception:  # numba present but unusable here: NumPy does the work
-        _compiled = None
+            compiled = {"table": jit(_segment_table), "finite": jit(_all_finite),
+                        "histogram": jit(_histogram_table)}
+            _warm_up(compiled)
+    except Exception as e:  # numba present but unusable here: NumPy does the work
+        warnings.warn(f"extensions.kernels: numba could not compile the toolkit's loops ({type(e).__name__}: {e}); "
+                      "using NumPy", RuntimeWarning, stacklevel=2)
+        compiled = None
+    _compiled = compiled
     return _compiled
+
+
+def _warm_up(compiled: dict[str, Any]) -> None:
+    """Compile (or load from the cache) every signature the toolkit calls, so a failure shows here, not mid-run."""
+    bounds = np.array([0, 2], dtype=np.int64)
+    for dtype in _COMPILED_DTYPES:
+        work = np.zeros(2, dtype)
+        compiled["table"](work, bounds, np.empty(8), work[:0], work[:0])
+        compiled["finite"](work)
+    edges = np.array([-1.0, 0.0, 1.0])
+    compiled["histogram"](np.zeros(2), bounds, edges, np.zeros((1, 2), np.int64), np.empty((1, 8)), 1, 1.0, 2.0)
 
 
 def available() -> bool:

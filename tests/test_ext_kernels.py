@@ -188,3 +188,26 @@ def test_compiled_histograms_match_numpys():
                 assert g.sum_squares == pytest.approx(w.sum_squares, rel=1e-5)
             else:
                 assert got.simple_value == want.simple_value
+
+
+@needs_numba
+def test_a_numba_that_cannot_compile_falls_back_to_numpy_with_a_warning(monkeypatch):
+    import numba
+
+    def broken(*args, **kwargs):
+        def wrap(fn):
+            def fail(*a):
+                raise numba.core.errors.TypingError("no such signature here")
+            return fail
+        return wrap
+
+    monkeypatch.setattr(numba, "njit", broken)
+    kernels.use(True)
+    try:
+        with pytest.warns(RuntimeWarning, match="numba could not compile"):
+            assert not kernels.available()
+        row = np.empty(8)
+        assert kernels.segment_table(np.array([3.0, 4.0]), np.array([0, 2]), row) == 25.0 and row[0] == 5.0
+    finally:
+        monkeypatch.undo()
+        kernels.use(True)
