@@ -1,13 +1,19 @@
 """The executor: local process pool and Dask, worker loss, broadcast once per worker."""
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import os
 import signal
+import struct
+import sys
 import time
 from pathlib import Path
+from unittest.mock import Mock
 
 import pytest
 
+from wm_trainer import parallel
 from wm_trainer.parallel import Broadcast, LocalExecutor, make_executor, resolve
 
 
@@ -128,3 +134,84 @@ def test_dask_worker_killed_mid_map_loses_nothing():
             assert results == sorted(i * i for i in range(16))
             assert victim not in ex.worker_pids().values()
             assert list(ex.map(square, range(4))) == [0, 1, 4, 9]
+
+
+def square_but_die_mid_send_once(x: int, marker: str) -> int:
+    """Square x; the first call dies as if SIGKILLed halfway through sending a big result (write lock held)."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        frame = sys._getframe()
+        while "result_queue" not in frame.f_locals:  # the pool's _process_worker, which called this task
+            frame = frame.f_back
+        result_queue = frame.f_locals["result_queue"]
+        result_queue._wlock.acquire()
+        os.write(result_queue._writer.fileno(), struct.pack("!i", 1 << 20) + bytes(1000))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+
+def test_local_pool_survives_a_worker_killed_halfway_through_sending_a_result(tmp_path):
+    marker = str(tmp_path / "died")
+    ex = LocalExecutor(workers=2)
+    assert ex.submit(square, 2).result(timeout=30) == 4  # the first pool and its manager thread are up
+    pool = ex._pool
+    manager, result_queue = pool._executor_manager_thread, pool._result_queue
+    try:
+        futures = [ex.submit(square_but_die_mid_send_once, i, marker) for i in range(6)]
+        done, _ = cf.wait(futures, timeout=20)
+        assert len(done) == 6, "tasks were lost with the worker"
+        assert [f.result() for f in futures] == [i * i for i in range(6)]
+        assert os.path.exists(marker) and ex.restarts == 1
+        # the old pool's manager thread got out of its recv(): left there, it would hang the interpreter's exit
+        manager.join(timeout=10)
+        assert not manager.is_alive()
+        ex.shutdown()
+    finally:
+        if manager.is_alive():  # free what the failed run left stuck, so the test cannot hang the suite
+            for pid in pool._processes or ():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            result_queue._writer.close()
+            manager.join(timeout=10)
+            ex.shutdown(cancel=True)
+
+
+def test_a_failure_inside_the_supervisor_reaches_the_task_and_the_supervisor_goes_on(tmp_path, caplog):
+    with LocalExecutor(workers=1) as ex:
+        make_pool = ex._new_pool
+        injected: list[str] = []
+
+        def new_pool_whose_first_submit_fails():
+            pool = make_pool()
+            submit = pool.submit
+
+            def failing_submit(*args):
+                if not injected:
+                    injected.append("submit")
+                    raise OSError("cannot start a worker process (injected)")
+                return submit(*args)
+
+            pool.submit = failing_submit
+            return pool
+
+        ex._new_pool = new_pool_whose_first_submit_fails
+        # the worker dies, the supervisor restarts the pool, and relaunching on the new pool fails
+        lost = ex.submit(square_but_die_once, 3, str(tmp_path / "died1"))
+        with pytest.raises(OSError, match="injected"):
+            lost.result(timeout=20)
+        # the supervisor survived: another death is still retried, and a failing cleanup of the
+        # replaced pool is logged without losing the task
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(parallel, "_kill_groups", Mock(side_effect=OSError("killpg failed (injected)")))
+            assert ex.submit(square_but_die_once, 3, str(tmp_path / "died2")).result(timeout=20) == (3, 9)
+        assert ex.restarts == 2 and "killpg failed (injected)" in caplog.text
+
+
+def test_shutdown_with_cancel_resolves_every_future():
+    ex = LocalExecutor(workers=1)
+    assert ex.submit(square, 2).result(timeout=30) == 4  # the worker is up
+    futures = [ex.submit(slow_square, i) for i in range(6)]
+    ex.shutdown(cancel=True)
+    done, _ = cf.wait(futures, timeout=20)
+    assert len(done) == 6, "futures left unresolved by shutdown"
+    assert all(isinstance(f.exception(), RuntimeError) for f in futures)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
+import functools
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -33,6 +36,9 @@ FORKSERVER_PRELOAD = ["numpy", "gymnasium", "PIL.Image", "wm_trainer.collect"]
 _BROADCAST_CACHE: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _BROADCAST_CACHE_SIZE = 8
 _BROADCAST_LOCK = threading.Lock()
+_WATCH_INTERVAL = 0.1  # seconds between the supervisor's checks for dead workers
+
+log = logging.getLogger(__name__)
 
 
 class WorkerLost(RuntimeError):
@@ -102,12 +108,63 @@ def _kill_groups(pids: Iterable[int]) -> None:
             pass
 
 
-@dataclasses.dataclass
+def _has_dead_worker(procs: list[Any]) -> bool:
+    """Whether any of these worker processes has exited."""
+    return bool(procs) and bool(multiprocessing.connection.wait([p.sentinel for p in procs], timeout=0))
+
+
+def _end_result_pipe(result_queue: Any) -> None:
+    """Close this process's write end of a pool's result pipe, the last one once its workers are dead."""
+    # A worker killed halfway through sending a result leaves the pool's manager thread blocked in
+    # recv() for bytes that never come (and the other workers blocked on the write lock the dead one
+    # held), so the pool never notices the death. EOF ends that recv(), and the pool breaks as usual.
+    writer = getattr(result_queue, "_writer", None)
+    if writer is not None:
+        writer.close()
+
+
+def _discard_pool(pool: cf.ProcessPoolExecutor, pids: set[int]) -> None:
+    """Stop a broken pool without waiting: drop its queued calls, kill its workers' groups, end its result pipe."""
+    result_queue = getattr(pool, "_result_queue", None)
+    pids = pids | set(getattr(pool, "_processes", None) or ())
+    pool.shutdown(wait=False, cancel_futures=True)
+    _kill_groups(pids)
+    _end_result_pipe(result_queue)
+
+
+def _shut_down(pool: cf.ProcessPoolExecutor, pids: set[int], cancel: bool) -> None:
+    """``pool.shutdown(wait=True)``, except that a worker dying halfway through sending a result cannot hang it."""
+    manager = getattr(pool, "_executor_manager_thread", None)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    result_queue = getattr(pool, "_result_queue", None)
+    pool.shutdown(wait=False, cancel_futures=cancel)
+    dead_before = False
+    while manager is not None and manager.is_alive():
+        manager.join(_WATCH_INTERVAL)
+        dead = manager.is_alive() and _has_dead_worker(procs)
+        if dead and dead_before:  # a worker died a while ago and the pool still waits for it
+            _kill_groups(pids)
+            _end_result_pipe(result_queue)
+        dead_before = dead
+    if result_queue is not None:
+        result_queue.close()
+
+
+@dataclasses.dataclass(eq=False)
 class _Task:
     outer: cf.Future
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     attempts: int = 0
+    inner: cf.Future | None = None  # the pool's future for the current attempt; None while no pool runs it
+
+
+def _fail(task: _Task, exc: BaseException) -> None:
+    """Resolve a task's future with ``exc`` unless it is resolved already."""
+    try:
+        task.outer.set_exception(exc)
+    except cf.InvalidStateError:
+        pass
 
 
 class LocalExecutor:
@@ -121,16 +178,20 @@ class LocalExecutor:
         self._ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             self._ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the forkserver runs
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the pool, its generation and pids; held while submitting to the pool
+        # Tasks of the current pool, each task's inner future and the retry queue's admission; taken in
+        # pool callbacks, so never held while waiting on anything.
+        self._tasks_lock = threading.Lock()
         self._generation = 0
         self.restarts = 0
         self._pids: set[int] = set()  # workers of the current pool, remembered for cleanup after a crash
+        self._running: set[_Task] = set()  # tasks submitted to the current pool and not yet handed on
         self._pool = self._new_pool()
         self._retries: queue.Queue = queue.Queue()
-        self._supervisor = threading.Thread(target=self._supervise, name="wm-pool-supervisor", daemon=True)
-        self._supervisor.start()
         self._broadcast_dir: Path | None = None
         self._closed = False
+        self._supervisor = threading.Thread(target=self._supervise, name="wm-pool-supervisor", daemon=True)
+        self._supervisor.start()
 
     @property
     def n_workers(self) -> int:
@@ -146,61 +207,123 @@ class LocalExecutor:
         return sorted(procs)
 
     def _restart(self, generation: int) -> None:
-        """Replace a broken pool, once per breakage (later callers of the same generation do nothing)."""
+        """Replace a broken pool once per breakage (later callers of its generation do nothing); rerun its tasks."""
         with self._lock:
             if generation != self._generation or self._closed:
                 return
-            old, old_pids = self._pool, self._pids
-            self._pool, self._pids = self._new_pool(), set()
+            new = self._new_pool()  # the only step that may raise, and it comes before any change
+            with self._tasks_lock:
+                old, old_pids, orphans = self._pool, self._pids, self._running
+                self._pool, self._pids, self._running = new, set(), set()
+                for task in orphans:
+                    task.inner = None  # its old pool's late callback now does nothing
             self._generation += 1
             self.restarts += 1
-        old.shutdown(wait=False, cancel_futures=True)
-        _kill_groups(old_pids)
+        try:
+            _discard_pool(old, old_pids)
+        except Exception:
+            log.exception("stopping the workers of the replaced process pool failed")
+        finally:
+            for task in orphans:
+                self._retry(task, generation, died=True)
 
     def _launch(self, task: _Task) -> None:
         while True:
             with self._lock:
                 if self._closed:
-                    task.outer.set_exception(RuntimeError("executor is shut down"))
+                    _fail(task, RuntimeError("executor is shut down"))
                     return
                 pool, generation = self._pool, self._generation
                 try:
                     inner = pool.submit(task.fn, *task.args)
-                    self._pids.update(getattr(pool, "_processes", None) or ())
-                    break
                 except cf.process.BrokenProcessPool:
                     pass
+                else:
+                    self._pids.update(getattr(pool, "_processes", None) or ())
+                    with self._tasks_lock:
+                        task.inner = inner
+                        self._running.add(task)
+                    break
             self._restart(generation)
-        inner.add_done_callback(lambda f: self._on_done(task, generation, f))
+        inner.add_done_callback(functools.partial(self._on_done, task, generation))
 
     def _on_done(self, task: _Task, generation: int, inner: cf.Future) -> None:
-        if inner.cancelled():
-            if self._closed:
-                task.outer.cancel()
-            else:  # cancelled by the shutdown of a broken pool: run it again
-                self._retries.put((task, generation))
+        with self._tasks_lock:
+            if task.inner is not inner:
+                return  # a restart has handed the task on already
+            task.inner = None
+            self._running.discard(task)
+        if inner.cancelled():  # by shutdown(cancel=True), or by the shutdown of a broken pool
+            self._retry(task, generation, died=False)
             return
         exc = inner.exception()
         if isinstance(exc, cf.process.BrokenProcessPool):
-            task.attempts += 1
-            if task.attempts > self.max_retries:
-                name = getattr(task.fn, "__name__", task.fn)
-                task.outer.set_exception(WorkerLost(f"a worker process died {task.attempts} times running {name}"))
-            else:
-                self._retries.put((task, generation))
+            self._retry(task, generation, died=True)
         elif exc is not None:
             task.outer.set_exception(exc)
         else:
             task.outer.set_result(inner.result())
 
+    def _retry(self, task: _Task, generation: int, died: bool) -> None:
+        """Queue a task to run again; fail it instead once its workers died too often, or after shutdown."""
+        name = getattr(task.fn, "__name__", task.fn)
+        if died:
+            task.attempts += 1
+            if task.attempts > self.max_retries:
+                _fail(task, WorkerLost(f"a worker process died {task.attempts} times running {name}"))
+                return
+        with self._tasks_lock:
+            if not self._closed:
+                self._retries.put((task, generation))
+                return
+        if died:
+            _fail(task, WorkerLost(f"a worker process died running {name} and the executor is shut down"))
+        else:
+            _fail(task, RuntimeError("executor is shut down"))
+
+    def _fail_running(self, generation: int, exc: BaseException) -> bool:
+        """Fail every task of pool ``generation`` (if still the current one) with ``exc``; whether there was any."""
+        with self._lock, self._tasks_lock:
+            if generation != self._generation:
+                return False
+            tasks, self._running = self._running, set()
+            for task in tasks:
+                task.inner = None
+        for task in tasks:
+            _fail(task, exc)
+        return bool(tasks)
+
+    def _watch(self) -> None:
+        """Replace the pool once one of its workers is dead, even when the pool itself has not noticed."""
+        with self._lock:
+            pool, generation = self._pool, self._generation
+        if not _has_dead_worker(list((getattr(pool, "_processes", None) or {}).values())):
+            return
+        try:
+            self._restart(generation)
+        except BaseException as e:
+            if not self._fail_running(generation, e):
+                raise
+
     def _supervise(self) -> None:
         while True:
-            item = self._retries.get()
+            try:
+                item = self._retries.get(timeout=_WATCH_INTERVAL)
+            except queue.Empty:
+                item = ()
             if item is None:
                 return
-            task, generation = item
-            self._restart(generation)
-            self._launch(task)
+            if item:
+                task, generation = item
+                try:
+                    self._restart(generation)
+                    self._launch(task)
+                except BaseException as e:  # the task reports it; the supervisor goes on
+                    _fail(task, e)
+            try:
+                self._watch()
+            except BaseException:
+                log.exception("the process pool's supervisor could not replace a pool with a dead worker")
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
         """Run ``fn(*args)`` in a worker; the future resolves once, even if a worker dies on the way."""
@@ -237,15 +360,15 @@ class LocalExecutor:
 
     def shutdown(self, cancel: bool = False) -> None:
         """Stop the workers (``cancel``: kill them and drop queued work) and remove broadcast files."""
-        with self._lock:
+        with self._lock, self._tasks_lock:
             if self._closed:
                 return
             self._closed = True
-            pool, pids = self._pool, set(self._pids)
-        self._retries.put(None)
+            self._retries.put(None)
+            pool, pids = self._pool, self._pids | set(getattr(self._pool, "_processes", None) or ())
         if cancel:
-            _kill_groups(pids | set(getattr(pool, "_processes", None) or ()))
-        pool.shutdown(wait=True, cancel_futures=cancel)
+            _kill_groups(pids)
+        _shut_down(pool, pids, cancel)
         if self._broadcast_dir is not None:
             shutil.rmtree(self._broadcast_dir, ignore_errors=True)
 
