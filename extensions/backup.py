@@ -179,30 +179,33 @@ class UpdateBackup:
         self.optimizer_t = 0
         self.replans = 0  # plans made in a row (arrays replaced at every step)
 
+    def _as_planned(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> bool:
+        """Whether the arena is as planned; if so, note the optimizer's and each rule's ``t`` for ``restore``."""
+        watch = self.watch
+        if watch is None or not watch.intact(params):  # the common case checked in C-level calls
+            return False
+        self.optimizer_t = optimizer.t
+        self.replans = 0
+        self.rules = None
+        self.ts = list(map(_t_of, watch.rules))
+        return True
+
     def begin(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer
               ) -> tuple[np.ndarray, np.ndarray] | None:
         """When the arena is as planned and of one dtype, note each rule's ``t`` and return (arena, copy) for
         the caller to copy (e.g. ``gradient_summary(save=...)``, inside its pass over the gradients); else
         None: call ``finish``."""
-        watch = self.watch
-        if watch is None or len(self.copies) != 1 or not watch.intact(params):
+        if len(self.copies) != 1 or not self._as_planned(params, optimizer):
             return None
-        self.optimizer_t = optimizer.t
-        self.replans = 0
-        self.rules = None
-        self.ts = list(map(_t_of, watch.rules))
         return self.pair
 
     def finish(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> None:
         """Save every parameter and float state array (and each rule's ``t``) as they are now."""
-        self.optimizer_t = optimizer.t
-        watch = self.watch
-        if watch is not None and watch.intact(params):  # the arena as planned: the common case, in C-level calls
-            self.replans = 0
-            self.rules = list(zip(watch.rules, map(_t_of, watch.rules), watch.no_state))
+        if self._as_planned(params, optimizer):
             for saved, flat in self.copies:
                 saved[...] = flat
             return
+        self.optimizer_t = optimizer.t
         arrays, self.rules = _collect(params)
         if len(arrays) != len(self.arrays) or not all([a is b for a, b in zip(arrays, self.arrays)]) or self.arena:
             # first call, or arrays initialised or replaced since the last plan; an update rule that

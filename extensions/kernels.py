@@ -191,11 +191,17 @@ def segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray,
     its L2 norm, mean, std, max |x| (NaN if any), fraction of zeros, NaN count and Inf count (the order of
     ``stats.STATS``), and into ``row[0]`` the L2 norm of all; returns the total sum of squares, accumulated in
     float64. ``save=(src, dst)`` also copies ``src`` into ``dst`` in the same call."""
-    if save is not None and save[0].dtype != work.dtype:
+    return segment_table_for(work.dtype)(work, offsets, row, *save_pair(work, save))
+
+
+def save_pair(work: np.ndarray, save: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The (src, dst) the table kernel copies along its pass over ``work``: ``save``, or two empty arrays when
+    there is nothing to copy, or when ``src`` is of another dtype than ``work`` (then copied here)."""
+    if save is not None and save[0].dtype == work.dtype:
+        return save
+    if save is not None:
         np.copyto(save[1], save[0])
-        save = None
-    src, dst = save if save is not None else (work[:0], work[:0])
-    return segment_table_for(work.dtype)(work, offsets, row, src, dst)
+    return work[:0], work[:0]
 
 
 def _numpy_segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray, src: np.ndarray,

@@ -338,8 +338,6 @@ class HostGradients:
         self.gathered = np.empty(int(self.bounds[-1]), dtype)
         self.row_size = 1 + len(STATS) * len(sizes)
         self.kernel = kernels.segment_table_for(dtype)
-        self.no_save = (self.gathered[:0], self.gathered[:0])
-        self.dtype = np.dtype(dtype)
 
     @classmethod
     def fitting(cls, names: Sequence[str], grads: Sequence[Any]) -> HostGradients | None:
@@ -361,13 +359,8 @@ class HostGradients:
             np.concatenate(grads, axis=None, out=self.gathered, casting="no")
         except (AttributeError, TypeError, ValueError):  # a gradient missing, on a device, or of another dtype
             return None
-        if save is None:
-            save = self.no_save
-        elif save[0].dtype != self.dtype:
-            np.copyto(save[1], save[0])
-            save = self.no_save
         row = np.empty(self.row_size)
-        total = self.kernel(self.gathered, self.bounds, row, save[0], save[1])
+        total = self.kernel(self.gathered, self.bounds, row, *kernels.save_pair(self.gathered, save))
         nonfinite = {} if math.isfinite(total) else nonfinite_counts(self.names, grads)
         return GradSummary(total, self.names, row if with_stats else None, [], nonfinite)
 
