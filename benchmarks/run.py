@@ -126,7 +126,41 @@ def bench_toolkit(quick: bool, tmp: str) -> list[Comparison]:
             out.append(c)
             side.close()
         plain.close()
+    out.append(_bench_log_writes(quick, tmp))
     return out
+
+
+def _bench_log_writes(quick: bool, tmp: str) -> Comparison:
+    """One LogReport write after 1000 entries of the MDN toy's keys (loss, global norm, 7 stats x 4 parameters):
+    Chainer's whole-log rewrite against ``extensions.LogReport``'s append (what ``install`` gives a trainer).
+    Each call adds one entry to both logs."""
+    import extensions as ext
+
+    keys = ["main/loss", "grad/global_norm"] + [f"grad/p{i}/{s}" for i in range(4) for s in
+                                                 ("norm", "mean", "std", "max_abs", "zero_frac", "nan", "inf")]
+    rng = np.random.default_rng(0)
+    entries = [{**dict(zip(keys, rng.standard_normal(len(keys)).tolist())), "epoch": i // 10, "iteration": i * 100,
+                "elapsed_time": i * 0.13} for i in range(1, 1001)]
+
+    class _Trainer:  # what LogReport's write reads of a trainer
+        def __init__(self, out):
+            os.makedirs(out, exist_ok=True)
+            self.out = out
+
+    def side(cls, name):
+        report, trainer = cls(trigger=(1, "iteration")), _Trainer(os.path.join(tmp, "logwrite", name))
+        report._log = list(entries)
+        report._trigger = lambda _: True  # every call writes, one more entry each time
+        trainer.is_before_training = False
+        trainer.observation = {"main/loss": 0.5}
+        trainer.updater = type("Updater", (), {"epoch": 100, "iteration": 100000})()
+        trainer.elapsed_time = 1.0
+        return lambda: report(trainer)
+
+    return compare_rates("LogReport write after 1000 entries (toy's 33 keys)", "chainer LogReport (rewrites all)",
+                         side(chainer.training.extensions.LogReport, "chainer"), "extensions.LogReport (appends)",
+                         side(ext.LogReport, "ours"), items_per_call=1, unit="writes/s", calls=3 if quick else 10,
+                         repeats=3 if quick else 9)
 
 
 def bench_float64(quick: bool, tmp: str) -> list[Comparison]:

@@ -42,10 +42,18 @@ class TrainerStepper:
 
 
 def make_trainer(updater: chainer.training.Updater, out: str) -> training.Trainer:
-    """A Trainer with a LogReport, as every side of a toolkit comparison has."""
+    """A Trainer with a LogReport, as every side of a toolkit comparison has.
+
+    Both sides get ``extensions.LogReport`` (Chainer's, appending each entry instead of rewriting the whole
+    log; ``install`` gives it to the toolkit's side anyway): with Chainer's, the toolkit's side would pay a
+    whole-log rewrite that grows with the benchmark's length, and the ratio would depend on that length.
+    ``bench_toolkit`` measures that rewrite on its own.
+    """
     import os
+
+    import extensions as ext
 
     os.makedirs(out, exist_ok=True)
     trainer = training.Trainer(updater, (10 ** 9, "iteration"), out=out)
-    trainer.extend(training.extensions.LogReport(trigger=(100, "iteration")))
+    trainer.extend(ext.LogReport(trigger=(100, "iteration")))
     return trainer

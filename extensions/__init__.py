@@ -16,6 +16,7 @@ from .dtype import cast_link, check_float64, float64_converter, float64_requeste
 from .errors import Float64Error, NonFiniteError
 from .install import install
 from .localize import Birth
+from .logreport import LogReport
 from .report import Failure
 from .schema import ConfigError
 from .stats import GradSummary, gradient_summary
@@ -33,6 +34,7 @@ __all__ = [
     "GradientLoggingMixin",
     "GradientLoggingUpdater",
     "GradientsConfig",
+    "LogReport",
     "NonFiniteConfig",
     "NonFiniteError",
     "TensorBoardConfig",

@@ -17,13 +17,14 @@ forward and backward passes only read them. The copy is taken right before the u
 from __future__ import annotations
 
 import operator
+from itertools import chain
 from typing import Any
 
 import chainer
 import numpy as np
 
 from . import kernels
-from .arrays import fast_access, raw_arrays
+from .arrays import fast_access, iter_arrays, raw_arrays
 from .stats import all_finite
 
 ARENA_BYTES = 1 << 22
@@ -100,13 +101,14 @@ _rule_state_of = operator.attrgetter("update_rule._state")
 
 
 class _ArenaWatch:
-    """What an arena plan assumed about the parameters and their rules, checked with a few C-level ``map`` calls.
+    """What an arena plan assumed about the parameters and their rules, checked in one C-level pass.
 
-    Holds every parameter's array (None if uninitialised); for every float state entry, its
-    parameter, key and array (read back through ``update_rule._state``, so a replaced rule or
-    state dict shows as replaced arrays); the length of every state dict (an entry added);
-    and the parameters whose rule had no state, or that had no rule, with that rule. Any of
-    them different means the plan is out of date.
+    The plan assumed: every parameter's array (None if uninitialised); every float state entry,
+    read back through ``update_rule._state`` (so a replaced rule or state dict shows as replaced
+    arrays); the length of every state dict (an entry added); and, for parameters whose rule
+    had no state or that had no rule, that rule, still stateless. ``probe`` reads all of them,
+    and each rule's ``t``, as one list built from chained ``map`` calls and compares it with the
+    plan's: on a net whose iteration takes a millisecond, each further call is a visible cost.
     """
 
     def __init__(self, params: list[chainer.Parameter]):
@@ -119,33 +121,42 @@ class _ArenaWatch:
         self.no_state = [s is None for s in states]
         with_rule = [p for p, r in zip(self.params, param_rules) if r is not None]
         self.stateful = [p for p, st in zip(with_rule, states) if st is not None]
-        self.lens = [len(st) for st in states if st is not None]
         entries = [(p, k, v) for p, st in zip(with_rule, states) if st is not None
                    for k, v in st.items() if _is_float(v)]
         self.entry_params = [p for p, _, _ in entries]
         self.entry_keys = [k for _, k, _ in entries]
-        self.entry_arrays = [v for _, _, v in entries]
         # parameters without a rule, or whose rule had no state: their rule (or None) must stay, stateless
-        self.bare = [(p, r) for p, r in zip(self.params, param_rules) if r is None or r._state is None]
+        bare = [(p, r) for p, r in zip(self.params, param_rules) if r is None or r._state is None]
+        self.bare_params = [p for p, _ in bare]
+        self.bare_with_rule = [p for p, r in bare if r is not None]
+        # ids of objects this watch keeps alive, so no other object can take one of them meanwhile
+        self.kept = (self.arrays, [v for _, _, v in entries], [r for _, r in bare])
+        self.expected = ([id(a) for a in self.arrays] + [id(v) for _, _, v in entries]
+                         + [len(st) for st in states if st is not None] + [id(r) for _, r in bare]
+                         + [id(None)] * len(self.bare_with_rule))
+        self.size = len(self.expected)
 
     def params_intact(self) -> bool:
         """Whether every parameter still holds the array it held at the plan."""
-        return all(map(operator.is_, raw_arrays(self.params), self.arrays))
+        return all(map(operator.is_, iter_arrays(self.params), self.arrays))
 
-    def intact(self, params: list[chainer.Parameter]) -> bool:
-        """Whether ``params`` are the planned ones and every array, rule and state entry is as planned."""
+    def probe(self, params: list[chainer.Parameter]) -> list[int] | None:
+        """Each rule's ``t`` if ``params`` are the planned ones with every array, rule and state entry as
+        planned; else None."""
         if params is not self.source and (len(params) != len(self.params)
                                           or not all(map(operator.is_, params, self.params))):
-            return False
+            return None
         try:
-            return (self.params_intact()
-                    and all(map(operator.is_, map(dict.get, map(_rule_state_of, self.entry_params), self.entry_keys),
-                                self.entry_arrays))
-                    and list(map(len, map(_rule_state_of, self.stateful))) == self.lens
-                    and (not self.bare or all(p.update_rule is r and (r is None or r._state is None)
-                                              for p, r in self.bare)))
+            seen = list(chain(map(id, iter_arrays(self.params)),
+                              map(id, map(dict.get, map(_rule_state_of, self.entry_params), self.entry_keys)),
+                              map(len, map(_rule_state_of, self.stateful)),
+                              map(id, map(_rule_of, self.bare_params)),
+                              map(id, map(_rule_state_of, self.bare_with_rule)),
+                              map(_t_of, self.rules)))
         except (AttributeError, TypeError):  # a rule removed, a state dict gone
-            return False
+            return None
+        size = self.size
+        return seen[size:] if seen[:size] == self.expected else None
 
 
 class UpdateBackup:
@@ -182,12 +193,13 @@ class UpdateBackup:
     def _as_planned(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> bool:
         """Whether the arena is as planned; if so, note the optimizer's and each rule's ``t`` for ``restore``."""
         watch = self.watch
-        if watch is None or not watch.intact(params):  # the common case checked in C-level calls
+        ts = None if watch is None else watch.probe(params)
+        if ts is None:
             return False
         self.optimizer_t = optimizer.t
         self.replans = 0
         self.rules = None
-        self.ts = list(map(_t_of, watch.rules))
+        self.ts = ts
         return True
 
     def begin(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer

@@ -19,8 +19,8 @@ class GradientsConfig:
         "logged", help="logged: the reporter gets the stats of each iteration LogReport/PlotReport write (their "
         "log shows that iteration's values, not an interval average); TensorBoard gets every N. every: the "
         "reporter gets every N (LogReport then averages them). tensorboard: TensorBoard only, never the "
-        "reporter (LogReport rewrites its whole log at each write, and 7 keys a parameter make that grow "
-        "with the run)")
+        "reporter (keeps the log small; install makes Chainer's LogReport append each entry rather than "
+        "rewrite its whole log, but a subclass of it still rewrites)")
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ from chainer import training
 from .config import DebugConfig
 from .dtype import check_float64, float64_converter
 from .errors import NonFiniteError
+from .logreport import upgrade as upgrade_log_reports
 from .report import Failure, write_report
 from .stats import all_finite, gradient_summary, nonfinite_counts
 from .tensorboard import EXTENSION_NAME, TensorBoardReport, add_histograms_safe, open_writer
@@ -51,6 +52,7 @@ class ReportSchedule(training.Extension):
     default_name = SCHEDULE_NAME
 
     def initialize(self, trainer: training.Trainer) -> None:
+        upgrade_log_reports(trainer)  # those added after ``install``
         updater = trainer.updater
         if isinstance(updater, GradientLoggingMixin):
             logged = updater.debug.gradients.report == "logged"
@@ -80,6 +82,9 @@ class PlainUpdaterMonitor(training.Extension):
     def __init__(self, debug: DebugConfig, writer: Any):
         self.debug, self.writer = debug, writer
 
+    def initialize(self, trainer: training.Trainer) -> None:
+        upgrade_log_reports(trainer)  # those added after ``install``
+
     def __call__(self, trainer: training.Trainer) -> None:
         it = trainer.updater.iteration
         target = trainer.updater.get_optimizer("main").target
@@ -106,6 +111,9 @@ class PlainUpdaterMonitor(training.Extension):
 
 def install(trainer: training.Trainer, debug: DebugConfig | dict | None = None) -> None:
     """Wire the ``debug:`` switches into ``trainer``: TensorBoard writer, guards, reports. Idempotent.
+
+    The trainer's plain Chainer ``LogReport`` extensions (now, and those added later when training starts)
+    write the same log file one entry at a time (see ``extensions.logreport``).
 
     A second call updates the updater's switches; the TensorBoard writer of the first call is kept.
     """
@@ -138,6 +146,7 @@ def install(trainer: training.Trainer, debug: DebugConfig | dict | None = None) 
                       "extensions.GradientLoggingUpdater for the guard, localisation and float64 replay",
                       stacklevel=2)
         trainer.extend(PlainUpdaterMonitor(debug, writer), name=MONITOR_NAME)
+    upgrade_log_reports(trainer)  # the per-parameter keys would make Chainer's whole-log rewrites grow with the run
     if not isinstance(updater, GradientLoggingMixin) and debug.float64:
         updater.converter = float64_converter(updater.converter)
         check_float64(updater.get_optimizer("main").target)

@@ -338,6 +338,8 @@ class HostGradients:
         self.gathered = np.empty(int(self.bounds[-1]), dtype)
         self.row_size = 1 + len(STATS) * len(sizes)
         self.kernel = kernels.segment_table_for(dtype)
+        self.keys = _report_keys("grad", self.names)  # the reporter keys of a row, in its order
+        self._save: Any = ()  # the last ``save`` handed to the kernel as it is (never None)
 
     @classmethod
     def fitting(cls, names: Sequence[str], grads: Sequence[Any]) -> HostGradients | None:
@@ -349,10 +351,10 @@ class HostGradients:
             return None
         return cls(names, sizes, grads[0].dtype)
 
-    def summary(self, grads: Sequence[Any], with_stats: bool,
-                save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary | None:
-        """``gradient_summary(self.names, grads, with_stats, save)``, or None (nothing done) if ``grads`` no
-        longer fit this pass."""
+    def table(self, grads: Sequence[Any], save: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[float, np.ndarray] | None:
+        """(total squared norm, ``row`` as in ``GradSummary``) of ``grads``, copying ``save=(src, dst)`` on the
+        way; or None (nothing done) if ``grads`` no longer fit this pass."""
         try:
             if tuple(map(_size, grads)) != self.sizes:
                 return None
@@ -360,7 +362,21 @@ class HostGradients:
         except (AttributeError, TypeError, ValueError):  # a gradient missing, on a device, or of another dtype
             return None
         row = np.empty(self.row_size)
-        total = self.kernel(self.gathered, self.bounds, row, *kernels.save_pair(self.gathered, save))
+        if save is not self._save:
+            pair = kernels.save_pair(self.gathered, save)
+            if pair is not save:  # nothing to copy, or copied by save_pair: not a pair to remember
+                return self.kernel(self.gathered, self.bounds, row, *pair), row
+            self._save = save
+        return self.kernel(self.gathered, self.bounds, row, *save), row
+
+    def summary(self, grads: Sequence[Any], with_stats: bool,
+                save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary | None:
+        """``gradient_summary(self.names, grads, with_stats, save)``, or None (nothing done) if ``grads`` no
+        longer fit this pass."""
+        result = self.table(grads, save)
+        if result is None:
+            return None
+        total, row = result
         nonfinite = {} if math.isfinite(total) else nonfinite_counts(self.names, grads)
         return GradSummary(total, self.names, row if with_stats else None, [], nonfinite)
 

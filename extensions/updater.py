@@ -43,8 +43,8 @@ class _State:
         self.out: str | None = None
         self.writer: Any = None
         self.seeder = np.random.default_rng()
-        # (id of the target, parameter paths, parameters, whether ``arrays.raw_grads`` may read them)
-        self.table: tuple[int, list[str], list[chainer.Parameter], bool] | None = None
+        # (the target, parameter paths, parameters, whether ``arrays.raw_grads`` may read them)
+        self.table: tuple[Any, list[str], list[chainer.Parameter], bool] | None = None
         self.float64_checked = False
         self.failures = 0
         self.skipped = 0
@@ -170,97 +170,104 @@ class GradientLoggingMixin:
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
 
-    def _param_table(self, target: chainer.Link) -> tuple[list[str], list[chainer.Parameter]]:
-        cached = self._ext.table
-        if cached is None or cached[0] != id(target):
-            named = list(target.namedparams(include_uninit=True))
-            params = [p for _, p in named]
-            cached = self._ext.table = (id(target), [n.lstrip("/") for n, _ in named], params, fast_access(params))
-            self._ext.grad_pass = None
-        return cached[1], cached[2]
-
-    def _summary(self, names: list[str], params: list[chainer.Parameter], with_stats: bool,
-                 save: tuple[Any, Any] | None) -> GradSummary:
-        """``gradient_summary`` of every parameter's gradient; through the prepared ``HostGradients`` pass while
-        the gradients fit it (the common case: the same host arrays' shapes every iteration)."""
-        st = self._ext
-        table = st.table
-        grads = raw_grads(params) if table is not None and table[2] is params and table[3] else [
-            p.grad for p in params]
-        host = st.grad_pass
-        if host is not None:
-            summary = host.summary(grads, with_stats, save)
-            if summary is not None:
-                return summary
-        summary = gradient_summary(names, grads, with_stats, save)
-        st.grad_pass = HostGradients.fitting(names, grads)
-        return summary
+    def _param_table(self, target: chainer.Link) -> tuple[Any, list[str], list[chainer.Parameter], bool]:
+        """(target, parameter paths, parameters, whether ``arrays.raw_grads`` may read them), made once per target."""
+        named = list(target.namedparams(include_uninit=True))
+        params = [p for _, p in named]
+        self._ext.table = (target, [n.lstrip("/") for n, _ in named], params, fast_access(params))
+        self._ext.grad_pass = None
+        return self._ext.table
 
     def guarded_update(self, optimizer: chainer.Optimizer, in_arrays: Any) -> bool:
         """Forward, backward, statistics, guard and update on ``in_arrays``; True if the weights were updated."""
+        # on a small net this runs in a millisecond's iteration: each Python call or attribute chain saved is
+        # a visible part of the toolkit's cost, hence the flat code
         st = self._ext
         debug = st.debug
         nf = debug.nonfinite
         check = nf.check
         iteration = self.iteration + 1
         target = optimizer.target
-        names, params = self._param_table(target)
+        table = st.table
+        if table is None or table[0] is not target:
+            table = self._param_table(target)
+        names, params = table[1], table[2]
         rng = st.rng.capture(target.xp, st.seeder) if check and (nf.localize or nf.replay_float64) else None
 
-        if debug.float64 and not st.float64_checked:
+        unchecked = debug.float64 and not st.float64_checked
+        if unchecked:
             check_float64(target)  # before the forward pass, where Chainer's type check would fail first
         target.cleargrads()
         loss = self.compute_loss(in_arrays)
         loss.backward(loss_scale=optimizer._loss_scale)
-        if debug.float64 and not st.float64_checked:
+        if unchecked:
             check_float64(target)  # parameters initialised lazily by that forward pass
             st.float64_checked = True
         loss_value = _host_scalar(loss.array) if check else math.nan
         del loss  # free the graph before the update, as Optimizer.update(lossfun) does
 
-        every = debug.gradients.every
-        logged = every > 0 and debug.gradients.report != "tensorboard" and (
+        grads_config = debug.gradients
+        every = grads_config.every
+        logged = every > 0 and grads_config.report != "tensorboard" and (
             st.log_schedule is None or iteration >= st.next_log and self._logged_now(iteration))
         stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
-        # a small net's pre-update copy rides along the pass over the gradients (see backup.begin)
         backup = st.backup
+        # a small net's pre-update copy rides along the pass over the gradients (see backup.begin)
         save = backup.begin(params, optimizer) if check else None
-        summary = self._summary(names, params, stats_now, save) if stats_now or check else None
-        if summary is not None and summary.has_stats:
-            if logged:
-                _report(summary.as_report())
-            elif st.tb_report is not None:
-                st.tb_report.stage(summary.report_array(), iteration)
-        hist = debug.gradients.histograms_every
+        summary = None
+        total = 0.0
+        if stats_now or check:
+            grads = raw_grads(params) if table[3] else [p.grad for p in params]
+            host = st.grad_pass
+            result = host.table(grads, save) if host is not None else None
+            if result is None:
+                summary = gradient_summary(names, grads, stats_now, save)
+                st.grad_pass = HostGradients.fitting(names, grads)
+                total = summary.sqnorm
+                report = summary.report_array() if summary.has_stats else None
+            else:
+                total = result[0]
+                report = (host.keys, result[1])
+            if stats_now and report is not None:
+                if logged:
+                    _report(dict(zip(report[0], report[1].tolist())))
+                elif st.tb_report is not None:
+                    st.tb_report.stage(report, iteration)
+        hist = grads_config.histograms_every
         if st.writer is not None and hist > 0 and iteration % hist == 0:
             self._histograms(names, params, iteration)
 
-        updated = False
-        if check:
-            if not (math.isfinite(loss_value) and math.isfinite(summary.sqnorm)):
-                trigger = (f"loss is {loss_value}" if not math.isfinite(loss_value)
-                           else f"global gradient norm is {summary.global_norm}")
-                self._on_nonfinite(optimizer, in_arrays, rng, trigger, "forward" if
-                                   not math.isfinite(loss_value) else "backward", loss_value, summary, {})
-            else:
-                if save is None:
-                    backup.finish(params, optimizer)
-                optimizer._ext_grad_sqnorm = (optimizer.t, summary.sqnorm)
+        updated = True
+        if not check:
+            optimizer.update()
+        elif not (math.isfinite(loss_value) and math.isfinite(total)):
+            updated = False
+            if summary is None:
+                summary = gradient_summary(names, grads, True)
+            trigger = (f"loss is {loss_value}" if not math.isfinite(loss_value)
+                       else f"global gradient norm is {summary.global_norm}")
+            self._on_nonfinite(optimizer, in_arrays, rng, trigger, "forward" if
+                               not math.isfinite(loss_value) else "backward", loss_value, summary, {})
+        else:
+            if save is None:
+                backup.finish(params, optimizer)
+            optimizer._ext_grad_sqnorm = (optimizer.t, total)
+            if backup.delegated:
                 try:
                     optimizer.update()
                 finally:
                     backup.settle()
-                bad = {} if backup.params_finite(params) else nonfinite_counts(names, [p.array for p in params])
-                if bad:
-                    backup.restore(optimizer)
-                    self._on_nonfinite(optimizer, in_arrays, None, "parameters after the update", "update",
-                                       loss_value, summary, bad)
-                else:
-                    updated = True
-        else:
-            optimizer.update()
-            updated = True
-        if debug.gradients.print:
+            else:
+                optimizer.update()
+            if not backup.params_finite(params):
+                updated = False
+                bad = nonfinite_counts(names, [p.array for p in params])
+                backup.restore(optimizer)
+                # the gradients as they were before the update (its hooks may have changed them since)
+                before = summary or GradSummary(total, tuple(names))
+                self._on_nonfinite(optimizer, in_arrays, None, "parameters after the update", "update",
+                                   loss_value, before, bad)
+        if grads_config.print:
             for name, param in target.namedparams(include_uninit=False):
                 print(name, param.grad)
         return updated
@@ -306,7 +313,7 @@ class GradientLoggingMixin:
             update_counts(out, st.skipped, st.failures, iteration)
             return
 
-        names, params = self._param_table(target)
+        _, names, params, _ = st.table if st.table and st.table[0] is target else self._param_table(target)
         grads_nonfinite = summary.nonfinite or nonfinite_counts(names, [p.grad for p in params])
         birth: Birth | None = None
         replay_loss = None
