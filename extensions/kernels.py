@@ -22,43 +22,64 @@ _compiled: dict[str, Any] | None = None
 _tried = False
 
 
+def _segment_stats(values, row, s):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
+    # one segment's statistics into row[1 + 7s:], in the order of ``stats.STATS``; returns its sum of squares
+    acc = 0.0
+    sq = 0.0
+    hi = 0.0
+    zeros = 0
+    nans = 0
+    infs = 0
+    inf = np.inf
+    for x in values.flat:
+        v = np.float64(x)
+        acc += v
+        sq += v * v
+        a = abs(v)
+        if a > hi or a != a:  # once NaN, stays NaN (nothing compares greater)
+            hi = a
+        if v == 0.0:
+            zeros += 1
+        elif a != a:
+            nans += 1
+        elif a == inf:
+            infs += 1
+    n = values.size
+    mean = acc / n
+    var = sq / n - mean * mean
+    at = 1 + 7 * s
+    row[at] = np.sqrt(sq) if sq >= 0 else sq
+    row[at + 1] = mean
+    row[at + 2] = np.sqrt(var) if var > 0 else (0.0 if var == var else var)
+    row[at + 3] = hi
+    row[at + 4] = zeros / n
+    row[at + 5] = nans
+    row[at + 6] = infs
+    return sq
+
+
 def _segment_table(work, offsets, row, src, dst):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
     for i in range(src.size):  # the pre-update copy, when asked for (else both are empty)
         dst[i] = src[i]
     total = 0.0
-    inf = np.inf
     for s in range(offsets.size - 1):
-        acc = 0.0
-        sq = 0.0
-        hi = 0.0
-        zeros = 0
-        nans = 0
-        infs = 0
-        for i in range(offsets[s], offsets[s + 1]):
-            v = np.float64(work[i])
-            acc += v
-            sq += v * v
-            a = abs(v)
-            if a > hi or a != a:  # once NaN, stays NaN (nothing compares greater)
-                hi = a
-            if v == 0.0:
-                zeros += 1
-            elif a != a:
-                nans += 1
-            elif a == inf:
-                infs += 1
-        n = offsets[s + 1] - offsets[s]
-        mean = acc / n
-        var = sq / n - mean * mean
-        at = 1 + 7 * s
-        row[at] = np.sqrt(sq) if sq >= 0 else sq
-        row[at + 1] = mean
-        row[at + 2] = np.sqrt(var) if var > 0 else (0.0 if var == var else var)
-        row[at + 3] = hi
-        row[at + 4] = zeros / n
-        row[at + 5] = nans
-        row[at + 6] = infs
-        total += sq
+        total += _segment_stats(work[offsets[s]:offsets[s + 1]], row, s)
+    row[0] = np.sqrt(total) if total >= 0 else np.nan
+    return total
+
+
+_unroll = None  # numba.literal_unroll, set by ``_compile`` (only compiled code calls it)
+
+
+def _tuple_table(arrays, row, src, dst):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
+    # ``_segment_table`` with each segment an array of the tuple ``arrays``, read where it is (no gather)
+    for i in range(src.size):
+        dst[i] = src[i]
+    total = 0.0
+    s = 0
+    for values in _unroll(arrays):
+        total += _segment_stats(values, row, s)
+        s += 1
     row[0] = np.sqrt(total) if total >= 0 else np.nan
     return total
 
@@ -137,11 +158,15 @@ def _compile() -> dict[str, Any] | None:
         import numba
     except ImportError:
         return None
-    jit = numba.njit(cache=True, nogil=True)
+    global _unroll
+    # error_model "numpy": an empty segment gives NaN statistics rather than a ZeroDivisionError
+    jit = numba.njit(cache=True, nogil=True, error_model="numpy")
     try:
         with warnings.catch_warnings():  # a read-only install cannot cache: compile in memory, silently
             warnings.simplefilter("ignore", numba.NumbaWarning)
-            compiled = {"table": jit(_segment_table), "finite": jit(_all_finite),
+            numba.extending.register_jitable(_segment_stats)
+            _unroll = numba.literal_unroll
+            compiled = {"table": jit(_segment_table), "tuple": jit(_tuple_table), "finite": jit(_all_finite),
                         "histogram": jit(_histogram_table)}
             _warm_up(compiled)
     except Exception as e:  # numba present but unusable here: NumPy does the work
@@ -158,6 +183,7 @@ def _warm_up(compiled: dict[str, Any]) -> None:
     for dtype in _COMPILED_DTYPES:
         work = np.zeros(2, dtype)
         compiled["table"](work, bounds, np.empty(8), work[:0], work[:0])
+        compiled["tuple"]((work,), np.empty(8), work[:0], work[:0])  # each tuple of shapes compiles on first use
         compiled["finite"](work)
     edges = np.array([-1.0, 0.0, 1.0])
     compiled["histogram"](np.zeros(2), bounds, edges, np.zeros((1, 2), np.int64), np.empty((1, 8)), 1, 1.0, 2.0)
@@ -183,6 +209,22 @@ def segment_table_for(dtype: Any) -> Callable[..., float]:
     if kernels is not None and np.dtype(dtype) in _COMPILED_DTYPES:
         return kernels["table"]
     return _numpy_segment_table
+
+
+def tuple_table_for(dtype: Any) -> Callable[..., float]:
+    """``f(arrays, row, src, dst) -> total``: the statistics of ``segment_table`` with each array of the tuple
+    ``arrays`` (of ``dtype``, any shapes and layouts) a segment, read in place. Compiled once per tuple of
+    array types (about a second, then cached on disk)."""
+    kernels = _compile()
+    if kernels is not None and np.dtype(dtype) in _COMPILED_DTYPES:
+        return kernels["tuple"]
+    return numpy_tuple_table
+
+
+def numpy_tuple_table(arrays: tuple[np.ndarray, ...], row: np.ndarray, src: np.ndarray, dst: np.ndarray) -> float:
+    """``tuple_table``'s NumPy twin (any dtype)."""
+    offsets = np.concatenate(([0], np.cumsum([a.size for a in arrays]))).astype(np.int64)
+    return _numpy_segment_table(np.concatenate(arrays, axis=None), offsets, row, src, dst)
 
 
 def segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray,

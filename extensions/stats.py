@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -323,22 +324,21 @@ _HOST_ONLY = {np.ndarray}
 
 
 class HostGradients:
-    """``gradient_summary`` for a net whose gradients have the same sizes and dtype at every iteration.
+    """``gradient_summary`` for a net whose gradients are small host arrays of one float dtype at every iteration.
 
-    The checks that the gradients still fit (sizes, dtype, all on the host) are two C-level calls
-    (a size map, and a gather that refuses any other dtype); the statistics and the optional
-    pre-update copy are one ``kernels.segment_table`` call bound at construction. Made by
-    ``HostGradients.fitting``, for small arrays of one float dtype only (others take the general path).
+    One ``kernels.tuple_table`` call reads every gradient where it is (no gather) and computes the
+    statistics, with the optional pre-update copy on the way; the only check before it is one
+    C-level pass over the gradients' types (a missing one or one on a device takes the general
+    path). Made by ``HostGradients.fitting``, for arrays under ``BIG`` elements.
     """
 
-    def __init__(self, names: Sequence[str], sizes: tuple[int, ...], dtype: Any):
+    def __init__(self, names: Sequence[str], dtype: Any):
         self.names = tuple(names)
-        self.sizes = sizes
-        self.bounds = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).astype(np.int64)
-        self.gathered = np.empty(int(self.bounds[-1]), dtype)
-        self.row_size = 1 + len(STATS) * len(sizes)
-        self.kernel = kernels.segment_table_for(dtype)
+        self.row_size = 1 + len(STATS) * len(self.names)
+        self.kernel = kernels.tuple_table_for(dtype)
+        self.types = (np.ndarray,) * len(self.names)
         self.keys = _report_keys("grad", self.names)  # the reporter keys of a row, in its order
+        self.empty = np.empty(0, dtype)
         self._save: Any = ()  # the last ``save`` handed to the kernel as it is (never None)
 
     @classmethod
@@ -349,25 +349,30 @@ class HostGradients:
         sizes = tuple(map(_size, grads))
         if 0 in sizes or max(sizes) >= BIG or grads[0].dtype.kind != "f":
             return None
-        return cls(names, sizes, grads[0].dtype)
+        return cls(names, grads[0].dtype)
 
     def table(self, grads: Sequence[Any], save: tuple[np.ndarray, np.ndarray] | None = None
               ) -> tuple[float, np.ndarray] | None:
         """(total squared norm, ``row`` as in ``GradSummary``) of ``grads``, copying ``save=(src, dst)`` on the
-        way; or None (nothing done) if ``grads`` no longer fit this pass."""
-        try:
-            if tuple(map(_size, grads)) != self.sizes:
-                return None
-            np.concatenate(grads, axis=None, out=self.gathered, casting="no")
-        except (AttributeError, TypeError, ValueError):  # a gradient missing, on a device, or of another dtype
+        way; or None (nothing done) if ``grads`` are not all host arrays."""
+        grads = tuple(grads)
+        if tuple(map(type, grads)) != self.types:
             return None
         row = np.empty(self.row_size)
+        pair = save
         if save is not self._save:
-            pair = kernels.save_pair(self.gathered, save)
-            if pair is not save:  # nothing to copy, or copied by save_pair: not a pair to remember
-                return self.kernel(self.gathered, self.bounds, row, *pair), row
-            self._save = save
-        return self.kernel(self.gathered, self.bounds, row, *save), row
+            pair = kernels.save_pair(self.empty, save)
+            if pair is save:  # a pair the kernel copies itself: checked once
+                self._save = save
+        try:
+            return self.kernel(grads, row, *pair), row
+        except Exception as e:  # arrays numba cannot compile for (a dtype it lacks): NumPy from now on
+            if self.kernel is kernels.numpy_tuple_table:
+                raise
+            warnings.warn(f"extensions: gradient statistics in NumPy from now on ({type(e).__name__})",
+                          RuntimeWarning, stacklevel=2)
+            self.kernel = kernels.numpy_tuple_table
+            return self.kernel(grads, row, *pair), row
 
     def summary(self, grads: Sequence[Any], with_stats: bool,
                 save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary | None:

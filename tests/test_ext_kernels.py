@@ -34,6 +34,20 @@ def _segments(dtype):
     return parts, work, bounds
 
 
+def _check_row(parts, row):
+    """``row`` (global norm, then 7 statistics per part) against a float64 reference of ``parts``."""
+    table = row[1:].reshape(-1, 7)
+    for s, p in enumerate(parts):
+        x = p.astype(np.float64).ravel()
+        q = (x * x).sum()
+        mean = x.sum() / x.size
+        with np.errstate(invalid="ignore"):
+            std = np.sqrt(max(q / x.size - mean * mean, 0.0)) if np.isfinite(q) else np.nan
+        want = [np.sqrt(q), mean, std, np.abs(x).max(), np.count_nonzero(x == 0) / x.size,
+                np.count_nonzero(np.isnan(x)), np.count_nonzero(np.isinf(x))]
+        np.testing.assert_allclose(table[s], want, rtol=1e-12, atol=1e-15)  # NaN where the reference has one
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_segment_table_matches_a_float64_reference(kernel_kind, dtype):
     parts, work, bounds = _segments(dtype)
@@ -42,22 +56,35 @@ def test_segment_table_matches_a_float64_reference(kernel_kind, dtype):
     dst = np.zeros_like(src)
     total = kernels.segment_table(work, bounds, row, save=(src, dst))
     np.testing.assert_array_equal(dst, src)
-    table = row[1:].reshape(-1, 7)
-    for s, p in enumerate(parts):
-        x = p.astype(np.float64)
-        q = (x * x).sum()
-        mean = x.sum() / x.size
-        with np.errstate(invalid="ignore"):
-            std = np.sqrt(max(q / x.size - mean * mean, 0.0)) if np.isfinite(q) else np.nan
-        want = [np.sqrt(q), mean, std, np.abs(x).max(), np.count_nonzero(x == 0) / x.size,
-                np.count_nonzero(np.isnan(x)), np.count_nonzero(np.isinf(x))]
-        np.testing.assert_allclose(table[s], want, rtol=1e-12, atol=1e-15)  # NaN where the reference has one
+    _check_row(parts, row)
     assert np.isnan(total) and np.isnan(row[0])  # a NaN in one segment makes the total non-finite
     finite = work[:bounds[2]]
     row2 = np.empty(1 + 7 * 2)
     expected = float((finite.astype(np.float64) ** 2).sum())
     assert kernels.segment_table(finite, bounds[:3], row2) == pytest.approx(expected, rel=1e-12)
     assert row2[0] == pytest.approx(np.sqrt(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tuple_table_reads_each_array_in_place(kernel_kind, dtype):
+    """The same statistics from a tuple of arrays of any shape and layout (2-D, Fortran order, strided) as from
+    their gather, with the copy on the way."""
+    parts, work, _ = _segments(dtype)
+    arrays = (parts[0].reshape(1, 1), parts[1], np.asfortranarray(parts[2].reshape(8, 8)),
+              np.repeat(parts[3], 2)[::2].reshape(30, 10))
+    assert not arrays[2].flags.c_contiguous and not arrays[3].flags.contiguous
+    row = np.full(1 + 7 * len(arrays), -1.0)
+    src = np.arange(20, dtype=dtype)
+    dst = np.zeros_like(src)
+    total = kernels.tuple_table_for(dtype)(arrays, row, src, dst)
+    np.testing.assert_array_equal(dst, src)
+    _check_row(arrays, row)
+    assert np.isnan(total)
+    finite = arrays[:2]
+    row2 = np.empty(1 + 7 * 2)
+    expected = float(sum((a.astype(np.float64) ** 2).sum() for a in finite))
+    assert kernels.tuple_table_for(dtype)(finite, row2, src[:0], dst[:0]) == pytest.approx(expected, rel=1e-12)
+    _check_row(finite, row2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -211,3 +238,20 @@ def test_a_numba_that_cannot_compile_falls_back_to_numpy_with_a_warning(monkeypa
     finally:
         monkeypatch.undo()
         kernels.use(True)
+
+
+@needs_numba
+def test_gradient_pass_falls_back_to_numpy_for_arrays_numba_cannot_compile():
+    """A net's gradients turning float16 (numba has no float16 loops) warn once and get NumPy's statistics."""
+    from extensions.stats import HostGradients
+
+    kernels.use(True)
+    grads = [np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), np.zeros(3, np.float32)]
+    host = HostGradients.fitting(["a", "b"], grads)
+    total, row = host.table(grads)
+    half = [g.astype(np.float16) for g in grads]
+    with pytest.warns(RuntimeWarning, match="NumPy from now on"):
+        total16, row16 = host.table(half)
+    assert total16 == pytest.approx(total, rel=1e-3)
+    _check_row(half, row16)
+    assert host.kernel is kernels.numpy_tuple_table
