@@ -37,6 +37,9 @@ can honour a save target. Before ``optimizer.update()`` the backup sets the rule
 entries' sizes and dtypes). When ``update_core`` runs with it set, the rule writes every value of
 the parameter and of those state entries into the outputs before it changes it, then sets
 ``save_overwritten`` to None. A rule that returns without writing anything leaves it set.
+A rule may also set ``overwritten_finite`` to whether every value it then wrote into the
+parameter is finite (checked right after writing, while much of it is cached); the post-update
+check trusts a True and reads the parameter itself otherwise.
 The backup hands out targets only when the optimizer's and the rules' pre-update hooks are
 Chainer's gradient hooks or the toolkit's clipping (a hook that writes a parameter before
 ``update_core`` would make the saved values differ from those before the update).
@@ -172,8 +175,9 @@ class UpdateBackup:
         # (array, its flat place in a buffer, its rule, its owner: a Parameter or a state dict, state key or None)
         self.entries: list[tuple[Any, Any, Any, Any, Any]] = []
         self.by_rule: list[tuple[chainer.Parameter, Any, Any, dict[str, Any]]] = []  # (param, rule, place, state)
-        self.delegated: list[Any] = []  # rules given a save target for the coming update
+        self.delegated: list[tuple[Any, chainer.Parameter]] = []  # (rule, its parameter) given a save target
         self.untouched: set[int] = set()  # ids of delegated rules whose update did not run
+        self.verified: set[int] = set()  # ids of parameters whose rule found all it wrote finite
         self.buffers: dict[Any, Any] = {}  # dtype -> the saved values, flat
         self.arena: dict[Any, np.ndarray] = {}  # dtype -> flat array the arrays are views of (small nets)
         self.param_end: dict[Any, int] = {}  # dtype -> elements of the arena holding parameters (they come first)
@@ -227,27 +231,33 @@ class UpdateBackup:
         else:
             self.replans = 0
         self.untouched = set()
+        self.verified = set()
         if self.arena:
             for saved, flat in self.copies:
                 saved[...] = flat
             return
         self.delegated = self._delegate(optimizer) if self.by_rule else []
-        self._copy({id(rule) for rule in self.delegated})
+        self._copy({id(rule) for rule, _ in self.delegated})
 
     def settle(self) -> None:
         """After ``optimizer.update()``: note which rules given a save target did not run (their arrays are as
         they were) and take the targets back."""
-        for rule in self.delegated:
+        for rule, param in self.delegated:
             if rule.save_overwritten is not None:
                 rule.save_overwritten = None
                 self.untouched.add(id(rule))
+            elif getattr(rule, "overwritten_finite", None) is True:
+                self.verified.add(id(param))
+            rule.overwritten_finite = None
         self.delegated = []
 
     def params_finite(self, params: list[chainer.Parameter]) -> bool:
         """Whether every parameter is finite after the update: from the arena in one reduction, or array by
         array when there is none (or the update replaced a parameter's array)."""
         if self.watch is None or not self.watch.params_intact():
-            return all_finite([p.array for p in params])
+            verified, self.verified = self.verified, set()  # this update's verdicts only
+            return all_finite([p.array for p in params if id(p) not in verified] if verified else
+                              [p.array for p in params])
         # one compiled pass (or NumPy's largest |value|): no BLAS dot, whose call costs several times its work
         # on a small net, and no sum, which would overflow on big finite values and warn on inf - inf
         if len(self.checks) == 1:
@@ -329,7 +339,7 @@ class UpdateBackup:
         else:
             self.by_rule = [entry for entry in self.by_rule if hasattr(entry[1], "saves_overwritten")]
 
-    def _delegate(self, optimizer: chainer.Optimizer) -> list[Any]:
+    def _delegate(self, optimizer: chainer.Optimizer) -> list[tuple[Any, chainer.Parameter]]:
         """Hand a save target to every rule that can save what it overwrites (see ``SAVE_PROTOCOL``)."""
         hookable = optimizer._hookable
         if hookable is not None and not _gradient_hooks_only(hookable._pre_update_hooks):
@@ -340,7 +350,8 @@ class UpdateBackup:
                 continue
             if rule.saves_overwritten(param):
                 rule.save_overwritten = (place, state)
-                out.append(rule)
+                rule.overwritten_finite = None
+                out.append((rule, param))
         return out
 
     def _make_arena(self, params: list[chainer.Parameter]) -> None:

@@ -450,6 +450,29 @@ def test_rule_that_saves_what_it_overwrites_is_rolled_back_bit_for_bit(tmp_path,
     assert all(np.isfinite(p.array).all() for p in model.params())
 
 
+def test_post_update_check_trusts_a_rule_that_checked_what_it_wrote(tmp_path, monkeypatch):
+    """FastAdam checks each block it wrote while in cache and says so (``overwritten_finite``): the post-update
+    check then reads only the other parameters (here the one whose update was switched off)."""
+    from extensions import backup
+    from wm_trainer.ops.adam import FastAdam
+
+    monkeypatch.setattr(backup, "ARENA_BYTES", 0)  # the path of big nets
+    model, opt, updater = _wide_skipping(tmp_path, FastAdam(1e-3))
+    updater.update()
+    updater.update()
+    read = []
+    orig = backup.all_finite
+
+    def spy(arrays):
+        read.append([a.shape for a in arrays])
+        return orig(arrays)
+    monkeypatch.setattr(backup, "all_finite", spy)
+    model.l1.b.update_rule.enabled = False
+    updater.update()
+    assert read == [[model.l1.b.shape]] and updater.skipped == 0
+    assert all(p.update_rule.overwritten_finite is None for p in model.params())
+
+
 class _ReplacingSGDRule(chainer.optimizers.sgd.SGDRule):
     """An update that builds a new array instead of writing in place (as Chainer's fp32 update of float16 does)."""
 

@@ -8,7 +8,9 @@ AMSGrad, AdaBound, weight decay, mixed dtypes and GPU arrays take Chainer's own 
 
 The rule follows the toolkit's save protocol (``extensions.backup.SAVE_PROTOCOL``): given a save target,
 it copies each block of the parameter and of ``m`` and ``v`` there just before updating it, while the
-block is in cache, so the toolkit's rollback copy costs about a third of a separate pass.
+block is in cache, so the toolkit's rollback copy costs about a third of a separate pass; and each
+thread checks its part of the parameter for NaN/Inf right after updating it (one compiled call, while
+much of it is still cached), so the toolkit's post-update check need not read the parameter again.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import chainer
 import numpy as np
 from chainer.optimizers.adam import AdamRule
 
+from extensions import kernels
 from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import run_chunks
 
@@ -26,6 +29,7 @@ class FastAdamRule(AdamRule):
     """:class:`chainer.optimizers.adam.AdamRule` with a fused, threaded, in-place CPU update."""
 
     save_overwritten = None  # (param out, {"m": out, "v": out}), flat: set by the toolkit's UpdateBackup
+    overwritten_finite = None  # after an update that saved: whether every value written into the parameter is finite
 
     def saves_overwritten(self, param) -> bool:
         """Whether the next update of ``param`` can save the values it overwrites (the fused path will run)."""
@@ -61,8 +65,10 @@ class FastAdamRule(AdamRule):
         p, g = param.array.reshape(-1), param.grad.reshape(-1)
         m, v = self.state["m"].reshape(-1), self.state["v"].reshape(-1)
 
+        failed_parts: list[bool] = []  # one entry per thread whose part of the parameter is not finite
         if save is not None:
             sp, sm, sv = save[0], save[1]["m"], save[1]["v"]
+            finite = kernels.all_finite_for(dtype)
 
         def chunk(lo: int, hi: int) -> None:
             buf = scratch("adam.block", (min(BLOCK, hi - lo),), dtype)
@@ -86,7 +92,11 @@ class FastAdamRule(AdamRule):
                 t *= ms
                 t *= neg_eta
                 p[s:e] += t
+            if save is not None and not finite(p[lo:hi]):  # this thread's part, still partly in cache
+                failed_parts.append(True)
         run_chunks(chunk, p.size, min_chunk=4 * BLOCK)
+        if save is not None:
+            self.overwritten_finite = not failed_parts
 
 
 def _save_whole(param, state: dict, save: tuple) -> None:
