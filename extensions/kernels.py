@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_BITS = {np.dtype(np.float32): (np.int32, 0x7FFFFFFF), np.dtype(np.float64): (np.int64, 0x7FFFFFFFFFFFFFFF)}
 _compiled: dict[str, Any] | None = None
 _tried = False
 
@@ -91,6 +92,24 @@ def _all_finite(values):  # pragma: no cover - compiled by numba
     for i in range(values.size):
         acc += values[i] * 0.0
     return acc == 0.0
+
+
+def _big_sums(values, bits, mask):  # pragma: no cover - compiled by numba (the NumPy path is tested)
+    # one pass over a big array: sum and sum of squares in float64 (reassociated, so vectorised), the zero
+    # count, and max |x| as the largest sign-cleared bit pattern (``bits`` is ``values`` viewed as integers:
+    # for non-negative floats the patterns sort as the values do, and NaN's sort above inf, so a NaN shows)
+    acc = 0.0
+    sq = 0.0
+    zeros = 0
+    hi = 0
+    for i in range(values.size):
+        v = np.float64(values[i])
+        acc += v
+        sq += v * v
+        b = bits[i] & mask
+        hi = max(hi, b)
+        zeros += b == 0
+    return acc, sq, hi, zeros
 
 
 def _histogram_table(values, offsets, edges, counts, stats, zero, scale, ratio):  # pragma: no cover - numba
@@ -168,7 +187,8 @@ def _compile() -> dict[str, Any] | None:
             numba.extending.register_jitable(_segment_stats)
             _unroll = numba.literal_unroll
             finite = numba.njit(cache=True, nogil=True, fastmath={"reassoc"})(_all_finite)
-            compiled = {"table": jit(_segment_table), "tuple": jit(_tuple_table), "finite": finite,
+            big = numba.njit(cache=True, nogil=True, fastmath={"reassoc"})(_big_sums)
+            compiled = {"table": jit(_segment_table), "tuple": jit(_tuple_table), "finite": finite, "big": big,
                         "histogram": jit(_histogram_table)}
             _warm_up(compiled)
     except Exception as e:  # numba present but unusable here: NumPy does the work
@@ -187,6 +207,7 @@ def _warm_up(compiled: dict[str, Any]) -> None:
         compiled["table"](work, bounds, np.empty(8), work[:0], work[:0])
         compiled["tuple"]((work,), np.empty(8), work[:0], work[:0])  # each tuple of shapes compiles on first use
         compiled["finite"](work)
+        compiled["big"](work, work.view(_BITS[dtype][0]), _BITS[dtype][1])
     edges = np.array([-1.0, 0.0, 1.0])
     compiled["histogram"](np.zeros(2), bounds, edges, np.zeros((1, 2), np.int64), np.empty((1, 8)), 1, 1.0, 2.0)
 
@@ -286,6 +307,17 @@ def _numpy_all_finite(values: np.ndarray) -> bool:
 def all_finite(values: np.ndarray) -> bool:
     """Whether every element of the flat array ``values`` is finite (no overflow, no warning)."""
     return bool(all_finite_for(values.dtype)(values))
+
+
+def big_sums(values: np.ndarray) -> tuple[float, float, float, int] | None:
+    """(sum, sum of squares, max |x|, zero count) of a flat contiguous float array in one compiled pass (sums in
+    float64); None without the compiled loops or for another dtype (callers use NumPy's reductions)."""
+    kernels = _compile()
+    bits = _BITS.get(values.dtype)
+    if kernels is None or bits is None or not values.flags.c_contiguous:
+        return None
+    acc, sq, hi, zeros = kernels["big"](values, values.view(bits[0]), bits[1])
+    return acc, sq, float(np.array(hi, bits[0]).view(values.dtype)), int(zeros)
 
 
 def histogram_table(values: np.ndarray, offsets: np.ndarray, edges: np.ndarray, zero: int, scale: float,

@@ -189,7 +189,11 @@ def _sqnorm(a: np.ndarray) -> float:
 
 
 def _big_stats(a: np.ndarray) -> tuple[float, float, float, float]:
-    """(sum, sum of squares, max |g|, zero count) of one big flat array, chunk by chunk."""
+    """(sum, sum of squares, max |g|, zero count) of one big flat array: one compiled pass, or chunk by chunk
+    in NumPy (also when a NaN/Inf is there: NumPy settles it as below)."""
+    fast = kernels.big_sums(a)
+    if fast is not None and math.isfinite(fast[1]):
+        return fast[0], fast[1], fast[2], float(fast[3])
     total = sq = zeros = 0.0
     hi, lo = -math.inf, math.inf
     is_zero = np.empty(min(a.size, _CHUNK), dtype=bool)

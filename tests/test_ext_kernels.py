@@ -255,3 +255,36 @@ def test_gradient_pass_falls_back_to_numpy_for_arrays_numba_cannot_compile():
     assert total16 == pytest.approx(total, rel=1e-3)
     _check_row(half, row16)
     assert host.kernel is kernels.numpy_tuple_table
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_big_sums_in_one_pass_match_numpy_and_float64(dtype):
+    """A big gradient's sum, sum of squares, max |x| (the largest magnitude negative here) and zero count (both
+    signed zeros) from the one-pass loop equal a float64 reference and NumPy's chunked path; a NaN shows as
+    max |x|, and a non-finite array goes to NumPy, which settles it."""
+    from extensions.stats import BIG, _big_stats
+
+    kernels.use(True)
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(3 * BIG + 5).astype(dtype)
+    a[::7] = 0.0
+    a[1] = -0.0
+    a[100] = -9.5
+    x = a.astype(np.float64)
+    acc, sq, hi, zeros = kernels.big_sums(a)
+    assert acc == pytest.approx(x.sum(), rel=1e-12) and sq == pytest.approx((x * x).sum(), rel=1e-12)
+    assert hi == 9.5 and zeros == np.count_nonzero(x == 0)
+    compiled = _big_stats(a)
+    kernels.use(False)
+    try:
+        assert kernels.big_sums(a) is None
+        np.testing.assert_allclose(_big_stats(a), compiled, rtol=1e-6)
+    finally:
+        kernels.use(True)
+    b = a.copy()
+    b[50] = np.nan
+    assert np.isnan(kernels.big_sums(b)[2])
+    b[50] = -np.inf
+    assert kernels.big_sums(b)[2] == np.inf
+    assert _big_stats(b)[2] == np.inf  # NumPy settles a non-finite array
