@@ -65,14 +65,6 @@ def scalar_summary(values: dict[str, Any]) -> Summary:
     return summary
 
 
-def write_scalars(writer: SummaryWriter, values: dict[str, Any], step: int) -> int:
-    """Write every scalar in ``values`` as one event at ``step``; returns how many were written."""
-    summary = scalar_summary(values)
-    if summary.value:
-        writer._get_file_writer().add_summary(summary, step)
-    return len(summary.value)
-
-
 # Scalar events are serialised here rather than through protobuf objects: an iteration's ~50
 # scalars cost ~5 us instead of ~60 us (Summary building, then tensorboardX pickling each Event
 # through a multiprocessing queue to its writer thread). The bytes are exactly protobuf's
