@@ -325,6 +325,9 @@ def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: boo
 
 
 _HOST_ONLY = {np.ndarray}
+# ``HostGradients`` compiles its loop for the net's tuple of gradient types, in time growing with their
+# number (about 2 s for 64): nets with more parameters take the general path (one gather, one loop)
+MAX_ARRAYS = 64
 
 
 class HostGradients:
@@ -351,7 +354,7 @@ class HostGradients:
         if not grads or set(map(type, grads)) != _HOST_ONLY or len(set(map(_dtype, grads))) != 1:
             return None
         sizes = tuple(map(_size, grads))
-        if 0 in sizes or max(sizes) >= BIG or grads[0].dtype.kind != "f":
+        if 0 in sizes or max(sizes) >= BIG or grads[0].dtype.kind != "f" or len(grads) > MAX_ARRAYS:
             return None
         return cls(names, grads[0].dtype)
 

@@ -288,3 +288,17 @@ def test_big_sums_in_one_pass_match_numpy_and_float64(dtype):
     b[50] = -np.inf
     assert kernels.big_sums(b)[2] == np.inf
     assert _big_stats(b)[2] == np.inf  # NumPy settles a non-finite array
+
+
+def test_many_small_gradients_take_the_general_path():
+    """A net with more than MAX_ARRAYS parameters gets no compiled pass of its own (its compile time grows with
+    their number); the general path gives its statistics."""
+    from extensions.stats import MAX_ARRAYS, HostGradients
+
+    model = chainer.ChainList(*[chainer.links.Linear(2, 2) for _ in range(MAX_ARRAYS // 2 + 1)])
+    names = [n.lstrip("/") for n, _ in model.namedparams()]
+    grads = [np.full(p.shape, i + 1.0, np.float32) for i, (_, p) in enumerate(model.namedparams())]
+    assert len(grads) > MAX_ARRAYS and HostGradients.fitting(names, grads) is None
+    assert HostGradients.fitting(names[:MAX_ARRAYS], grads[:MAX_ARRAYS]) is not None
+    summary = gradient_summary(names, grads)
+    assert summary.stats[names[-1]]["norm"] == pytest.approx(len(grads) * np.sqrt(grads[-1].size))
