@@ -102,7 +102,8 @@ def test_fast_adam_equals_chainer_adam_bit_for_bit(dtype):
         def __init__(self):
             super().__init__()
             with self.init_scope():
-                self.big = chainer.Parameter(rng.standard_normal((300, 500)).astype(dtype))  # several blocks
+                # two threads' parts of several blocks each, the last one partial
+                self.big = chainer.Parameter(rng.standard_normal((1100, 500)).astype(dtype))
                 self.small = chainer.Parameter(rng.standard_normal(7).astype(dtype))
                 self.no_grad = chainer.Parameter(rng.standard_normal(3).astype(dtype))
 

