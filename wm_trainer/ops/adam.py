@@ -95,7 +95,7 @@ class FastAdamRule(AdamRule):
                 p[s:e] += t
             if save is not None and not finite(p[lo:hi]):  # this thread's part, still partly in cache
                 failed_parts.append(True)
-        run_chunks(chunk, p.size, min_chunk=4 * BLOCK)
+        run_chunks(chunk, p.size, min_chunk=2 * BLOCK)
         if save is not None:
             self.overwritten_finite = not failed_parts
 
