@@ -1,11 +1,13 @@
-"""Compiled loops for the toolkit's per-iteration work on small arrays, with NumPy fallbacks.
+"""Compiled loops for the toolkit's per-iteration work, with NumPy fallbacks.
 
 On a net whose iteration takes a millisecond, the gradient statistics, the pre-update copy and
 the post-update check cost more in NumPy's call machinery than in arithmetic: five reductions
 (``reduceat`` over a float64 gather) measured ~35 us inside a real iteration for 700 numbers.
-One compiled loop does them all in a single call and a single read. The loops are compiled
-by numba on first use (cached on disk); without numba, or with ``EXTENSIONS_KERNELS=numpy``,
-the same results come from NumPy (``available()`` says which).
+One compiled loop does them all in a single call and a single read (``tuple_table`` reads each
+gradient where it is). On big arrays, one vectorised pass replaces NumPy's five chunked
+reductions (``big_sums``) and the finiteness check. The loops are compiled by numba on first
+use (cached on disk); without numba, or with ``EXTENSIONS_KERNELS=numpy``, the same results
+come from NumPy (``available()`` says which).
 """
 from __future__ import annotations
 
@@ -168,7 +170,7 @@ def _histogram_table(values, offsets, edges, counts, stats, zero, scale, ratio):
 
 
 def _compile() -> dict[str, Any] | None:
-    global _compiled, _tried
+    global _compiled, _tried, _unroll
     if _tried:
         return _compiled
     _tried = True
@@ -178,7 +180,6 @@ def _compile() -> dict[str, Any] | None:
         import numba
     except ImportError:
         return None
-    global _unroll
     # error_model "numpy": an empty segment gives NaN statistics rather than a ZeroDivisionError
     jit = numba.njit(cache=True, nogil=True, error_model="numpy")
     try:
