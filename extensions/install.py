@@ -52,7 +52,7 @@ class ReportSchedule(training.Extension):
     default_name = SCHEDULE_NAME
 
     def initialize(self, trainer: training.Trainer) -> None:
-        upgrade_log_reports(trainer)  # those added after ``install``
+        upgrade_log_reports(trainer)
         updater = trainer.updater
         if isinstance(updater, GradientLoggingMixin):
             logged = updater.debug.gradients.report == "logged"
@@ -83,7 +83,7 @@ class PlainUpdaterMonitor(training.Extension):
         self.debug, self.writer = debug, writer
 
     def initialize(self, trainer: training.Trainer) -> None:
-        upgrade_log_reports(trainer)  # those added after ``install``
+        upgrade_log_reports(trainer)
 
     def __call__(self, trainer: training.Trainer) -> None:
         it = trainer.updater.iteration
@@ -112,8 +112,9 @@ class PlainUpdaterMonitor(training.Extension):
 def install(trainer: training.Trainer, debug: DebugConfig | dict | None = None) -> None:
     """Wire the ``debug:`` switches into ``trainer``: TensorBoard writer, guards, reports. Idempotent.
 
-    The trainer's plain Chainer ``LogReport`` extensions (now, and those added later when training starts)
-    write the same log file one entry at a time (see ``extensions.logreport``).
+    When training starts, the trainer's plain Chainer ``LogReport`` extensions (also those added after this
+    call) are given ``extensions.LogReport``'s write: the same log file, one entry at a time (the per-parameter
+    keys would make Chainer's whole-log rewrites grow with the run).
 
     A second call updates the updater's switches; the TensorBoard writer of the first call is kept.
     """
@@ -146,7 +147,6 @@ def install(trainer: training.Trainer, debug: DebugConfig | dict | None = None) 
                       "extensions.GradientLoggingUpdater for the guard, localisation and float64 replay",
                       stacklevel=2)
         trainer.extend(PlainUpdaterMonitor(debug, writer), name=MONITOR_NAME)
-    upgrade_log_reports(trainer)  # the per-parameter keys would make Chainer's whole-log rewrites grow with the run
     if not isinstance(updater, GradientLoggingMixin) and debug.float64:
         updater.converter = float64_converter(updater.converter)
         check_float64(updater.get_optimizer("main").target)

@@ -226,15 +226,6 @@ def use(compiled: bool) -> None:
         _tried = True
 
 
-def segment_table_for(dtype: Any) -> Callable[..., float]:
-    """``f(work, offsets, row, src, dst) -> total``: ``segment_table`` for ``work`` and ``src`` of ``dtype``, bound
-    once (no per-call dispatch); ``src`` and ``dst`` may be empty."""
-    kernels = _compile()
-    if kernels is not None and np.dtype(dtype) in _COMPILED_DTYPES:
-        return kernels["table"]
-    return _numpy_segment_table
-
-
 def tuple_table_for(dtype: Any) -> Callable[..., float]:
     """``f(arrays, row, src, dst) -> total``: the statistics of ``segment_table`` with each array of the tuple
     ``arrays`` (of ``dtype``, any shapes and layouts) a segment, read in place. Compiled once per tuple of
@@ -257,7 +248,9 @@ def segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray,
     its L2 norm, mean, std, max |x| (NaN if any), fraction of zeros, NaN count and Inf count (the order of
     ``stats.STATS``), and into ``row[0]`` the L2 norm of all; returns the total sum of squares, accumulated in
     float64. ``save=(src, dst)`` also copies ``src`` into ``dst`` in the same call."""
-    return segment_table_for(work.dtype)(work, offsets, row, *save_pair(work, save))
+    kernels = _compile()
+    table = kernels["table"] if kernels is not None and work.dtype in _COMPILED_DTYPES else _numpy_segment_table
+    return table(work, offsets, row, *save_pair(work, save))
 
 
 def save_pair(work: np.ndarray, save: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:

@@ -331,12 +331,12 @@ MAX_ARRAYS = 64
 
 
 class HostGradients:
-    """``gradient_summary`` for a net whose gradients are small host arrays of one float dtype at every iteration.
+    """The updater's gradient pass for a net whose gradients are small host arrays of one float dtype.
 
     One ``kernels.tuple_table`` call reads every gradient where it is (no gather) and computes the
     statistics, with the optional pre-update copy on the way; the only check before it is one
     C-level pass over the gradients' types (a missing one or one on a device takes the general
-    path). Made by ``HostGradients.fitting``, for arrays under ``BIG`` elements.
+    path). Made by ``HostGradients.fitting``, for up to ``MAX_ARRAYS`` arrays under ``BIG`` elements.
     """
 
     def __init__(self, names: Sequence[str], dtype: Any):
@@ -380,17 +380,6 @@ class HostGradients:
                           RuntimeWarning, stacklevel=2)
             self.kernel = kernels.numpy_tuple_table
             return self.kernel(grads, row, *pair), row
-
-    def summary(self, grads: Sequence[Any], with_stats: bool,
-                save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary | None:
-        """``gradient_summary(self.names, grads, with_stats, save)``, or None (nothing done) if ``grads`` no
-        longer fit this pass."""
-        result = self.table(grads, save)
-        if result is None:
-            return None
-        total, row = result
-        nonfinite = {} if math.isfinite(total) else nonfinite_counts(self.names, grads)
-        return GradSummary(total, self.names, row if with_stats else None, [], nonfinite)
 
 
 def nonfinite_counts(names: Sequence[str], arrays: Sequence[Any]) -> dict[str, tuple[int, int]]:

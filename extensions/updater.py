@@ -172,11 +172,13 @@ class GradientLoggingMixin:
 
     def _param_table(self, target: chainer.Link) -> tuple[Any, list[str], list[chainer.Parameter], bool]:
         """(target, parameter paths, parameters, whether ``arrays.raw_grads`` may read them), made once per target."""
-        named = list(target.namedparams(include_uninit=True))
-        params = [p for _, p in named]
-        self._ext.table = (target, [n.lstrip("/") for n, _ in named], params, fast_access(params))
-        self._ext.grad_pass = None
-        return self._ext.table
+        table = self._ext.table
+        if table is None or table[0] is not target:
+            named = list(target.namedparams(include_uninit=True))
+            params = [p for _, p in named]
+            table = self._ext.table = (target, [n.lstrip("/") for n, _ in named], params, fast_access(params))
+            self._ext.grad_pass = None
+        return table
 
     def guarded_update(self, optimizer: chainer.Optimizer, in_arrays: Any) -> bool:
         """Forward, backward, statistics, guard and update on ``in_arrays``; True if the weights were updated."""
@@ -189,7 +191,7 @@ class GradientLoggingMixin:
         iteration = self.iteration + 1
         target = optimizer.target
         table = st.table
-        if table is None or table[0] is not target:
+        if table is None or table[0] is not target:  # the cached table, without a call in the common case
             table = self._param_table(target)
         names, params = table[1], table[2]
         rng = st.rng.capture(target.xp, st.seeder) if check and (nf.localize or nf.replay_float64) else None
@@ -313,7 +315,7 @@ class GradientLoggingMixin:
             update_counts(out, st.skipped, st.failures, iteration)
             return
 
-        _, names, params, _ = st.table if st.table and st.table[0] is target else self._param_table(target)
+        _, names, params, _ = self._param_table(target)
         grads_nonfinite = summary.nonfinite or nonfinite_counts(names, [p.grad for p in params])
         birth: Birth | None = None
         replay_loss = None
