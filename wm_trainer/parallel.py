@@ -108,6 +108,11 @@ def _kill_groups(pids: Iterable[int]) -> None:
             pass
 
 
+def _workers(pool: cf.ProcessPoolExecutor) -> dict[int, Any]:
+    """The pool's worker processes by pid (CPython's private ``_processes``; empty when it has none)."""
+    return getattr(pool, "_processes", None) or {}
+
+
 def _has_dead_worker(procs: list[Any]) -> bool:
     """Whether any of these worker processes has exited."""
     return bool(procs) and bool(multiprocessing.connection.wait([p.sentinel for p in procs], timeout=0))
@@ -126,7 +131,7 @@ def _end_result_pipe(result_queue: Any) -> None:
 def _discard_pool(pool: cf.ProcessPoolExecutor, pids: set[int]) -> None:
     """Stop a broken pool without waiting: drop its queued calls, kill its workers' groups, end its result pipe."""
     result_queue = getattr(pool, "_result_queue", None)
-    pids = pids | set(getattr(pool, "_processes", None) or ())
+    pids = pids | set(_workers(pool))
     pool.shutdown(wait=False, cancel_futures=True)
     _kill_groups(pids)
     _end_result_pipe(result_queue)
@@ -135,7 +140,7 @@ def _discard_pool(pool: cf.ProcessPoolExecutor, pids: set[int]) -> None:
 def _shut_down(pool: cf.ProcessPoolExecutor, pids: set[int], cancel: bool) -> None:
     """``pool.shutdown(wait=True)``, except that a worker dying halfway through sending a result cannot hang it."""
     manager = getattr(pool, "_executor_manager_thread", None)
-    procs = list((getattr(pool, "_processes", None) or {}).values())
+    procs = list(_workers(pool).values())
     result_queue = getattr(pool, "_result_queue", None)
     pool.shutdown(wait=False, cancel_futures=cancel)
     dead_before = False
@@ -203,7 +208,7 @@ class LocalExecutor:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the pool's current workers (started on first use)."""
-        procs = getattr(self._pool, "_processes", None) or {}
+        procs = _workers(self._pool)
         return sorted(procs)
 
     def _restart(self, generation: int) -> None:
@@ -239,7 +244,7 @@ class LocalExecutor:
                 except cf.process.BrokenProcessPool:
                     pass
                 else:
-                    self._pids.update(getattr(pool, "_processes", None) or ())
+                    self._pids.update(_workers(pool))
                     with self._tasks_lock:
                         task.inner = inner
                         self._running.add(task)
@@ -297,7 +302,7 @@ class LocalExecutor:
         """Replace the pool once one of its workers is dead, even when the pool itself has not noticed."""
         with self._lock:
             pool, generation = self._pool, self._generation
-        if not _has_dead_worker(list((getattr(pool, "_processes", None) or {}).values())):
+        if not _has_dead_worker(list(_workers(pool).values())):
             return
         try:
             self._restart(generation)
@@ -365,7 +370,7 @@ class LocalExecutor:
                 return
             self._closed = True
             self._retries.put(None)
-            pool, pids = self._pool, self._pids | set(getattr(self._pool, "_processes", None) or ())
+            pool, pids = self._pool, self._pids | set(_workers(self._pool))
         if cancel:
             _kill_groups(pids)
         _shut_down(pool, pids, cancel)
