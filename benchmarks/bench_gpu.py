@@ -3,11 +3,12 @@
 Run as ``python -m benchmarks.bench_gpu [--repeats 5] [--seq 100] [--population 64 --episodes 16]``. Prints
 "no GPU" (and why) and exits 0 when CuPy or a CUDA device is missing; PyTorch is imported only on a GPU run.
 The Chainer side is the project's own code on CuPy (``wm_trainer.vision.ConvVAE``, ``wm_trainer.memory.MDNRNN``,
-and the dream step ``MDNRNN.step`` + ``predict`` + ``mdn_sample`` with per-agent controllers as one batched
-matmul); the PyTorch side is the same network (``benchmarks.bench_ops``) on the same GPU. Paper scale:
-CarRacing V (z 32) at batch 100; M with LSTM 256 over [z 32, a 3], K 5, batch 100; the dream for the whole
-CMA-ES generation (population x episodes agents) with Doom's M (z 64, LSTM 512). Every step ends with a
-device->host read of its result, so times include the GPU work. Results go to ``benchmarks/results/gpu.json``.
+and the dream as ``train-controller --device 0`` runs it: ``DreamEnv`` on the GPU, with the per-agent
+controllers applied on the host); the PyTorch side is the same network (``benchmarks.bench_ops``) on the
+same GPU. Paper scale: CarRacing V (z 32) at batch 100; M with LSTM 256 over [z 32, a 3], K 5, batch 100;
+the dream for the whole CMA-ES generation (population x episodes agents) with Doom's M (z 64, LSTM 512).
+Every step ends with a device->host read of its result, so times include the GPU work.
+Results go to ``benchmarks/results/gpu.json``.
 """
 from __future__ import annotations
 
@@ -162,33 +163,28 @@ def torch_mdnrnn_step(torch, seq: int) -> Callable[[], float]:
 
 
 # -- dream -----------------------------------------------------------------------------------------------------
-def chainer_dream_step(device, agents: int, steps: int) -> Callable[[], float]:
-    """``steps`` dream steps of ``agents`` agents on ``device``: per-agent controllers, M's LSTM step, MDN sample."""
-    import chainer
+def dream_env_step(device, agents: int, steps: int) -> Callable[[], float]:
+    """``steps`` steps of the dream as ``train-controller`` runs it: ``DreamEnv`` on ``device`` (None: the CPU,
+    NumPy) for the whole generation, with each agent's own controller applied on the host (``act_batch``)."""
     import numpy as np
 
-    from wm_trainer.mdn import mdn_sample
+    from wm_trainer.controller import Controller
+    from wm_trainer.dream import DreamEnv
     from wm_trainer.memory import MDNRNN
 
-    m = MDNRNN(DREAM_Z, DREAM_ACTION, hidden=DREAM_HIDDEN, mixtures=5, done_head=True).to_device(device)
+    m = MDNRNN(DREAM_Z, DREAM_ACTION, hidden=DREAM_HIDDEN, mixtures=5, done_head=True)
+    env = DreamEnv(m, temperature=DREAM_TAU, max_steps=10 ** 9, seed=0, device=device)
+    ctrl = Controller(DREAM_Z, DREAM_HIDDEN, DREAM_ACTION)
     rng = np.random.default_rng(0)
-    xp = device.xp
-    W = device.send(0.1 * rng.standard_normal((agents, DREAM_ACTION, DREAM_Z + DREAM_HIDDEN), dtype=np.float32))
-    b = device.send(np.zeros((agents, DREAM_ACTION), np.float32))
-    z0 = device.send(rng.standard_normal((agents, DREAM_Z), dtype=np.float32))
+    params = 0.1 * rng.standard_normal((agents, ctrl.n_params)).astype(np.float32)
+    z0 = rng.standard_normal((agents, DREAM_Z)).astype(np.float32)
 
     def run() -> float:
-        with chainer.no_backprop_mode(), chainer.using_config("train", False):
-            z, state = z0, m.initial_state(agents)
-            alive = xp.ones(agents, dtype=bool)
-            for _ in range(steps):
-                x = xp.concatenate([z, getattr(state[0], "array", state[0])], axis=1)
-                a = xp.tanh(xp.matmul(W, x[:, :, None])[:, :, 0] + b)
-                h, state = m.step(z, a, state)
-                logits, mu, log_std, done = m.predict(h)
-                z = mdn_sample(logits, mu, log_std, DREAM_TAU, rng)
-                alive &= done.array <= 0
-            return float(alive.sum())
+        z, h = env.reset(z0, np.arange(agents))
+        done = None
+        for _ in range(steps):
+            z, h, _, done = env.step(ctrl.act_batch(params, z, h))
+        return float((~done).sum())
     return run
 
 
@@ -221,30 +217,6 @@ def torch_dream_step(torch, agents: int, steps: int) -> Callable[[], float]:
                 z = mu_k + sd_k * math.sqrt(DREAM_TAU) * torch.randn(agents, DREAM_Z, device="cuda", generator=g)
                 alive &= y[:, -1] <= 0
             return float(alive.sum().item())
-    return run
-
-
-def cpu_dream_step(agents: int, steps: int) -> Callable[[], float]:
-    """The project's CPU dream (``wm_trainer.dream.DreamEnv``, NumPy) for the same population."""
-    import numpy as np
-
-    from wm_trainer.controller import Controller
-    from wm_trainer.dream import DreamEnv
-    from wm_trainer.memory import MDNRNN
-
-    m = MDNRNN(DREAM_Z, DREAM_ACTION, hidden=DREAM_HIDDEN, mixtures=5, done_head=True)
-    env = DreamEnv(m, temperature=DREAM_TAU, max_steps=10 ** 9, seed=0)
-    ctrl = Controller(DREAM_Z, DREAM_HIDDEN, DREAM_ACTION)
-    rng = np.random.default_rng(0)
-    params = 0.1 * rng.standard_normal((agents, ctrl.n_params)).astype(np.float32)
-    z0 = rng.standard_normal((agents, DREAM_Z)).astype(np.float32)
-
-    def run() -> float:
-        z, h = env.reset(z0, np.arange(agents))
-        done = None
-        for _ in range(steps):
-            z, h, _, done = env.step(ctrl.act_batch(params, z, h))
-        return float((~done).sum())
     return run
 
 
@@ -284,11 +256,10 @@ def run(args: argparse.Namespace) -> dict:
         print(_line(rows[-1]), flush=True)
     add("mdnrnn_train", chainer_mdnrnn_step(device, args.seq), torch and torch_mdnrnn_step(torch, args.seq),
         M_BATCH * args.seq, "timesteps/s")
-    add("dream", chainer_dream_step(device, agents, args.dream_steps),
+    add("dream", dream_env_step(device, agents, args.dream_steps),
         torch and torch_dream_step(torch, agents, args.dream_steps), agents * args.dream_steps, "agent-steps/s")
-    cpu = cpu_dream_step(agents, args.dream_steps)
-    rows.append(compare_rates("dream_vs_cpu", "numpy DreamEnv (CPU)", cpu, "chainer+cupy",
-                              chainer_dream_step(device, agents, args.dream_steps),
+    rows.append(compare_rates("dream_vs_cpu", "DreamEnv on the CPU", dream_env_step(None, agents, args.dream_steps),
+                              "DreamEnv on the GPU", dream_env_step(device, agents, args.dream_steps),
                               items_per_call=agents * args.dream_steps, unit="agent-steps/s", calls=1,
                               repeats=args.repeats, warmup=1))
     print(_line(rows[-1]), flush=True)

@@ -10,6 +10,9 @@ Knows nothing of world models; any Chainer model gets every switch from a ``debu
     ext.install(trainer, debug)                    # TensorBoard, guards, reports
     trainer.run()
 """
+# isort: off
+from . import chainer_compat  # noqa: F401  (first: its import shields Chainer's own imports)
+# isort: on
 from .clipping import GradientClipping
 from .config import DebugConfig, GradientsConfig, NonFiniteConfig, TensorBoardConfig
 from .dtype import cast_link, check_float64, float64_converter, float64_requested, set_float64

@@ -92,7 +92,10 @@ def test_vae_training_step_matches_cpu(gpu, use_cudnn):
         if g_c[n] is None:  # logvar's Linear gets no gradient from the deterministic reconstruction
             assert g_g[n] is None
             continue
-        np.testing.assert_allclose(g_g[n], g_c[n], rtol=1e-2, atol=1e-4 * float(np.abs(g_c[n]).max() + 1e-12))
+        # float32 sums over up to 8 x 64 x 64 positions in another order (cuBLAS against OpenBLAS): single
+        # elements near zero differ relatively, so the whole array is compared by its relative error norm
+        err = np.linalg.norm(g_g[n] - g_c[n]) / max(np.linalg.norm(g_c[n]), 1e-12)
+        assert err < 1e-4, (n, err)
     assert np.isfinite(loss_g) and loss_g == pytest.approx(loss_c, rel=0.2)
 
 
@@ -212,32 +215,72 @@ def test_nonfinite_localisation_and_float64_replay_on_gpu(gpu, tmp_path, kind, v
     assert errors["gpu"].function == errors["cpu"].function
 
 
-def test_dream_step_on_gpu_matches_the_cpu_dream(gpu):
-    """M stepped for a whole population on the GPU gives the dream env's LSTM state and valid samples."""
+def test_dream_on_gpu_matches_the_cpu_dream(gpu):
+    """DreamEnv with M on the GPU dreams there (CuPy arrays) and follows the CPU dream step for step."""
+    import cupy
+
     np.random.seed(0)
     cpu_model = MDNRNN(8, 3, hidden=32, mixtures=5, done_head=True)
     gpu_model = copy.deepcopy(cpu_model).to_device(gpu)
     pop = 64
     rng = np.random.default_rng(0)
     z0 = rng.standard_normal((pop, 8)).astype(np.float32)
-    actions = rng.uniform(-1, 1, (pop, 3)).astype(np.float32)
 
     env_cpu, env_gpu = DreamEnv(cpu_model, temperature=1.15, seed=5), DreamEnv(gpu_model, temperature=1.15, seed=5)
+    assert env_gpu.xp is cupy and env_cpu.xp is np
     seeds = np.arange(pop)
     env_cpu.reset(z0, seeds)
     env_gpu.reset(z0, seeds)
-    z_c, h_c, r_c, d_c = env_cpu.step(actions)
-    z_g, h_g, r_g, d_g = env_gpu.step(actions)  # built from the GPU-resident M
-    np.testing.assert_allclose(z_g, z_c, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(d_g, d_c)
+    assert isinstance(env_gpu._x, cupy.ndarray)
+    for t in range(10):
+        actions = rng.uniform(-1, 1, (pop, 3)).astype(np.float32)
+        z_c, h_c, r_c, d_c = env_cpu.step(actions)
+        z_g, h_g, r_g, d_g = env_gpu.step(actions)
+        assert all(isinstance(a, np.ndarray) for a in (z_g, h_g, r_g, d_g))
+        np.testing.assert_allclose(z_g, z_c, rtol=1e-4, atol=1e-5, err_msg=f"step {t + 1}")
+        np.testing.assert_allclose(h_g, h_c, rtol=1e-4, atol=1e-5, err_msg=f"step {t + 1}")
+        np.testing.assert_array_equal(d_g, d_c)
+        np.testing.assert_array_equal(r_g, r_c)
 
+    # the same M stepped through Chainer's own functions on the GPU agrees with the dream's fused step
     with chainer.no_backprop_mode():
         h, _ = gpu_model.step(gpu.send(z0), gpu.send(actions), None)
         logits, mu, log_std, done = gpu_model.predict(h)
         z_next = mdn_sample(logits, mu, log_std, tau=1.15, rng=np.random.default_rng(0))
+    env_cpu.reset(z0, seeds)
+    _, h_c, _, d_c = env_cpu.step(actions)
     assert isinstance(h.array, chainer.backends.cuda.ndarray)
     np.testing.assert_allclose(host(h), h_c, rtol=1e-4, atol=1e-5)
     assert z_next.shape == (pop, 8) and np.isfinite(host(z_next)).all()
     logit = host(done)
     clear = np.abs(logit) > 1e-4  # float rounding may flip a logit within a hair of the threshold
     np.testing.assert_array_equal((logit > 0)[clear], d_c[clear])
+
+
+def test_cli_stages_with_device_0_train_on_the_gpu(tmp_path):
+    """`--device 0` on train-vae, encode, train-mdnrnn and train-controller: the user's way onto the GPU."""
+    from test_vision import make_episodes, write_config
+
+    from wm_trainer import cli
+    from wm_trainer.encode import encode_frames
+    from wm_trainer.storage import RunPaths
+    from wm_trainer.vision import load_vae
+
+    paths = RunPaths(tmp_path / "gpu")
+    make_episodes(paths.episodes, n_episodes=3, length=20, action_dim=1)  # Doom's one action
+    cfg = write_config(tmp_path, "gpu", vae={"recon_every": 2},
+                       controller={"mode": "dream", "population": 4, "episodes_per_candidate": 2, "generations": 1,
+                                   "eval_every": 0},
+                       env={"id": "VizdoomTakeCover-v1", "max_steps": 20})
+    for stage in ("train-vae", "encode", "train-mdnrnn", "train-controller"):
+        assert cli.main([stage, "-c", cfg, "--device", "0"]) == 0, stage
+    assert gpu_compat.describe(0).startswith("GPU 0: ")  # the line use_device prints once per process
+    for f in (paths.vae_model, paths.mdnrnn_model, paths.controller_model):
+        assert f.is_file(), f
+    with np.load(paths.vae_model) as w:
+        assert all(np.isfinite(w[k]).all() for k in w.files)
+    # the latents the GPU wrote are what the CPU computes from the same weights
+    with np.load(sorted(paths.latents.glob("ep_*.npz"))[0]) as d, \
+            np.load(sorted(paths.episodes.glob("ep_*.npz"))[0]) as e:
+        mu_cpu = encode_frames(load_vae(paths.vae_model, 4), e["frames"], batch=7)[0]
+        np.testing.assert_allclose(d["mu"], mu_cpu, rtol=1e-3, atol=1e-4)

@@ -28,10 +28,14 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 
 def _mix64(x: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
-    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic), in place (``tmp``: scratch)."""
-    tmp = np.empty_like(x) if tmp is None else tmp
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic), in place (``tmp``: scratch).
+
+    NumPy or CuPy arrays alike: integer arithmetic, so both give the same bits.
+    """
+    xp = chainer.backend.get_array_module(x)
+    tmp = xp.empty_like(x) if tmp is None else tmp
     for shift, mult in ((_S30, _M1), (_S27, _M2), (_S31, None)):
-        np.right_shift(x, shift, out=tmp)
+        xp.right_shift(x, shift, out=tmp)
         x ^= tmp
         if mult is not None:
             x *= mult
@@ -62,10 +66,12 @@ def counter_uniform32(keys: np.ndarray, step: int, pairs: int) -> tuple[np.ndarr
 
     Hash (key_b, step, i) gives 64 bits; its low and high 32-bit halves give one uniform each (24 bits:
     all a float32 in (0, 1] can hold). Like :func:`counter_uniform`, column b depends on key b alone.
+    On the keys' device (NumPy or CuPy), with the same bits on both.
     """
-    counter = np.uint64(step) * np.uint64(pairs) + np.arange(pairs, dtype=np.uint64)
+    xp = chainer.backend.get_array_module(keys)
+    counter = np.uint64(step) * np.uint64(pairs) + xp.arange(pairs, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        x = np.bitwise_xor((counter * _GOLDEN)[:, None], keys[None, :])
+        x = xp.bitwise_xor((counter * _GOLDEN)[:, None], keys[None, :])
         _mix64(x)
     halves = (x & _LOW32, x >> np.uint64(32))
     out = []
@@ -96,16 +102,20 @@ _MIN_AGENTS_PER_THREAD = 128
 class DreamEnv:
     """B dreamed episodes stepped together; done from M's done head (logit > 0) or ``max_steps``.
 
-    M's weights are copied to host numpy arrays when the env is built (later changes to M need a
-    new env); stepping is plain numpy, so no graph is ever built, whatever Chainer's config.
+    M's weights are copied when the env is built (later changes to M need a new env), onto ``device``
+    (default: where M's weights are, so an M on a GPU dreams on that GPU through CuPy); stepping is
+    plain array code, so no graph is ever built, whatever Chainer's config. What ``reset`` and ``step``
+    take and return are NumPy arrays on every device.
     State is kept agent-minor, e.g. x = [z; a; h; 1] is (z + a + hidden + 1, B): every gate, unit
     block and mixture component is then one contiguous block, and the 1-row folds both biases
     into the two matmuls.
     """
 
     def __init__(self, mdnrnn: MDNRNN, *, temperature: float = 1.0, max_steps: int = 2100, seed: int = 0,
-                 reward_per_step: float = 1.0):
+                 reward_per_step: float = 1.0, device=None):
         self.m = mdnrnn
+        self.device = chainer.get_device(device) if device is not None else mdnrnn.device
+        self.xp = self.device.xp
         self.temperature = float(temperature)
         self.max_steps = int(max_steps)
         self.reward_per_step = float(reward_per_step)
@@ -126,7 +136,7 @@ class DreamEnv:
                            axis=1)[order]
         # sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: halve the i, f, o rows so one tanh serves all gates
         w[H:] *= 0.5
-        self._w_lstm = np.ascontiguousarray(w, dtype=self.dtype)
+        self._w_lstm = self.device.send(np.ascontiguousarray(w, dtype=self.dtype))
         heads_w = [cpu.send(m.mdn.linear.W.array)]
         heads_b = [cpu.send(m.mdn.linear.b.array)]
         if m.has_done:
@@ -141,7 +151,7 @@ class DreamEnv:
         if m.has_done:
             perm = np.append(perm, 3 * K * zd)
         w = np.concatenate([np.concatenate(heads_w, axis=0), np.concatenate(heads_b)[:, None]], axis=1)
-        self._w_head_m = np.ascontiguousarray(w[perm], dtype=self.dtype)
+        self._w_head_m = self.device.send(np.ascontiguousarray(w[perm], dtype=self.dtype))
         self._folded_tau: float | None = None
 
     def _fold_temperature(self) -> None:
@@ -157,8 +167,8 @@ class DreamEnv:
     def _alloc(self, batch: int) -> None:
         zd, A, H = self.z_dim, self.action_dim, self.hidden
         self.batch = batch
-        self._x = np.zeros((zd + A + H + 1, batch), dtype=self.dtype)  # [z; a; h; 1]
-        self._c = np.zeros((H, batch), dtype=self.dtype)
+        self._x = self.xp.zeros((zd + A + H + 1, batch), dtype=self.dtype)  # [z; a; h; 1]
+        self._c = self.xp.zeros((H, batch), dtype=self.dtype)
         self._work: dict[int, dict[str, np.ndarray]] = {}
 
     def _buffers(self, n: int) -> dict[str, np.ndarray]:
@@ -166,13 +176,13 @@ class DreamEnv:
         if n not in self._work:
             if len(self._work) > 1:
                 self._work = {k: v for k, v in self._work.items() if k == self.batch}
-            zd, H, K = self.z_dim, self.hidden, self.K
+            zd, H, K, xp = self.z_dim, self.hidden, self.K, self.xp
             self._work[n] = {
-                "gates": np.empty((4 * H, n), dtype=self.dtype),
-                "head": np.empty((self._w_head_m.shape[0], n), dtype=self.dtype),
-                "p": np.empty((K, zd, n), dtype=self.dtype),
+                "gates": xp.empty((4 * H, n), dtype=self.dtype),
+                "head": xp.empty((self._w_head_m.shape[0], n), dtype=self.dtype),
+                "p": xp.empty((K, zd, n), dtype=self.dtype),
                 # flat index in the head buffer of (mixture 0's mean, dim j, agent b); + k zd n picks mixture k
-                "mu_index": (K * zd + np.arange(zd))[:, None] * n + np.arange(n)[None, :],
+                "mu_index": (K * zd + xp.arange(zd))[:, None] * n + xp.arange(n)[None, :],
             }
         return self._work[n]
 
@@ -192,11 +202,11 @@ class DreamEnv:
             raise ValueError(f"seeds must have shape ({b},), got {seeds.shape}")
         if b != self.batch:
             self._alloc(b)
-        self._keys = agent_keys(seeds)
+        self._keys = self.device.send(agent_keys(seeds))
         self._x.fill(0)
         self._x[-1] = 1.0
         self._c.fill(0)
-        self._x[:self.z_dim] = z0.T
+        self._x[:self.z_dim] = self.device.send(np.ascontiguousarray(z0.T))
         self.t = 0
         self.done = np.zeros(b, dtype=bool)
         return z0.copy(), np.zeros((b, self.hidden), dtype=self.dtype)
@@ -211,7 +221,8 @@ class DreamEnv:
         zd, A, H = self.z_dim, self.action_dim, self.hidden
         b = self.batch
         x = self._x
-        x[zd:zd + A] = np.asarray(actions, dtype=self.dtype).reshape(b, A).T
+        actions = np.asarray(actions, dtype=self.dtype).reshape(b, A)
+        x[zd:zd + A] = self.device.send(np.ascontiguousarray(actions.T))
         if self._folded_tau != self.temperature:
             self._fold_temperature()
         alive = ~self.done
@@ -221,19 +232,20 @@ class DreamEnv:
         if rows is None:
             done_logit = self._advance(x, self._c, self._keys)
         elif len(rows):
-            xs, cs = x[:, rows], self._c[:, rows]
-            done_logit = self._advance(xs, cs, self._keys[rows])
-            x[:, rows], self._c[:, rows] = xs, cs
+            at = self.device.send(rows)
+            xs, cs = x[:, at], self._c[:, at]
+            done_logit = self._advance(xs, cs, self._keys[at])
+            x[:, at], self._c[:, at] = xs, cs
         ended = np.full(b if rows is None else len(rows), self.t >= self.max_steps)
         if done_logit is not None:
-            ended |= done_logit > 0
+            ended |= _host(done_logit) > 0
         reward = np.where(alive, self.reward_per_step, 0.0).astype(np.float32)
         if rows is None:
             self.done = ended
         else:
             self.done = self.done.copy()
             self.done[rows] = ended
-        return x[:zd].copy().T, x[zd + A:zd + A + H].copy().T, reward, self.done.copy()
+        return _host(x[:zd], copy=True).T, _host(x[zd + A:zd + A + H], copy=True).T, reward, self.done.copy()
 
     def _advance(self, x: np.ndarray, c: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
         """LSTM + heads + sampling for n agents' columns [z; a; h; 1] and cells c, in place; the done logits.
@@ -241,34 +253,36 @@ class DreamEnv:
         The two matmuls run on all agents (BLAS threads); the elementwise work between and after them runs in
         slices of units / z dims over worker threads (numpy releases the GIL in ufunc loops).
         """
-        zd, A, H = self.z_dim, self.action_dim, self.hidden
+        zd, A, H, xp = self.z_dim, self.action_dim, self.hidden, self.xp
         n = x.shape[1]
         buf = self._buffers(n)
         g = buf["gates"]
-        np.dot(self._w_lstm, x, out=g)
-        _splitter(n, 64)(lambda lo, hi: self._cell(g, c, x[zd + A:zd + A + H], lo, hi), H)
+        xp.dot(self._w_lstm, x, out=g)
+        split = _splitter(n if xp is np else 0, 64)  # on a GPU each elementwise op is one kernel over all agents
+        split(lambda lo, hi: self._cell(g, c, x[zd + A:zd + A + H], lo, hi), H)
         y = buf["head"]
-        np.dot(self._w_head, x[zd + A:], out=y)
+        xp.dot(self._w_head, x[zd + A:], out=y)
         pairs = zd + zd % 2
         u_pick, u_normal = counter_uniform32(keys, self.t, pairs)
-        _splitter(n, 8)(lambda lo, hi: self._sample(y, buf, u_pick, u_normal, x[:zd], lo, hi), (zd + 1) // 2)
+        split = _splitter(n if xp is np else 0, 8)
+        split(lambda lo, hi: self._sample(y, buf, u_pick, u_normal, x[:zd], lo, hi), (zd + 1) // 2)
         return y[-1] if self.m.has_done else None
 
     def _cell(self, g: np.ndarray, c: np.ndarray, h_out: np.ndarray, lo: int, hi: int) -> None:
         """Units lo:hi: gates (pre-activations, i, f, o pre-halved) -> new c (in place) and h (into ``h_out``)."""
-        H = self.hidden
+        H, xp = self.hidden, self.xp
         a, i, f, o = (g[k * H + lo:k * H + hi] for k in range(4))
         c, h_out = c[lo:hi], h_out[lo:hi]
         for gate in (a, i, f, o):
-            np.tanh(gate, out=gate)
+            xp.tanh(gate, out=gate)
         # with t = tanh(x / 2), sigmoid(x) = (1 + t) / 2: c = (a (1 + t_i) + (1 + t_f) c) / 2
         i += 1.0
         a *= i
         f += 1.0
         f *= c
-        np.add(a, f, out=c)
+        xp.add(a, f, out=c)
         c *= 0.5
-        np.tanh(c, out=h_out)
+        xp.tanh(c, out=h_out)
         o += 1.0
         o *= 0.5
         h_out *= o
@@ -280,30 +294,30 @@ class DreamEnv:
 
         ``u_pick`` picks the mixture by inverse CDF; ``u_normal`` rows j and j + half give the pair's normals.
         """
-        K, zd = self.K, self.z_dim
+        K, zd, xp = self.K, self.z_dim, self.xp
         half = (zd + 1) // 2
         dims = [np.s_[lo:hi], np.s_[half + lo:min(half + hi, zd)]]
         n = y.shape[1]
-        r = np.log(u_normal[lo:hi])
+        r = xp.log(u_normal[lo:hi])
         r *= -2.0
-        np.sqrt(r, out=r)
+        xp.sqrt(r, out=r)
         theta = u_normal[half + lo:half + hi] * np.float32(2.0 * math.pi)
-        eps = (r * np.cos(theta), r * np.sin(theta))
+        eps = (r * xp.cos(theta), r * xp.sin(theta))
         logits = y[:K * zd].reshape(K, zd, n)
         p = buf["p"]
         flat = y.reshape(-1)
         for d, e in zip(dims, eps):
             lk = logits[:, d]
             pk = p[:, d]
-            top = np.maximum(lk[0], lk[1]) if K > 1 else lk[0].copy()
+            top = xp.maximum(lk[0], lk[1]) if K > 1 else lk[0].copy()
             for k in range(2, K):
-                np.maximum(top, lk[k], out=top)
-            np.subtract(lk, top, out=pk)
-            np.exp(pk, out=pk)
+                xp.maximum(top, lk[k], out=top)
+            xp.subtract(lk, top, out=pk)
+            xp.exp(pk, out=pk)
             for k in range(1, K):
                 pk[k] += pk[k - 1]  # running sums: pk[k] is the CDF up to mixture k
             thresh = u_pick[d] * pk[K - 1]
-            pick = np.zeros(thresh.shape, dtype=np.intp)
+            pick = xp.zeros(thresh.shape, dtype=np.intp)
             for k in range(K - 1):
                 pick += pk[k] < thresh  # ends as the first k with cdf_k >= thresh
             pick *= zd * n
@@ -311,9 +325,16 @@ class DreamEnv:
             mu = flat.take(pick)
             pick += K * zd * n  # log_std block follows the means
             sigma = flat.take(pick)
-            np.exp(sigma, out=sigma)
+            xp.exp(sigma, out=sigma)
             sigma *= e[:len(sigma)]
-            np.add(mu, sigma, out=z_out[d])
+            xp.add(mu, sigma, out=z_out[d])
+
+
+def _host(a, copy: bool = False) -> np.ndarray:
+    """A NumPy or CuPy array on the host (a fresh array when ``copy``; a CuPy array's always is)."""
+    if isinstance(a, np.ndarray):
+        return a.copy() if copy else a
+    return chainer.backend.CpuDevice().send(a)
 
 
 def initial_latents(latents_folder, n: int, rng: np.random.Generator) -> np.ndarray:

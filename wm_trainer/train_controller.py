@@ -39,9 +39,11 @@ def _done_logit(mdnrnn: Any) -> Any:
 
 
 def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episodes: int, initial_z: np.ndarray,
-                  temperature: float, max_steps: int, seed: int, done_mode: str = "threshold") -> np.ndarray:
+                  temperature: float, max_steps: int, seed: int, done_mode: str = "threshold",
+                  device=None) -> np.ndarray:
     """Mean steps survived per candidate: all population x episodes agents in one batched dream rollout.
 
+    The dream runs on ``device`` (a Chainer device; None: where M's weights are); controllers on the host.
     ``done_mode='threshold'`` ends an agent when M's done logit is > 0 (DreamEnv's rule, the paper's);
     ``'sample'`` also ends it with probability sigmoid(done logit) each step, i.e. M's done head read as a
     per-step hazard -- the useful reading while M is too briefly trained to be sure of any single step.
@@ -50,7 +52,7 @@ def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episode
 
     params = np.repeat(np.asarray(population, np.float32), episodes, axis=0)
     n = len(params)
-    env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed)
+    env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed, device=device)
     z, h = env.reset(initial_z[:n])
     hazard = _done_logit(mdnrnn) if done_mode == "sample" else None
     rng = np.random.default_rng([seed, 1])
@@ -155,6 +157,11 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
 
             executor = own_executor = make_executor(cfg.parallel)
     initial_pool = _initial_latents(paths, cfg) if cc.mode == "dream" else None
+    dream_device = None
+    if cc.mode == "dream":
+        from .train_vae import resolve_device
+
+        dream_device = resolve_device(cfg.experiment.device)
     from .rollout import AgentWeights, Job, fitness_seeds, play
 
     weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32))
@@ -169,7 +176,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                 idx = rng.integers(len(initial_pool), size=cc.population * cc.episodes_per_candidate)
                 fit = dream_fitness(mdnrnn, ctrl, X, cc.episodes_per_candidate, initial_pool[idx],
                                     cc.temperature, max_steps, seed=cfg.experiment.seed * 100_003 + g,
-                                    done_mode=cc.dream_done)
+                                    done_mode=cc.dream_done, device=dream_device)
             else:
                 seeds = fitness_seeds(cfg.experiment.seed, g, cc.episodes_per_candidate)
                 jobs = [Job(p, s) for p in range(cc.population) for s in seeds]
