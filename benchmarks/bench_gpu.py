@@ -3,8 +3,8 @@
 Run as ``python -m benchmarks.bench_gpu [--repeats 5] [--seq 100] [--population 64 --episodes 16]``. Prints
 "no GPU" (and why) and exits 0 when CuPy or a CUDA device is missing; PyTorch is imported only on a GPU run.
 The Chainer side is the project's own code on CuPy (``wm_trainer.vision.ConvVAE``, ``wm_trainer.memory.MDNRNN``,
-and the dream as ``train-controller --device 0`` runs it: ``DreamEnv`` on the GPU, with the per-agent
-controllers applied on the host); the PyTorch side is the same network (``benchmarks.bench_ops``) on the
+and the dream as ``train-controller --device 0`` runs it: ``DreamEnv`` and the per-agent controllers on
+the GPU); the PyTorch side is the same network (``benchmarks.bench_ops``) on the
 same GPU. Paper scale: CarRacing V (z 32) at batch 100; M with LSTM 256 over [z 32, a 3], K 5, batch 100;
 the dream for the whole CMA-ES generation (population x episodes agents) with Doom's M (z 64, LSTM 512).
 Every step ends with a device->host read of its result, so times include the GPU work.
@@ -165,7 +165,7 @@ def torch_mdnrnn_step(torch, seq: int) -> Callable[[], float]:
 # -- dream -----------------------------------------------------------------------------------------------------
 def dream_env_step(device, agents: int, steps: int) -> Callable[[], float]:
     """``steps`` steps of the dream as ``train-controller`` runs it: ``DreamEnv`` on ``device`` (None: the CPU,
-    NumPy) for the whole generation, with each agent's own controller applied on the host (``act_batch``)."""
+    NumPy) for the whole generation, with each agent's own controller (``act_batch``) on the same device."""
     import numpy as np
 
     from wm_trainer.controller import Controller
@@ -173,10 +173,10 @@ def dream_env_step(device, agents: int, steps: int) -> Callable[[], float]:
     from wm_trainer.memory import MDNRNN
 
     m = MDNRNN(DREAM_Z, DREAM_ACTION, hidden=DREAM_HIDDEN, mixtures=5, done_head=True)
-    env = DreamEnv(m, temperature=DREAM_TAU, max_steps=10 ** 9, seed=0, device=device)
+    env = DreamEnv(m, temperature=DREAM_TAU, max_steps=10 ** 9, seed=0, device=device, host_outputs=False)
     ctrl = Controller(DREAM_Z, DREAM_HIDDEN, DREAM_ACTION)
     rng = np.random.default_rng(0)
-    params = 0.1 * rng.standard_normal((agents, ctrl.n_params)).astype(np.float32)
+    params = env.device.send(0.1 * rng.standard_normal((agents, ctrl.n_params)).astype(np.float32))
     z0 = rng.standard_normal((agents, DREAM_Z)).astype(np.float32)
 
     def run() -> float:

@@ -92,10 +92,11 @@ def test_vae_training_step_matches_cpu(gpu, use_cudnn):
         if g_c[n] is None:  # logvar's Linear gets no gradient from the deterministic reconstruction
             assert g_g[n] is None
             continue
-        # float32 sums over up to 8 x 64 x 64 positions in another order (cuBLAS against OpenBLAS): single
-        # elements near zero differ relatively, so the whole array is compared by its relative error norm
+        # float32 sums in another order (cuBLAS against OpenBLAS), compounded through the 8 layers back to
+        # conv0 (3e-4 measured on an H100); single elements near zero differ relatively, so each array is
+        # compared by its relative error norm (a wrong gradient is off by order 1)
         err = np.linalg.norm(g_g[n] - g_c[n]) / max(np.linalg.norm(g_c[n]), 1e-12)
-        assert err < 1e-4, (n, err)
+        assert err < 2e-3, (n, err)
     assert np.isfinite(loss_g) and loss_g == pytest.approx(loss_c, rel=0.2)
 
 
@@ -241,6 +242,17 @@ def test_dream_on_gpu_matches_the_cpu_dream(gpu):
         np.testing.assert_allclose(h_g, h_c, rtol=1e-4, atol=1e-5, err_msg=f"step {t + 1}")
         np.testing.assert_array_equal(d_g, d_c)
         np.testing.assert_array_equal(r_g, r_c)
+
+    # train-controller's dream: DreamEnv and the per-agent controllers on the GPU, the same fitness as on the CPU
+    from wm_trainer.controller import Controller
+    from wm_trainer.train_controller import dream_fitness
+
+    ctrl = Controller(8, 32, 3)
+    population = 0.5 * rng.standard_normal((16, ctrl.n_params)).astype(np.float32)
+    fit = {name: dream_fitness(model, ctrl, population, 2, np.repeat(z0[:16], 2, axis=0), 1.15, 30, seed=4)
+           for name, model in (("cpu", cpu_model), ("gpu", gpu_model))}
+    np.testing.assert_array_equal(fit["gpu"], fit["cpu"])
+    assert 1 < fit["cpu"].mean() < 30  # some agents end early, so the comparison says something
 
     # the same M stepped through Chainer's own functions on the GPU agrees with the dream's fused step
     with chainer.no_backprop_mode():

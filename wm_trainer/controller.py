@@ -14,6 +14,15 @@ from .errors import UserError
 from .storage import atomic_savez
 
 
+def _xp(a):
+    """The array module of ``a``: NumPy, or CuPy for a GPU array (CuPy is imported only then)."""
+    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+        return np
+    import cupy
+
+    return cupy
+
+
 class Controller:
     """Linear policy over [z, h] with a tanh squashing; the action lives in the controller space [-1, 1]."""
 
@@ -24,7 +33,7 @@ class Controller:
         self.params = np.zeros(self.n_params, np.float32) if params is None else self._check(params)
 
     def _check(self, params: np.ndarray) -> np.ndarray:
-        params = np.asarray(params, np.float32)
+        params = _xp(params).asarray(params, np.float32)
         if params.shape[-1] != self.n_params:
             raise ValueError(f"controller expects {self.n_params} parameters per agent, got shape {params.shape}")
         return params
@@ -45,16 +54,20 @@ class Controller:
         return np.concatenate([W.reshape(*lead, -1), b.reshape(*lead, -1)], axis=-1)
 
     def act_batch(self, params: np.ndarray, z: np.ndarray, h: np.ndarray) -> np.ndarray:
-        """Actions (B, A) for B agents; ``params`` is (B, n_params) (one row per agent) or (n_params,) shared."""
-        x = np.concatenate([np.asarray(z, np.float32), np.asarray(h, np.float32)], axis=1)
+        """Actions (B, A) for B agents; ``params`` is (B, n_params) (one row per agent) or (n_params,) shared.
+
+        NumPy arrays, or CuPy arrays all on one GPU (the dream's on a GPU), and the actions come back alike.
+        """
+        xp = _xp(z)
+        x = xp.concatenate([xp.asarray(z, np.float32), xp.asarray(h, np.float32)], axis=1)
         if x.shape[1] != self.n_inputs:
             raise ValueError(f"controller expects z+h of width {self.n_inputs}, got {x.shape[1]}")
         W, b = self.unflatten(params)
         if W.ndim == 2:
-            return np.tanh(x @ W.T + b)
+            return xp.tanh(x @ W.T + b)
         if W.shape[0] != x.shape[0]:
             raise ValueError(f"{W.shape[0]} weight rows for {x.shape[0]} agents")
-        return np.tanh(np.matmul(W, x[:, :, None])[:, :, 0] + b)
+        return xp.tanh(xp.matmul(W, x[:, :, None])[:, :, 0] + b)
 
     def act(self, z: np.ndarray, h: np.ndarray) -> np.ndarray:
         """Actions (B, A) with this controller's own parameters for every agent."""

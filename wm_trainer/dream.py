@@ -104,16 +104,19 @@ class DreamEnv:
 
     M's weights are copied when the env is built (later changes to M need a new env), onto ``device``
     (default: where M's weights are, so an M on a GPU dreams on that GPU through CuPy); stepping is
-    plain array code, so no graph is ever built, whatever Chainer's config. What ``reset`` and ``step``
-    take and return are NumPy arrays on every device.
+    plain array code, so no graph is ever built, whatever Chainer's config. ``reset`` and ``step`` return
+    NumPy arrays; with ``host_outputs=False`` z and h stay on the env's device instead (a GPU dream whose
+    controllers run on the GPU too then moves only the done flags to the host each step). Actions may be
+    NumPy arrays or arrays on the env's device.
     State is kept agent-minor, e.g. x = [z; a; h; 1] is (z + a + hidden + 1, B): every gate, unit
     block and mixture component is then one contiguous block, and the 1-row folds both biases
     into the two matmuls.
     """
 
     def __init__(self, mdnrnn: MDNRNN, *, temperature: float = 1.0, max_steps: int = 2100, seed: int = 0,
-                 reward_per_step: float = 1.0, device=None):
+                 reward_per_step: float = 1.0, device=None, host_outputs: bool = True):
         self.m = mdnrnn
+        self.host_outputs = bool(host_outputs)
         self.device = chainer.get_device(device) if device is not None else mdnrnn.device
         self.xp = self.device.xp
         self.temperature = float(temperature)
@@ -209,7 +212,7 @@ class DreamEnv:
         self._x[:self.z_dim] = self.device.send(np.ascontiguousarray(z0.T))
         self.t = 0
         self.done = np.zeros(b, dtype=bool)
-        return z0.copy(), np.zeros((b, self.hidden), dtype=self.dtype)
+        return self._out(self._x[:self.z_dim]), self._out(self._x[self.z_dim + self.action_dim:-1])
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Advance every agent one step: returns (z, h, reward, done), each batched over agents (B, ...).
@@ -221,8 +224,8 @@ class DreamEnv:
         zd, A, H = self.z_dim, self.action_dim, self.hidden
         b = self.batch
         x = self._x
-        actions = np.asarray(actions, dtype=self.dtype).reshape(b, A)
-        x[zd:zd + A] = self.device.send(np.ascontiguousarray(actions.T))
+        actions = actions if isinstance(actions, self.xp.ndarray) else np.asarray(actions)
+        x[zd:zd + A] = self.device.send(actions).astype(self.dtype, copy=False).reshape(b, A).T
         if self._folded_tau != self.temperature:
             self._fold_temperature()
         alive = ~self.done
@@ -245,7 +248,11 @@ class DreamEnv:
         else:
             self.done = self.done.copy()
             self.done[rows] = ended
-        return _host(x[:zd], copy=True).T, _host(x[zd + A:zd + A + H], copy=True).T, reward, self.done.copy()
+        return self._out(x[:zd]), self._out(x[zd + A:zd + A + H]), reward, self.done.copy()
+
+    def _out(self, rows):
+        """State rows (dim, B) as a fresh (B, dim) array: on the host, or on the device without ``host_outputs``."""
+        return (_host(rows, copy=True) if self.host_outputs else rows.copy()).T
 
     def _advance(self, x: np.ndarray, c: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
         """LSTM + heads + sampling for n agents' columns [z; a; h; 1] and cells c, in place; the done logits.
@@ -258,31 +265,37 @@ class DreamEnv:
         buf = self._buffers(n)
         g = buf["gates"]
         xp.dot(self._w_lstm, x, out=g)
-        split = _splitter(n if xp is np else 0, 64)  # on a GPU each elementwise op is one kernel over all agents
-        split(lambda lo, hi: self._cell(g, c, x[zd + A:zd + A + H], lo, hi), H)
+        if xp is not np:  # a GPU: the elementwise work as two fused kernels, the same maths and random bits
+            from . import dream_cuda
+
+            dream_cuda.cell(g, c, x[zd + A:zd + A + H], H)
+            y = buf["head"]
+            xp.dot(self._w_head, x[zd + A:], out=y)
+            dream_cuda.sample(y, keys, self.t, self.K, x[:zd])
+            return y[-1] if self.m.has_done else None
+        _splitter(n, 64)(lambda lo, hi: self._cell(g, c, x[zd + A:zd + A + H], lo, hi), H)
         y = buf["head"]
-        xp.dot(self._w_head, x[zd + A:], out=y)
+        np.dot(self._w_head, x[zd + A:], out=y)
         pairs = zd + zd % 2
         u_pick, u_normal = counter_uniform32(keys, self.t, pairs)
-        split = _splitter(n if xp is np else 0, 8)
-        split(lambda lo, hi: self._sample(y, buf, u_pick, u_normal, x[:zd], lo, hi), (zd + 1) // 2)
+        _splitter(n, 8)(lambda lo, hi: self._sample(y, buf, u_pick, u_normal, x[:zd], lo, hi), (zd + 1) // 2)
         return y[-1] if self.m.has_done else None
 
     def _cell(self, g: np.ndarray, c: np.ndarray, h_out: np.ndarray, lo: int, hi: int) -> None:
         """Units lo:hi: gates (pre-activations, i, f, o pre-halved) -> new c (in place) and h (into ``h_out``)."""
-        H, xp = self.hidden, self.xp
+        H = self.hidden
         a, i, f, o = (g[k * H + lo:k * H + hi] for k in range(4))
         c, h_out = c[lo:hi], h_out[lo:hi]
         for gate in (a, i, f, o):
-            xp.tanh(gate, out=gate)
+            np.tanh(gate, out=gate)
         # with t = tanh(x / 2), sigmoid(x) = (1 + t) / 2: c = (a (1 + t_i) + (1 + t_f) c) / 2
         i += 1.0
         a *= i
         f += 1.0
         f *= c
-        xp.add(a, f, out=c)
+        np.add(a, f, out=c)
         c *= 0.5
-        xp.tanh(c, out=h_out)
+        np.tanh(c, out=h_out)
         o += 1.0
         o *= 0.5
         h_out *= o
@@ -294,30 +307,30 @@ class DreamEnv:
 
         ``u_pick`` picks the mixture by inverse CDF; ``u_normal`` rows j and j + half give the pair's normals.
         """
-        K, zd, xp = self.K, self.z_dim, self.xp
+        K, zd = self.K, self.z_dim
         half = (zd + 1) // 2
         dims = [np.s_[lo:hi], np.s_[half + lo:min(half + hi, zd)]]
         n = y.shape[1]
-        r = xp.log(u_normal[lo:hi])
+        r = np.log(u_normal[lo:hi])
         r *= -2.0
-        xp.sqrt(r, out=r)
+        np.sqrt(r, out=r)
         theta = u_normal[half + lo:half + hi] * np.float32(2.0 * math.pi)
-        eps = (r * xp.cos(theta), r * xp.sin(theta))
+        eps = (r * np.cos(theta), r * np.sin(theta))
         logits = y[:K * zd].reshape(K, zd, n)
         p = buf["p"]
         flat = y.reshape(-1)
         for d, e in zip(dims, eps):
             lk = logits[:, d]
             pk = p[:, d]
-            top = xp.maximum(lk[0], lk[1]) if K > 1 else lk[0].copy()
+            top = np.maximum(lk[0], lk[1]) if K > 1 else lk[0].copy()
             for k in range(2, K):
-                xp.maximum(top, lk[k], out=top)
-            xp.subtract(lk, top, out=pk)
-            xp.exp(pk, out=pk)
+                np.maximum(top, lk[k], out=top)
+            np.subtract(lk, top, out=pk)
+            np.exp(pk, out=pk)
             for k in range(1, K):
                 pk[k] += pk[k - 1]  # running sums: pk[k] is the CDF up to mixture k
             thresh = u_pick[d] * pk[K - 1]
-            pick = xp.zeros(thresh.shape, dtype=np.intp)
+            pick = np.zeros(thresh.shape, dtype=np.intp)
             for k in range(K - 1):
                 pick += pk[k] < thresh  # ends as the first k with cdf_k >= thresh
             pick *= zd * n
@@ -325,9 +338,9 @@ class DreamEnv:
             mu = flat.take(pick)
             pick += K * zd * n  # log_std block follows the means
             sigma = flat.take(pick)
-            xp.exp(sigma, out=sigma)
+            np.exp(sigma, out=sigma)
             sigma *= e[:len(sigma)]
-            xp.add(mu, sigma, out=z_out[d])
+            np.add(mu, sigma, out=z_out[d])
 
 
 def _host(a, copy: bool = False) -> np.ndarray:

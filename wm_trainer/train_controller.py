@@ -43,7 +43,8 @@ def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episode
                   device=None) -> np.ndarray:
     """Mean steps survived per candidate: all population x episodes agents in one batched dream rollout.
 
-    The dream runs on ``device`` (a Chainer device; None: where M's weights are); controllers on the host.
+    The dream runs on ``device`` (a Chainer device; None: where M's weights are), and so do the controllers:
+    on a GPU only the done flags (and h, for ``'sample'``) come to the host each step.
     ``done_mode='threshold'`` ends an agent when M's done logit is > 0 (DreamEnv's rule, the paper's);
     ``'sample'`` also ends it with probability sigmoid(done logit) each step, i.e. M's done head read as a
     per-step hazard -- the useful reading while M is too briefly trained to be sure of any single step.
@@ -52,7 +53,9 @@ def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episode
 
     params = np.repeat(np.asarray(population, np.float32), episodes, axis=0)
     n = len(params)
-    env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed, device=device)
+    env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed, device=device,
+                   host_outputs=False)
+    params = env.device.send(params)
     z, h = env.reset(initial_z[:n])
     hazard = _done_logit(mdnrnn) if done_mode == "sample" else None
     rng = np.random.default_rng([seed, 1])
@@ -64,7 +67,7 @@ def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episode
         returns += np.where(alive, np.asarray(reward, np.float64), 0.0)
         alive &= ~np.asarray(done, bool)
         if hazard is not None:
-            alive &= rng.random(n) >= 1.0 / (1.0 + np.exp(-hazard(h)))
+            alive &= rng.random(n) >= 1.0 / (1.0 + np.exp(-hazard(chainer.backend.CpuDevice().send(h))))
         if not alive.any():
             break
     return returns.reshape(len(population), episodes).mean(axis=1)
