@@ -296,3 +296,20 @@ def test_cli_stages_with_device_0_train_on_the_gpu(tmp_path):
             np.load(sorted(paths.episodes.glob("ep_*.npz"))[0]) as e:
         mu_cpu = encode_frames(load_vae(paths.vae_model, 4), e["frames"], batch=7)[0]
         np.testing.assert_allclose(d["mu"], mu_cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_lstm_sequence_node_on_gpu_matches_stepped_f_lstm_and_gradients_check(gpu):
+    """M's whole-sequence LSTM runs as one node on CuPy arrays, equal to stepping F.lstm, with exact gradients."""
+    from chainer import gradient_check
+
+    from wm_trainer.ops.lstm import LSTMSequence, lstm_sequence, lstm_sequence_reference
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 4, 5), (3, 6), (3, 6), (24, 5), (24, 6), (24,)]
+    args = [gpu.send(rng.standard_normal(s)) for s in shapes]
+    fast = lstm_sequence(*args)
+    assert isinstance(fast[0].creator, LSTMSequence) and isinstance(fast[0].array, chainer.backends.cuda.ndarray)
+    for a, b in zip(fast, lstm_sequence_reference(*args)):
+        np.testing.assert_allclose(host(a), host(b), rtol=1e-10, atol=1e-12)
+    gys = [gpu.send(rng.standard_normal(o.shape)) for o in fast]
+    gradient_check.check_backward(lambda *a: LSTMSequence().apply(a), args, gys, dtype=np.float64)
