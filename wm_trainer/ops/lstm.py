@@ -5,8 +5,8 @@ Parameters use ``L.LSTM``'s layout: ``W_x`` (4H, I) and ``b`` (4H,) of ``upward`
 Inside, the rows are regrouped gate-major and the states kept feature-major (H, N) so every
 element-wise pass runs on a contiguous slab; each step is one GEMM with the input projection and bias
 folded in; backward runs the recurrence with one GEMM per step and gets the weight and input gradients
-of the whole sequence from two large GEMMs at the end. The same code runs on CuPy arrays (one part, no
-host threads): on a GPU it replaces some thirty Chainer function calls per step with ten CuPy calls.
+of the whole sequence from two large GEMMs at the end. On CuPy arrays the node runs as one part (no
+host threads) with each step's element-wise work as one fused kernel (:mod:`wm_trainer.ops.lstm_cuda`).
 """
 from __future__ import annotations
 
@@ -49,8 +49,11 @@ def _forward_part(x, h0, c0, w_fwd, hs_out, keep: bool = True) -> tuple:
     hid = h0.shape[1]
     dtype = x.dtype
     k = w_fwd.shape[1]
-    xp = chainer.backend.get_array_module(x)
-    alloc = take if keep and xp is np else xp.empty
+    if not isinstance(x, np.ndarray):
+        from .lstm_cuda import forward_part
+
+        return forward_part(x, h0, c0, w_fwd, hs_out)
+    alloc = take if keep else np.empty
     xh = alloc((k, t_len + 1, n), dtype)
     xh[n_in:n_in + hid, 0] = h0.T
     xh[k - 1] = 1
@@ -59,64 +62,66 @@ def _forward_part(x, h0, c0, w_fwd, hs_out, keep: bool = True) -> tuple:
     cs = alloc((t_len + 1, hid, n), dtype)
     tanh_c = alloc((t_len, hid, n), dtype)
     cs[0] = c0.T
-    tmp = xp.empty((hid, n), dtype=dtype)
+    tmp = np.empty((hid, n), dtype=dtype)
     for t in range(t_len):
         xh[:n_in, t] = x[:, t].T
         g = gates[t]
-        xp.matmul(w_fwd, xh[:, t], out=g)
-        xp.tanh(g, out=g)
+        np.matmul(w_fwd, xh[:, t], out=g)
+        np.tanh(g, out=g)
         sig = g[hid:]
         sig *= 0.5
         sig += 0.5
         a, i, f, o = g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:]
-        xp.multiply(a, i, out=cs[t + 1])
-        xp.multiply(f, cs[t], out=tmp)
+        np.multiply(a, i, out=cs[t + 1])
+        np.multiply(f, cs[t], out=tmp)
         cs[t + 1] += tmp
-        xp.tanh(cs[t + 1], out=tanh_c[t])
+        np.tanh(cs[t + 1], out=tanh_c[t])
         h_t = xh[n_in:n_in + hid, t + 1]
-        xp.multiply(o, tanh_c[t], out=h_t)
+        np.multiply(o, tanh_c[t], out=h_t)
         hs_out[:, t] = h_t.T
-    return xp.ascontiguousarray(cs[t_len].T), (xh, gates, cs, tanh_c)
+    return np.ascontiguousarray(cs[t_len].T), (xh, gates, cs, tanh_c)
 
 
 def _backward_part(saved, w_cat, w_h_t, g_hs, g_h_last, g_c_last, g_x_out) -> tuple:
     """Backward through time for a slice of the batch; writes g_x_out if given; returns (g_w, g_h0, g_c0)."""
+    if not isinstance(saved[0], np.ndarray):
+        from .lstm_cuda import backward_part
+
+        return backward_part(saved, w_cat, w_h_t, g_hs, g_h_last, g_c_last, g_x_out)
     xh, gates, cs, tanh_c = saved
     t_len, hid, n = tanh_c.shape
     n_in = w_cat.shape[1] - hid - 1
     dtype = tanh_c.dtype
-    xp = chainer.backend.get_array_module(tanh_c)
-    gh = xp.zeros((hid, n), dtype=dtype) if g_h_last is None else xp.ascontiguousarray(g_h_last.T, dtype=dtype)
-    gc = xp.zeros((hid, n), dtype=dtype) if g_c_last is None else xp.ascontiguousarray(g_c_last.T, dtype=dtype)
-    d_gates = take((4 * hid, t_len, n), dtype) if xp is np else xp.empty((4 * hid, t_len, n), dtype)
-    deriv = xp.empty((4 * hid, n), dtype=dtype)
-    tmp = xp.empty((hid, n), dtype=dtype)
+    gh = np.zeros((hid, n), dtype=dtype) if g_h_last is None else np.ascontiguousarray(g_h_last.T, dtype=dtype)
+    gc = np.zeros((hid, n), dtype=dtype) if g_c_last is None else np.ascontiguousarray(g_c_last.T, dtype=dtype)
+    d_gates = take((4 * hid, t_len, n), dtype)
+    deriv = np.empty((4 * hid, n), dtype=dtype)
+    tmp = np.empty((hid, n), dtype=dtype)
     for t in range(t_len - 1, -1, -1):
         g = gates[t]
         a, i, f, o = g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:]
         if g_hs is not None:
             gh += g_hs[:, t].T
-        xp.multiply(tanh_c[t], tanh_c[t], out=tmp)  # gc += gh * o * (1 - tanh(c)^2)
-        xp.subtract(1, tmp, out=tmp)
+        np.multiply(tanh_c[t], tanh_c[t], out=tmp)  # gc += gh * o * (1 - tanh(c)^2)
+        np.subtract(1, tmp, out=tmp)
         tmp *= o
         tmp *= gh
         gc += tmp
-        xp.multiply(g, g, out=deriv)  # 1 - a^2 for the tanh block, s (1 - s) for the sigmoid blocks
-        xp.subtract(1, deriv[:hid], out=deriv[:hid])
-        xp.subtract(g[hid:], deriv[hid:], out=deriv[hid:])
+        np.multiply(g, g, out=deriv)  # 1 - a^2 for the tanh block, s (1 - s) for the sigmoid blocks
+        np.subtract(1, deriv[:hid], out=deriv[:hid])
+        np.subtract(g[hid:], deriv[hid:], out=deriv[hid:])
         dg = d_gates[:, t]
         for lo, u, v in ((0, gc, i), (hid, gc, a), (2 * hid, gc, cs[t]), (3 * hid, gh, tanh_c[t])):
-            xp.multiply(u, v, out=tmp)
-            xp.multiply(tmp, deriv[lo:lo + hid], out=dg[lo:lo + hid])
+            np.multiply(u, v, out=tmp)
+            np.multiply(tmp, deriv[lo:lo + hid], out=dg[lo:lo + hid])
         gc *= f
-        xp.matmul(w_h_t, dg, out=gh)
+        np.matmul(w_h_t, dg, out=gh)
     flat = d_gates.reshape(4 * hid, t_len * n)
     if g_x_out is not None:
         g_x_out[...] = (flat.T @ w_cat[:, :n_in]).reshape(t_len, n, n_in).transpose(1, 0, 2)
     g_w = flat @ xh[:, :t_len].reshape(xh.shape[0], t_len * n).T
-    if xp is np:
-        give_back(d_gates)
-    return g_w, xp.ascontiguousarray(gh.T), xp.ascontiguousarray(gc.T)
+    give_back(d_gates)
+    return g_w, np.ascontiguousarray(gh.T), np.ascontiguousarray(gc.T)
 
 
 def _batch_parts(n: int) -> list[tuple[int, int]]:
