@@ -1,0 +1,40 @@
+"""extensions.chainer_compat: what lets ``import chainer`` work on Python 3.12+, where NumPy has no distutils."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import numpy as np
+
+from extensions import chainer_compat
+
+
+def test_stand_in_numpy_distutils_when_numpy_has_none(monkeypatch):
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.startswith("numpy.distutils")}
+    had_attr = "distutils" in vars(np)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "numpy.distutils" else real_find_spec(name, *a))
+    try:
+        assert chainer_compat.shield_numpy_distutils() is True
+        system_info = importlib.import_module("numpy.distutils.system_info")  # what chainer's check imports
+        assert system_info.get_info("blas_opt") == {}
+        import numpy.distutils.system_info as again
+
+        assert again is system_info and np.distutils.system_info is system_info
+        assert chainer_compat.shield_numpy_distutils() is False  # once is enough
+    finally:
+        for k in [k for k in sys.modules if k.startswith("numpy.distutils")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+        if not had_attr and "distutils" in vars(np):
+            delattr(np, "distutils")
+
+
+def test_nothing_is_replaced_where_numpy_has_distutils():
+    if importlib.util.find_spec("numpy.distutils") is None:  # Python 3.12+: the stand-in is what is there
+        assert sys.modules["numpy.distutils"].__doc__.startswith("Stand-in")
+        return
+    assert chainer_compat.shield_numpy_distutils() is False
+    assert not (importlib.import_module("numpy.distutils").__doc__ or "").startswith("Stand-in")
