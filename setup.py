@@ -39,6 +39,9 @@ setup(
         # CuPy 14 needs numpy>=2, which Chainer 7.8.1 cannot use; the nvidia wheels stand in for a CUDA toolkit
         "cuda": ["cupy-cuda12x>=13,<14", "nvidia-cublas-cu12", "nvidia-cuda-nvrtc-cu12",
                  "nvidia-cuda-runtime-cu12", "nvidia-curand-cu12"],
+        # drivers for CUDA 13: CuPy 13.6's CUDA 13 build (no cuDNN) and the CUDA 13 libraries as wheels
+        "cuda13": ["cupy-cuda13x>=13.6,<14", "nvidia-cublas>=13,<14", "nvidia-cuda-nvrtc>=13,<14",
+                   "nvidia-cuda-runtime>=13,<14", "nvidia-curand>=10.4,<11", "nvidia-nvjitlink>=13,<14"],
         # CuPy 13's CUDA 12 build binds cuDNN 8 only
         "cudnn": ["nvidia-cudnn-cu12>=8.9,<9"],
     },

@@ -10,20 +10,37 @@ NaN. ``open_writer`` serves code that has no Trainer (e.g. CMA-ES) with the same
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import chainer
 import numpy as np
 from chainer import training
-from tensorboardX import SummaryWriter
-from tensorboardX.proto.summary_pb2 import HistogramProto, Summary
-from tensorboardX.record_writer import masked_crc32c
 
 from . import kernels
+
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
+    from tensorboardX.proto.summary_pb2 import HistogramProto, Summary
+
+
+@functools.cache
+def _tbx():
+    """tensorboardX's module, imported on first use: it imports torch when torch is installed (~0.7 s)."""
+    import tensorboardX.proto.summary_pb2
+    import tensorboardX.record_writer
+
+    return tensorboardX
+
+
+@functools.cache
+def _pb():
+    """tensorboardX's ``summary_pb2`` (Summary, HistogramProto), imported on first use."""
+    return _tbx().proto.summary_pb2
 
 EXTENSION_NAME = "ext_tensorboard"
 
@@ -32,7 +49,7 @@ def open_writer(logdir: str | os.PathLike) -> SummaryWriter:
     """A tensorboardX SummaryWriter on ``logdir`` (created if needed)."""
     logdir = os.fspath(logdir)
     os.makedirs(logdir, exist_ok=True)
-    return SummaryWriter(logdir=logdir, flush_secs=10)
+    return _tbx().SummaryWriter(logdir=logdir, flush_secs=10)
 
 
 def _to_host(a: Any) -> np.ndarray:
@@ -54,7 +71,7 @@ def _scalar(value: Any) -> float | None:
 
 def scalar_summary(values: dict[str, Any]) -> Summary:
     """One Summary protobuf holding every scalar in ``values`` (non-scalars are left out)."""
-    summary = Summary()
+    summary = _pb().Summary()
     add = summary.value.add
     for tag, value in values.items():
         if type(value) is not float:  # the common case (the toolkit's own statistics) skips the checks
@@ -176,10 +193,10 @@ def _events_writer(writer: SummaryWriter) -> Any:
 def tf_records(payloads: list[bytes]) -> bytes:
     """TFRecord framing of each payload (length, its masked CRC-32C, the payload, its masked CRC-32C), joined:
     the bytes tensorboardX's ``RecordWriter.write`` writes for each, in one piece."""
-    parts = []
+    parts, crc = [], _tbx().record_writer.masked_crc32c
     for data in payloads:
         header = _U64.pack(len(data))
-        parts += (header, _U32.pack(masked_crc32c(header)), data, _U32.pack(masked_crc32c(data)))
+        parts += (header, _U32.pack(crc(header)), data, _U32.pack(crc(data)))
     return b"".join(parts)
 
 
@@ -191,7 +208,7 @@ def write_encoded(writer: SummaryWriter, events: list[tuple[bytes, int, float]])
     if ev is None:  # another tensorboardX layout: through its public API
         file_writer = writer._get_file_writer()
         for summary, step, walltime in events:
-            file_writer.add_summary(Summary.FromString(summary), step, walltime)
+            file_writer.add_summary(_pb().Summary.FromString(summary), step, walltime)
         return
     data = tf_records([encode_event(summary, step, walltime) for summary, step, walltime in events])
     with ev._lock:
@@ -239,7 +256,7 @@ def _bucket_proto(counts: np.ndarray, limits: np.ndarray, lo: float, hi: float, 
     keep = counts != 0
     keep[:-1] |= keep[1:]
     counts, limits = counts[keep], limits[keep]
-    return HistogramProto(min=lo, max=hi, num=num, sum=total, sum_squares=sq,
+    return _pb().HistogramProto(min=lo, max=hi, num=num, sum=total, sum_squares=sq,
                           bucket_limit=limits.tolist(), bucket=counts.tolist())
 
 
@@ -247,8 +264,8 @@ _SMALL_HISTOGRAM = 1 << 14  # elements: below this, one compiled pass over many 
 
 
 def _count_values(tag: str, nan: int, inf: int) -> list[Any]:
-    return [Summary.Value(tag=f"{tag}/nan_count", simple_value=float(nan)),
-            Summary.Value(tag=f"{tag}/inf_count", simple_value=float(inf))]
+    return [_pb().Summary.Value(tag=f"{tag}/nan_count", simple_value=float(nan)),
+            _pb().Summary.Value(tag=f"{tag}/inf_count", simple_value=float(inf))]
 
 
 def _host_histograms(arrays: dict[str, Any]) -> dict[str, tuple[list[Any], dict[str, int]]]:
@@ -274,8 +291,8 @@ def _host_histograms(arrays: dict[str, Any]) -> dict[str, tuple[list[Any], dict[
             continue
         values = []
         if finite:
-            values.append(Summary.Value(tag=tag, histo=_bucket_proto(counts[s], _DEFAULT_BINS, lo, hi, int(finite),
-                                                                      total, sq)))
+            histo = _bucket_proto(counts[s], _DEFAULT_BINS, lo, hi, int(finite), total, sq)
+            values.append(_pb().Summary.Value(tag=tag, histo=histo))
         out[tag] = (values + _count_values(tag, int(nan), int(inf)), {"nan": int(nan), "inf": int(inf)})
     return out
 
@@ -292,13 +309,13 @@ def histogram_values(tag: str, array: Any) -> tuple[list[Any], dict[str, int]]:
     counts = {"nan": nan, "inf": a.size - n_finite - nan}
     values = []
     if n_finite:
-        values.append(Summary.Value(tag=tag, histo=_histogram_proto(a if n_finite == a.size else a[finite])))
+        values.append(_pb().Summary.Value(tag=tag, histo=_histogram_proto(a if n_finite == a.size else a[finite])))
     return values + _count_values(tag, counts["nan"], counts["inf"]), counts
 
 
 def add_histograms_safe(writer: SummaryWriter, arrays: dict[str, Any], step: int) -> dict[str, dict[str, int]]:
     """``add_histogram_safe`` for many tags at once, written as one event; returns the counts per tag."""
-    summary = Summary()
+    summary = _pb().Summary()
     counts = {}
     done = _host_histograms(arrays)
     for tag, array in arrays.items():

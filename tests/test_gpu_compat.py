@@ -77,11 +77,23 @@ def with_fake_cuda(monkeypatch, cupy, cudnn_version: int = -1):
     monkeypatch.setattr(gpu_compat, "preload_cuda_libraries", lambda libraries=None: [])
 
 
-def test_importing_gpu_compat_imports_neither_chainer_nor_cupy():
-    code = ("import sys, wm_trainer.gpu_compat; "
-            "print(sorted(m for m in ('chainer', 'cupy', 'cupyx') if m in sys.modules))")
+def test_importing_wm_trainer_applies_the_cuda_shims_before_chainer_is_imported():
+    """``import wm_trainer`` imports Chainer (through the toolkit's shield), but only after gpu_compat's shims."""
+    code = """if True:
+        import importlib.abc, importlib.util, sys
+        seen = []
+        class Spy(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "chainer" and not seen:
+                    gc = sys.modules.get("wm_trainer.gpu_compat")
+                    seen.append(gc is not None and (gc._state["enabled"] or importlib.util.find_spec("cupy") is None))
+                return None
+        sys.meta_path.insert(0, Spy())
+        import wm_trainer
+        print(seen, "chainer" in sys.modules)
+    """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip() == "[True] True"
 
 
 def test_cpu_device_needs_no_cupy(fresh):

@@ -18,8 +18,9 @@ Chainer 7.8.1 was written for CuPy 7. What goes wrong with CuPy 13, and the shim
   driver or no device only fails later, deep inside a kernel launch. :func:`use_device` probes the
   device and turns every such failure into one :class:`~wm_trainer.errors.UserError`.
 
-Importing this module imports neither Chainer nor CuPy; :func:`enable` (or :func:`enable_if_installed`)
-must run before the first ``import chainer`` for the preloading to help.
+This module's own code imports neither Chainer nor CuPy; :func:`enable` (or :func:`enable_if_installed`)
+must run before the first ``import chainer`` for the preloading to help. The ``wm_trainer`` package
+calls :func:`enable_if_installed` first thing, before it imports the toolkit (and with it Chainer).
 """
 from __future__ import annotations
 
