@@ -49,7 +49,12 @@ def _kernels():
 
 
 def forward_part(x, h0, c0, w_fwd, hs_out) -> tuple:
-    """:func:`wm_trainer.ops.lstm._forward_part` on CuPy arrays (always keeps what backward needs)."""
+    """:func:`wm_trainer.ops.lstm._forward_part` on CuPy arrays (always keeps what backward needs).
+
+    ``xh`` is time-major here, (T + 1, I + H + 1, N): each step's GEMM operand is contiguous, and
+    ``cupy.dot`` into a contiguous output costs a quarter of ``cupy.matmul`` on a strided one (measured
+    on an H100 host: 44 against 196 us a call, far above the GEMM's own time at these sizes).
+    """
     import cupy
 
     n, t_len, n_in = x.shape
@@ -57,26 +62,26 @@ def forward_part(x, h0, c0, w_fwd, hs_out) -> tuple:
     k = w_fwd.shape[1]
     dtype = x.dtype
     kernel = _kernels()[0]
-    xh = cupy.empty((k, t_len + 1, n), dtype)
-    xh[:n_in, :t_len] = x.transpose(2, 1, 0)
-    xh[:n_in, t_len] = 0
-    xh[n_in:n_in + hid, 0] = h0.T
-    xh[k - 1] = 1
+    xh = cupy.empty((t_len + 1, k, n), dtype)
+    xh[:t_len, :n_in] = x.transpose(1, 2, 0)
+    xh[t_len, :n_in] = 0
+    xh[0, n_in:n_in + hid] = h0.T
+    xh[:, k - 1] = 1
     gates = cupy.empty((t_len, 4 * hid, n), dtype)
     cs = cupy.empty((t_len + 1, hid, n), dtype)
     tanh_c = cupy.empty((t_len, hid, n), dtype)
     cs[0] = c0.T
     for t in range(t_len):
         g = gates[t]
-        cupy.matmul(w_fwd, xh[:, t], out=g)
+        cupy.dot(w_fwd, xh[t], out=g)
         kernel(cs[t], g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:], cs[t + 1], tanh_c[t],
-               xh[n_in:n_in + hid, t + 1])
-    hs_out[...] = xh[n_in:n_in + hid, 1:].transpose(2, 1, 0)
+               xh[t + 1, n_in:n_in + hid])
+    hs_out[...] = xh[1:, n_in:n_in + hid].transpose(2, 0, 1)
     return cupy.ascontiguousarray(cs[t_len].T), (xh, gates, cs, tanh_c)
 
 
 def backward_part(saved, w_cat, w_h_t, g_hs, g_h_last, g_c_last, g_x_out) -> tuple:
-    """:func:`wm_trainer.ops.lstm._backward_part` on CuPy arrays."""
+    """:func:`wm_trainer.ops.lstm._backward_part` on CuPy arrays (gate gradients time-major, as ``xh``)."""
     import cupy
 
     xh, gates, cs, tanh_c = saved
@@ -87,15 +92,14 @@ def backward_part(saved, w_cat, w_h_t, g_hs, g_h_last, g_c_last, g_x_out) -> tup
     gh = cupy.zeros((hid, n), dtype) if g_h_last is None else cupy.ascontiguousarray(g_h_last.T, dtype=dtype)
     gc = cupy.zeros((hid, n), dtype) if g_c_last is None else cupy.ascontiguousarray(g_c_last.T, dtype=dtype)
     ghs = cupy.zeros((), dtype) if g_hs is None else cupy.ascontiguousarray(g_hs.transpose(1, 2, 0), dtype=dtype)
-    d_gates = cupy.empty((4 * hid, t_len, n), dtype)
+    d_gates = cupy.empty((t_len, 4 * hid, n), dtype)
     for t in range(t_len - 1, -1, -1):
         g = gates[t]
-        dg = d_gates[:, t]
+        dg = d_gates[t]
         kernel(g[:hid], g[hid:2 * hid], g[2 * hid:3 * hid], g[3 * hid:], cs[t], tanh_c[t], gh,
                ghs if g_hs is None else ghs[t], gc, dg[:hid], dg[hid:2 * hid], dg[2 * hid:3 * hid], dg[3 * hid:])
-        cupy.matmul(w_h_t, dg, out=gh)
-    flat = d_gates.reshape(4 * hid, t_len * n)
-    if g_x_out is not None:
-        g_x_out[...] = (flat.T @ w_cat[:, :n_in]).reshape(t_len, n, n_in).transpose(1, 0, 2)
-    g_w = flat @ xh[:, :t_len].reshape(xh.shape[0], t_len * n).T
+        cupy.dot(w_h_t, dg, out=gh)
+    if g_x_out is not None:  # g_x[b, t] = sum_r d_gates[t, r, b] W[r, :I]
+        g_x_out[...] = cupy.tensordot(d_gates, w_cat[:, :n_in], axes=([1], [0])).transpose(1, 0, 2)
+    g_w = cupy.tensordot(d_gates, xh[:t_len], axes=([0, 2], [0, 2]))  # sum over steps and samples
     return g_w, cupy.ascontiguousarray(gh.T), cupy.ascontiguousarray(gc.T)
