@@ -22,7 +22,7 @@ from chainer.dataset import convert
 from chainer.training.updaters import StandardUpdater
 
 from .arrays import fast_access, raw_grads
-from .backup import UpdateBackup
+from .backup import UNSAVED, UnsavedUpdateError, UpdateBackup
 from .config import DebugConfig
 from .dtype import check_float64, float64_converter
 from .errors import NonFiniteError
@@ -251,8 +251,8 @@ class GradientLoggingMixin:
             self._on_nonfinite(optimizer, in_arrays, rng, trigger, "forward" if
                                not math.isfinite(loss_value) else "backward", loss_value, summary, {})
         else:
-            if save is None:
-                backup.finish(params, optimizer)
+            if save is None:  # |g| <= the global norm: the bound under which rules may show the update stays finite
+                backup.finish(params, optimizer, math.sqrt(total) * (1 + 1e-9))
             optimizer._ext_grad_sqnorm = (optimizer.t, total)
             if backup.delegated:
                 try:
@@ -264,6 +264,9 @@ class GradientLoggingMixin:
             if not backup.params_finite(params):
                 updated = False
                 bad = nonfinite_counts(names, [p.array for p in params])
+                if backup.unsaved:
+                    raise UnsavedUpdateError(f"iteration {iteration}: {', '.join(bad)} non-finite after the update; "
+                                             f"{UNSAVED}")
                 backup.restore(optimizer)
                 # the gradients as they were before the update (its hooks may have changed them since)
                 before = summary or GradSummary(total, tuple(names))
