@@ -56,14 +56,14 @@ nothing to restore, and ``restore`` raises ``UnsavedUpdateError``.
 """
 _SCALE_DOWN_HOOKS = ("chainer.optimizer_hooks.gradient_clipping.GradientClipping",
                      "extensions.clipping.GradientClipping")  # hooks that only ever make gradients smaller
-
-
 UNSAVED = ("every update rule had shown this update to stay finite, so no copy was made to restore: a parameter "
            "or optimizer state must have been changed in place outside the optimizer, past its rule's bounds")
 
 
 class UnsavedUpdateError(RuntimeError):
     """An update shown to stay finite (so not saved) left a non-finite value: nothing to roll back to."""
+
+
 _ALIGN = 16  # elements: each array of an arena starts on a 64-byte boundary for float32
 
 

@@ -28,14 +28,10 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 
 def _mix64(x: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
-    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic), in place (``tmp``: scratch).
-
-    NumPy or CuPy arrays alike: integer arithmetic, so both give the same bits.
-    """
-    xp = chainer.backend.get_array_module(x)
-    tmp = xp.empty_like(x) if tmp is None else tmp
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic), in place (``tmp``: scratch)."""
+    tmp = np.empty_like(x) if tmp is None else tmp
     for shift, mult in ((_S30, _M1), (_S27, _M2), (_S31, None)):
-        xp.right_shift(x, shift, out=tmp)
+        np.right_shift(x, shift, out=tmp)
         x ^= tmp
         if mult is not None:
             x *= mult
@@ -66,12 +62,11 @@ def counter_uniform32(keys: np.ndarray, step: int, pairs: int) -> tuple[np.ndarr
 
     Hash (key_b, step, i) gives 64 bits; its low and high 32-bit halves give one uniform each (24 bits:
     all a float32 in (0, 1] can hold). Like :func:`counter_uniform`, column b depends on key b alone.
-    On the keys' device (NumPy or CuPy), with the same bits on both.
+    ``wm_trainer.dream_cuda`` computes the same bits on a GPU.
     """
-    xp = chainer.backend.get_array_module(keys)
-    counter = np.uint64(step) * np.uint64(pairs) + xp.arange(pairs, dtype=np.uint64)
+    counter = np.uint64(step) * np.uint64(pairs) + np.arange(pairs, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        x = xp.bitwise_xor((counter * _GOLDEN)[:, None], keys[None, :])
+        x = np.bitwise_xor((counter * _GOLDEN)[:, None], keys[None, :])
         _mix64(x)
     halves = (x & _LOW32, x >> np.uint64(32))
     out = []
@@ -183,10 +178,11 @@ class DreamEnv:
             self._work[n] = {
                 "gates": xp.empty((4 * H, n), dtype=self.dtype),
                 "head": xp.empty((self._w_head_m.shape[0], n), dtype=self.dtype),
-                "p": xp.empty((K, zd, n), dtype=self.dtype),
-                # flat index in the head buffer of (mixture 0's mean, dim j, agent b); + k zd n picks mixture k
-                "mu_index": (K * zd + xp.arange(zd))[:, None] * n + xp.arange(n)[None, :],
             }
+            if xp is np:  # the NumPy sampling's work arrays (dream_cuda's kernel needs none)
+                self._work[n]["p"] = np.empty((K, zd, n), dtype=self.dtype)
+                # flat index in the head buffer of (mixture 0's mean, dim j, agent b); + k zd n picks mixture k
+                self._work[n]["mu_index"] = (K * zd + np.arange(zd))[:, None] * n + np.arange(n)[None, :]
         return self._work[n]
 
     def reset(self, initial_z: np.ndarray, seeds=None) -> tuple[np.ndarray, np.ndarray]:
