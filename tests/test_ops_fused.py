@@ -156,6 +156,9 @@ def test_fast_adam_shows_its_update_stays_finite_only_within_its_bounds(dtype):
     rule._bounds = None
     opt.hyperparam.alpha = big  # so could this step size
     assert not rule.update_stays_finite(link.w, 0.5)
+    opt.hyperparam.alpha, opt.hyperparam.eta = big * 1e-6, 1e-12  # alpha_t / eps overflows before eta scales it
+    assert not rule.update_stays_finite(link.w, 0.5)
+    opt.hyperparam.eta = 1.0
     opt.hyperparam.alpha = 1e-3
     g = 30 * np.sin(np.arange(1000)).astype(dtype)
     for _ in range(5):

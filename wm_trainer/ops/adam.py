@@ -49,8 +49,8 @@ class FastAdamRule(AdamRule):
         The fused update computes m += c1 (g - m), v += c2 (g g - v), p -= eta alpha_t m / (sqrt(v) + eps).
         With every input finite: |m'| <= max(M, G) and v' <= max(V, G^2) (convex combinations), and the
         step is at most eta alpha_t |m'| / eps, alpha_t <= alpha / (1 - beta1) at any t; every intermediate
-        is then below max(M, G, G^2, P + step), which is required to stay a sixteenth below the dtype's
-        largest value (rounding adds at most a few units in the last place per operation).
+        is then below max(M, G, G^2, alpha_t / eps, alpha_t M / eps, P + step), which is required to stay a
+        sixteenth below the dtype's largest value (rounding adds a few units in the last place per operation).
         """
         if not self.saves_overwritten(param):
             return False
@@ -67,7 +67,10 @@ class FastAdamRule(AdamRule):
         A = max(M, G)
         if not (math.isfinite(A) and A < limit and G * G < limit and V < limit):  # NaN fails every comparison
             return False
-        step = hp.eta * hp.alpha / (1.0 - hp.beta1) * A / hp.eps * (1 + 1e-3)
+        rate = hp.alpha / (1.0 - hp.beta1) / hp.eps * (1 + 1e-3)  # alpha_t / (sqrt(v') + eps) at most
+        if not (rate < limit and rate * A < limit):  # the intermediates before eta scales them
+            return False
+        step = hp.eta * rate * A
         if not P + step < limit:
             return False
         grow = 1 + 1e-5  # a few roundings per operation, whatever the dtype
