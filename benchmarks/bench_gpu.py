@@ -4,11 +4,10 @@ Run as ``python -m benchmarks.bench_gpu [--repeats 5] [--seq 100] [--population 
 "no GPU" (and why) and exits 0 when CuPy or a CUDA device is missing; PyTorch is imported only on a GPU run.
 The Chainer side is the project's own code on CuPy (``wm_trainer.vision.ConvVAE``, ``wm_trainer.memory.MDNRNN``,
 and the dream as ``train-controller --device 0`` runs it: ``DreamEnv`` and the per-agent controllers on
-the GPU); the PyTorch side is the same network (``benchmarks.bench_ops``) on the
-same GPU. Paper scale: CarRacing V (z 32) at batch 100; M with LSTM 256 over [z 32, a 3], K 5, batch 100;
-the dream for the whole CMA-ES generation (population x episodes agents) with Doom's M (z 64, LSTM 512).
-Every step ends with a device->host read of its result, so times include the GPU work.
-Results go to ``benchmarks/results/gpu.json``.
+the GPU); the PyTorch side is the same network (``benchmarks.bench_ops``) on the same GPU. Paper scale:
+CarRacing V (z 32) at batch 100; M with LSTM 256 over [z 32, a 3], K 5, batch 100; the dream for the whole
+CMA-ES generation (population x episodes agents) with Doom's M (z 64, LSTM 512). Every step ends with a
+device->host read of its result, so times include the GPU work. Results go to ``benchmarks/results/gpu.json``.
 """
 from __future__ import annotations
 

@@ -56,8 +56,6 @@ nothing to restore, and ``restore`` raises ``UnsavedUpdateError``.
 """
 _SCALE_DOWN_HOOKS = ("chainer.optimizer_hooks.gradient_clipping.GradientClipping",
                      "extensions.clipping.GradientClipping")  # hooks that only ever make gradients smaller
-UNSAVED = ("every update rule had shown this update to stay finite, so no copy was made to restore: a parameter "
-           "or optimizer state must have been changed in place outside the optimizer, past its rule's bounds")
 
 
 class UnsavedUpdateError(RuntimeError):
@@ -309,7 +307,10 @@ class UpdateBackup:
         """Write the saved values back into the same arrays (put back where the update replaced one); forget
         state the update created. ``UnsavedUpdateError`` if this update was not saved (see SAVE_PROTOCOL)."""
         if self.unsaved:
-            raise UnsavedUpdateError(UNSAVED)
+            raise UnsavedUpdateError(
+                "every update rule had shown this update to stay finite, so no copy was made to restore: a "
+                "parameter or optimizer state must have been changed in place outside the optimizer, past its "
+                "rule's bounds")
         if self.arena:
             for dtype, flat in self.arena.items():
                 np.copyto(flat, self.buffers[dtype])

@@ -257,7 +257,7 @@ def _bucket_proto(counts: np.ndarray, limits: np.ndarray, lo: float, hi: float, 
     keep[:-1] |= keep[1:]
     counts, limits = counts[keep], limits[keep]
     return _pb().HistogramProto(min=lo, max=hi, num=num, sum=total, sum_squares=sq,
-                          bucket_limit=limits.tolist(), bucket=counts.tolist())
+                                bucket_limit=limits.tolist(), bucket=counts.tolist())
 
 
 _SMALL_HISTOGRAM = 1 << 14  # elements: below this, one compiled pass over many arrays beats np.histogram each

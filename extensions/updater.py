@@ -22,7 +22,7 @@ from chainer.dataset import convert
 from chainer.training.updaters import StandardUpdater
 
 from .arrays import fast_access, raw_grads
-from .backup import UNSAVED, UnsavedUpdateError, UpdateBackup
+from .backup import UnsavedUpdateError, UpdateBackup
 from .config import DebugConfig
 from .dtype import check_float64, float64_converter
 from .errors import NonFiniteError
@@ -264,10 +264,11 @@ class GradientLoggingMixin:
             if not backup.params_finite(params):
                 updated = False
                 bad = nonfinite_counts(names, [p.array for p in params])
-                if backup.unsaved:
-                    raise UnsavedUpdateError(f"iteration {iteration}: {', '.join(bad)} non-finite after the update; "
-                                             f"{UNSAVED}")
-                backup.restore(optimizer)
+                try:
+                    backup.restore(optimizer)
+                except UnsavedUpdateError as e:  # nothing to restore: say where, and stop
+                    raise UnsavedUpdateError(f"iteration {iteration}: {', '.join(bad)} non-finite after the "
+                                             f"update; {e}") from None
                 # the gradients as they were before the update (its hooks may have changed them since)
                 before = summary or GradSummary(total, tuple(names))
                 self._on_nonfinite(optimizer, in_arrays, None, "parameters after the update", "update",

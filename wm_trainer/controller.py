@@ -8,19 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import chainer
 import numpy as np
 
 from .errors import UserError
 from .storage import atomic_savez
-
-
-def _xp(a):
-    """The array module of ``a``: NumPy, or CuPy for a GPU array (CuPy is imported only then)."""
-    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
-        return np
-    import cupy
-
-    return cupy
 
 
 class Controller:
@@ -33,7 +25,7 @@ class Controller:
         self.params = np.zeros(self.n_params, np.float32) if params is None else self._check(params)
 
     def _check(self, params: np.ndarray) -> np.ndarray:
-        params = _xp(params).asarray(params, np.float32)
+        params = chainer.backend.get_array_module(params).asarray(params, np.float32)
         if params.shape[-1] != self.n_params:
             raise ValueError(f"controller expects {self.n_params} parameters per agent, got shape {params.shape}")
         return params
@@ -58,7 +50,7 @@ class Controller:
 
         NumPy arrays, or CuPy arrays all on one GPU (the dream's on a GPU), and the actions come back alike.
         """
-        xp = _xp(z)
+        xp = chainer.backend.get_array_module(z)
         x = xp.concatenate([xp.asarray(z, np.float32), xp.asarray(h, np.float32)], axis=1)
         if x.shape[1] != self.n_inputs:
             raise ValueError(f"controller expects z+h of width {self.n_inputs}, got {x.shape[1]}")

@@ -261,20 +261,21 @@ class DreamEnv:
         buf = self._buffers(n)
         g = buf["gates"]
         xp.dot(self._w_lstm, x, out=g)
-        if xp is not np:  # a GPU: the elementwise work as two fused kernels, the same maths and random bits
+        h_out = x[zd + A:zd + A + H]
+        gpu = xp is not np  # on a GPU the elementwise work is two fused kernels: the same maths and random bits
+        if gpu:
             from . import dream_cuda
 
-            dream_cuda.cell(g, c, x[zd + A:zd + A + H], H)
-            y = buf["head"]
-            xp.dot(self._w_head, x[zd + A:], out=y)
-            dream_cuda.sample(y, keys, self.t, self.K, x[:zd])
-            return y[-1] if self.m.has_done else None
-        _splitter(n, 64)(lambda lo, hi: self._cell(g, c, x[zd + A:zd + A + H], lo, hi), H)
+            dream_cuda.cell(g, c, h_out, H)
+        else:
+            _splitter(n, 64)(lambda lo, hi: self._cell(g, c, h_out, lo, hi), H)
         y = buf["head"]
-        np.dot(self._w_head, x[zd + A:], out=y)
-        pairs = zd + zd % 2
-        u_pick, u_normal = counter_uniform32(keys, self.t, pairs)
-        _splitter(n, 8)(lambda lo, hi: self._sample(y, buf, u_pick, u_normal, x[:zd], lo, hi), (zd + 1) // 2)
+        xp.dot(self._w_head, x[zd + A:], out=y)
+        if gpu:
+            dream_cuda.sample(y, keys, self.t, self.K, x[:zd])
+        else:
+            u_pick, u_normal = counter_uniform32(keys, self.t, zd + zd % 2)
+            _splitter(n, 8)(lambda lo, hi: self._sample(y, buf, u_pick, u_normal, x[:zd], lo, hi), (zd + 1) // 2)
         return y[-1] if self.m.has_done else None
 
     def _cell(self, g: np.ndarray, c: np.ndarray, h_out: np.ndarray, lo: int, hi: int) -> None:

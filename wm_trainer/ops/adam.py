@@ -57,8 +57,8 @@ class FastAdamRule(AdamRule):
         hp = self.hyperparam
         if not (hp.eps > 0 and hp.eta >= 0 and 0 <= hp.beta1 < 1 and 0 <= hp.beta2 < 1 and hp.alpha >= 0):
             return False
-        p, m, v = param.array, self.state["m"], self.state["v"]
         key = self._key(param)
+        p, m, v = key
         if self._bounds is None or not _same(self._bounds[0], key):  # first use, or an array replaced: read once
             self._bounds = (key, _max_abs(p), _max_abs(m), _max_abs(v))
         _, P, M, V = self._bounds
