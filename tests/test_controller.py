@@ -86,9 +86,10 @@ def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cfg_path, cfg = make_tiny_run(straight)
     make_tiny_run(killed)
-    _train(cfg_path, straight, "controller.generations=3")
-    _train(cfg_path, killed, "controller.generations=2")  # stops ("is killed") after generation 2
-    _train(cfg_path, killed, "controller.generations=3")  # resumes at generation 3
+    # every generation's mean is scored, so stopping at 2 scores nothing a run killed there would not have
+    _train(cfg_path, straight, "controller.generations=3", "controller.select_every=1")
+    _train(cfg_path, killed, "controller.generations=2", "controller.select_every=1")  # "killed" after 2
+    _train(cfg_path, killed, "controller.generations=3", "controller.select_every=1")  # resumes at 3
 
     a, b = RunPaths(straight / cfg.experiment.name), RunPaths(killed / cfg.experiment.name)
     log_a = json.loads((a.controller_dir / "log.json").read_text())
@@ -131,17 +132,137 @@ def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path):
     assert 0 < row["worst"] <= row["mean"] <= row["best"] <= 15  # Doom: +1 per tick, real episodes capped at 15
 
 
-def test_dream_done_threshold_versus_hazard():
+def test_dream_done_threshold_versus_the_corrected_bernoulli_hazard():
     from wm_trainer.memory import MDNRNN
     from wm_trainer.train_controller import dream_fitness
 
-    m = MDNRNN(z_dim=3, action_dim=1, hidden=6, mixtures=2, done_head=True)
+    m = MDNRNN(z_dim=3, action_dim=1, hidden=6, mixtures=2, done_head=True, done_weight=10.0)
     m.done.W.array[...] = 0.0
-    m.done.b.array[...] = -3.0  # sigmoid = 0.047 every step: the logit never crosses 0
+    # trained with positives weighted x10, a head logit of log(10) + logit(p) means probability p
+    p = 0.05
+    m.done.b.array[...] = np.log(10.0) + np.log(p / (1 - p))  # = -0.64: the logit never crosses 0
     ctrl = Controller(3, 6, 1)
     pop = np.random.default_rng(0).normal(scale=0.1, size=(4, ctrl.n_params))
-    z0 = np.random.default_rng(1).normal(size=(4 * 50, 3)).astype(np.float32)
-    capped = dream_fitness(m, ctrl, pop, 50, z0, 1.15, 300, seed=0, done_mode="threshold")
-    hazard = dream_fitness(m, ctrl, pop, 50, z0, 1.15, 300, seed=0, done_mode="sample")
+    z0 = np.random.default_rng(1).normal(size=(4 * 200, 3)).astype(np.float32)
+    capped = dream_fitness(m, ctrl, pop, 200, z0, 1.15, 300, seed=0, done_mode="threshold")
+    hazard = dream_fitness(m, ctrl, pop, 200, z0, 1.15, 300, seed=0, done_mode="sample")
     np.testing.assert_array_equal(capped, 300.0)
-    assert np.all((hazard > 10) & (hazard < 40))  # geometric lifetimes, mean 1 / 0.047 = 21
+    # geometric lifetimes with mean 1 / p = 20 (the uncorrected sigmoid(-0.64) = 0.35 would give ~3)
+    assert np.all((hazard > 16) & (hazard < 25)), hazard
+    # a logit above 0 ends every agent at once under the threshold, but is a hazard only when sampled
+    m.done.b.array[...] = 1.0
+    assert np.all(dream_fitness(m, ctrl, pop, 200, z0, 1.15, 300, seed=0, done_mode="threshold") == 1.0)
+    p1 = 1 / (1 + np.exp(np.log(10.0) - 1.0))
+    sampled = dream_fitness(m, ctrl, pop, 200, z0, 1.15, 300, seed=0, done_mode="sample")
+    assert np.all(np.abs(sampled - 1 / p1) < 1.5), (sampled, 1 / p1)
+
+
+@pytest.mark.parametrize("config, count, inputs, bias", [
+    ("doom_takecover.yaml", 1088, "zch", False),    # the paper's Doom C: [z, c, h], z 64, hidden 512, no bias
+    ("carracing.yaml", 867, "zh", True),            # the paper's CarRacing C: [z, h] + bias, z 32, hidden 256
+])
+def test_paper_controller_parameter_counts(config, count, inputs, bias):
+    from pathlib import Path
+
+    from wm_trainer.config import load_config
+    from wm_trainer.controller import build_controller
+    from wm_trainer.envs import action_dim
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / config)
+    ctrl = build_controller(cfg, action_dim(cfg.env.id))
+    assert (ctrl.n_params, ctrl.inputs, ctrl.bias) == (count, inputs, bias)
+
+
+def test_zch_controller_reads_z_c_h_in_that_order_and_round_trips(tmp_path):
+    c = Controller(z_dim=2, hidden=3, action_dim=1, inputs="zch", bias=False)
+    assert c.n_params == 8
+    z, cell, h = np.array([[1.0, 2.0]]), np.array([[3.0, 4.0, 5.0]]), np.array([[6.0, 7.0, 8.0]])
+    for k in range(8):
+        c.params = np.eye(8, dtype=np.float32)[k] * 0.01
+        np.testing.assert_allclose(c.act(z, h, cell), np.tanh(0.01 * (k + 1)), rtol=1e-6)
+    with pytest.raises(ValueError, match="cell state"):
+        c.act(z, h)
+    c.params = np.arange(8, dtype=np.float32) / 10
+    c.save(tmp_path / "c.npz")
+    back = Controller.load(tmp_path / "c.npz")
+    assert (back.inputs, back.bias, back.n_params) == ("zch", False, 8)
+    np.testing.assert_array_equal(back.params, c.params)
+
+
+def _rows(run_dir):
+    import json
+
+    from wm_trainer.storage import RunPaths
+
+    return json.loads((RunPaths(run_dir).controller_dir / "log.json").read_text())
+
+
+def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_chooses(tmp_path, monkeypatch):
+    from test_rollout import make_tiny_run
+
+    import wm_trainer.rollout
+    from wm_trainer.cmaes import CMAES
+    from wm_trainer.storage import RunPaths
+
+    means = {}
+    original_tell = CMAES.tell
+
+    def tell(self, X, fit):
+        original_tell(self, X, fit)
+        means[self.generation] = np.array(self.mean)
+
+    monkeypatch.setattr(CMAES, "tell", tell)
+    played = []
+    original_play = wm_trainer.rollout.play
+
+    def spy_play(executor, weights, jobs, cfg, **kw):
+        played.append(np.array(weights.params))
+        return original_play(executor, weights, jobs, cfg, **kw)
+
+    monkeypatch.setattr(wm_trainer.rollout, "play", spy_play)
+    runs = {}
+    for name, every in (("quiet", "0"), ("watched", "1")):
+        cfg_path, cfg = make_tiny_run(tmp_path / name)
+        means.clear()
+        _train(cfg_path, tmp_path / name, "controller.generations=6", "controller.select_every=2",
+               "controller.select_rollouts=16", "controller.max_steps=30", "controller.sigma0=1.0",
+               f"controller.eval_every={every}", "controller.eval_episodes=1", "env.max_steps=15")
+        runs[name] = (RunPaths(cfg.run_dir), dict(means))
+    paths, gen_means = runs["quiet"]
+    rows = _rows(paths.root)
+    scored = {r["generation"]: r["select_score"] for r in rows if r["select_score"] is not None}
+    assert sorted(scored) == [2, 4, 6]
+    best = max(scored, key=scored.get)
+    assert all(r["kept_generation"] == max((g for g in scored if g <= r["generation"]), key=scored.get, default=None)
+               for r in rows)
+    kept = Controller.load(paths.controller_model)
+    np.testing.assert_allclose(kept.params, gen_means[best].astype(np.float32))
+    # real-game evaluations are logged for the kept controller and change nothing of what is kept
+    watched_paths, _ = runs["watched"]
+    np.testing.assert_array_equal(Controller.load(watched_paths.controller_model).params, kept.params)
+    assert [r["select_score"] for r in _rows(watched_paths.root)] == [r["select_score"] for r in rows]
+    assert len(played) == 6 and all(r["eval_mean"] is not None for r in _rows(watched_paths.root))
+    kept_at = [r["kept_generation"] for r in _rows(watched_paths.root)]
+    for g, params in enumerate(played, start=1):
+        want = gen_means[kept_at[g - 1]] if kept_at[g - 1] is not None else None
+        if want is not None:
+            np.testing.assert_allclose(params[0], want.astype(np.float32))
+
+
+def test_selection_stops_once_the_mean_survives_every_dream(tmp_path):
+    from test_rollout import make_tiny_run
+
+    from wm_trainer.storage import RunPaths
+
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    # an M whose done head never fires: every dream reaches the cap, so the first scored mean ends training
+    p = RunPaths(cfg.run_dir)
+    with np.load(p.mdnrnn_model) as f:
+        arrays = dict(f)
+    arrays["done/W"][...] = 0.0
+    arrays["done/b"][...] = -50.0
+    np.savez(p.mdnrnn_model, **arrays)
+    _train(cfg_path, tmp_path, "controller.generations=10", "controller.select_every=3",
+           "controller.select_rollouts=8", "controller.max_steps=20")
+    rows = _rows(p.root)
+    assert [r["generation"] for r in rows] == [1, 2, 3] and rows[-1]["select_score"] == 20.0

@@ -30,6 +30,12 @@ def test_evaluate_writes_json_and_prints_both_scores_then_render_writes_media(tm
         assert np.isclose(r["mean"], np.mean(r["returns"])) and np.isclose(r["std"], np.std(r["returns"]))
         assert all(0 < x <= cfg.env.max_steps for x in r["returns"])  # Doom: +1 per tick survived
         assert f"{who}: {r['mean']:.1f} ± {r['std']:.1f}" in out
+    m = res["margin_vs_random"]
+    a, b = np.array(res["agent"]["returns"]), np.array(res["random"]["returns"])
+    assert np.isclose(m["lead"], a.mean() - b.mean())
+    if m["standard_errors"] is not None:
+        assert np.isclose(m["standard_errors"], m["lead"] / np.sqrt(a.var(ddof=1) / 4 + b.var(ddof=1) / 4))
+    assert "agent - random (sticky): " in out
 
     assert main(["render", *base]) == 0
     agent = iio.imread(p.media / "agent.gif", index=None)
@@ -102,3 +108,14 @@ def test_random_policy_repeat_probability_zero_changes_action_every_step_at_rand
     assert 0.62 < iid < 0.71 and sticky < 0.1
     assert set(np.unique(acts)) == {-1.0, 0.0, 1.0}
     assert all(abs(np.mean(acts == v) - 1 / 3) < 0.03 for v in (-1.0, 0.0, 1.0))
+
+
+def test_margin_in_standard_errors():
+    from wm_trainer.evaluate import margin
+
+    rng = np.random.default_rng(0)
+    agent, base = rng.normal(500, 200, 100), rng.normal(360, 190, 100)
+    m = margin(agent, base)
+    se = np.sqrt(agent.var(ddof=1) / 100 + base.var(ddof=1) / 100)
+    assert np.isclose(m["standard_error"], se) and np.isclose(m["standard_errors"], (agent.mean() - base.mean()) / se)
+    assert margin(np.full(5, 3.0), np.full(5, 3.0))["standard_errors"] is None

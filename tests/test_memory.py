@@ -44,7 +44,7 @@ def _held_out_nll(model: MDNRNN, it: SequenceIterator) -> float:
         obs = chainer.reporter.Reporter()
         with obs.scope(obs.observation):
             obs.add_observer("m", model)
-            vals = [float(model.loss(**sequence_converter(it.batch(i))).array) for i in range(3)]
+            vals = [float(model.loss(**sequence_converter(next(it))).array) for _ in range(3)]
     return float(np.mean(vals))
 
 
@@ -64,32 +64,93 @@ def test_mdnrnn_learns_two_modes_and_beats_single_gaussian():
     assert results[5] < results[1] - 1.0, results
 
 
-def test_window_iterator_masks_padding_and_is_a_function_of_seed_and_index():
+def test_lanes_read_each_episode_from_its_start_in_consecutive_windows_with_padding_masked():
     eps = _two_mode_episodes(2, 30, 3, seed=0)
     eps.append(_two_mode_episodes(1, 5, 3, seed=1)[0])  # shorter than a window
-    data = LatentSet(eps)
-    it = SequenceIterator(data, batch_size=64, seq_len=8, seed=3)
-    b = it.batch(0)
-    assert b["z_in"].shape == (64, 8, 3) and b["a"].shape == (64, 8, 1) and b["z_next"].shape == (64, 8, 3)
-    assert b["nll_mask"].shape == b["done"].shape == b["done_mask"].shape == (64, 8)
-    # short-episode windows: 5 valid inputs, 4 valid targets, the done on the 5th input
-    short = b["done_mask"].sum(1) == 5
-    assert short.any()
-    assert (b["nll_mask"][short].sum(1) == 4).all()
-    assert (b["done"][short].sum(1) == 1).all() and b["done"][short][:, 4].all()
-    assert (b["z_in"][short][:, 5:] == 0).all()
-    # targets are the next step's inputs
-    np.testing.assert_array_equal(b["z_next"][:, :-1], b["z_in"][:, 1:])
-    for k in b:
-        np.testing.assert_array_equal(b[k], it.batch(0)[k])
+    data = LatentSet([dict(e, mu=e["mu"] + 100 * i) for i, e in enumerate(eps)])  # episode i's z near 100 i
+    it = SequenceIterator(data, batch_size=16, seq_len=8, seed=3)
     first = next(it)
-    np.testing.assert_array_equal(first["z_in"], b["z_in"])
-    assert not np.array_equal(next(it)["z_in"], b["z_in"])
-    # z is sampled around mu each time: fresh noise, same centre
-    wide = LatentSet([dict(e, logvar=np.zeros_like(e["logvar"])) for e in eps])
-    z1 = SequenceIterator(wide, 64, 8, seed=3).batch(0)["z_in"]
-    z2 = SequenceIterator(wide, 64, 8, seed=4).batch(0)["z_in"]
-    assert not np.allclose(z1, z2)
+    assert first["z_in"].shape == (16, 8, 3) and first["a"].shape == (16, 8, 1) and first["z_next"].shape == (16, 8, 3)
+    assert first["nll_mask"].shape == first["done"].shape == first["done_mask"].shape == (16, 8)
+    assert first["reset"].all()  # every lane starts an episode at step 0
+    np.testing.assert_array_equal(first["z_next"][:, :-1], first["z_in"][:, 1:])  # targets: the next inputs
+    seen = {}
+    for k in range(12):
+        b = first if k == 0 else next(it)
+        for lane in range(16):
+            ep = int(it.lane_episode[lane])
+            n = int(b["done_mask"][lane].sum())
+            if b["reset"][lane]:
+                seen[lane] = 0
+            assert n == min(8, data.lengths[ep] - seen[lane])  # the window goes on where the last one stopped
+            np.testing.assert_allclose(b["z_in"][lane, :n], data.mu[data.starts[ep] + seen[lane]:][:n], atol=1e-2)
+            assert (b["z_in"][lane, n:] == 0).all() and (b["a"][lane, n:] == 0).all()
+            assert b["nll_mask"][lane].sum() == n - (seen[lane] + n == data.lengths[ep])
+            assert b["done"][lane].sum() == (seen[lane] + n == data.lengths[ep])  # the done on the last step
+            seen[lane] += 8
+            if seen[lane] < data.lengths[ep]:
+                assert n == 8
+    # a function of the seed: another iterator with the same seed serves the same batches, another seed not
+    again, other = SequenceIterator(data, 16, 8, seed=3), SequenceIterator(data, 16, 8, seed=4)
+    a0 = next(again)
+    for k in first:
+        np.testing.assert_array_equal(a0[k], first[k])
+    assert not np.array_equal(next(other)["z_in"], first["z_in"])
+
+
+def test_window_iterator_resumes_from_its_serialized_lanes():
+    data = LatentSet(_two_mode_episodes(5, 23, 2, seed=0))
+    it = SequenceIterator(data, batch_size=6, seq_len=7, seed=1)
+    for _ in range(5):
+        next(it)
+    saved = chainer.serializers.DictionarySerializer()
+    it.serialize(saved)
+    saved = {k: np.array(v) for k, v in saved.target.items()}  # as a snapshot file holds them
+    expected = [next(it) for _ in range(4)]
+    resumed = SequenceIterator(data, batch_size=6, seq_len=7, seed=1)
+    resumed.serialize(chainer.serializers.NpzDeserializer(saved))
+    for want in expected:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_updater_starts_each_window_from_the_state_its_episode_reached():
+    """Stateful BPTT: a window's start state is the one the whole episode so far leads to; zero at a start."""
+    from wm_trainer.config import Config
+    from wm_trainer.memory import MDNRNNUpdater
+
+    data = LatentSet(_two_mode_episodes(3, 20, 2, seed=0))
+    np.random.seed(0)
+    model = MDNRNN(2, 1, hidden=8, mixtures=2, done_head=True)
+    opt = chainer.optimizers.SGD(lr=0.0)  # weights fixed: the carried states stay comparable
+    opt.setup(model)
+    it = SequenceIterator(data, batch_size=4, seq_len=6, seed=2)
+    updater = MDNRNNUpdater(it, opt, device=-1, debug=Config().debug, converter=sequence_converter)
+    starts = []
+    original = model.loss_and_state
+    model.loss_and_state = lambda **kw: starts.append((kw["h0"].copy(), kw["z_in"].copy(), kw["a"].copy())) \
+        or original(**kw)
+    lanes = []
+    for _ in range(7):
+        lanes.append((it.lane_episode.copy(), it.lane_offset.copy()))
+        updater.update()
+    for k, (h0, _, _) in enumerate(starts):
+        ep_before, off_before = lanes[k]
+        for lane in range(4):
+            restarted = k == 0 or off_before[lane] >= data.lengths[ep_before[lane]]
+            if restarted:
+                np.testing.assert_array_equal(h0[lane], 0.0)
+                continue
+            # replay this lane's episode from step 0 to the window start with a zero state: the same h
+            ep, off = int(ep_before[lane]), int(off_before[lane])
+            s0 = data.starts[ep]
+            zs = np.concatenate([st[1][lane] for st in starts[k - off // 6:k]])[:off]
+            acts = np.concatenate([st[2][lane] for st in starts[k - off // 6:k]])[:off]
+            np.testing.assert_allclose(zs[:, 0], data.mu[s0:s0 + off, 0], atol=0.05)  # the same episode's steps
+            with chainer.no_backprop_mode():
+                hs, _ = model.rnn.forward_seq(F.concat((zs[None], acts[None]), axis=2))
+            np.testing.assert_allclose(h0[lane], hs.array[0, -1], rtol=1e-5, atol=1e-6)
 
 
 def test_weighted_done_loss_matches_formula():
@@ -110,7 +171,7 @@ def test_done_head_learns_episode_ends():
     model = MDNRNN(2, 1, hidden=16, mixtures=2, done_head=True, done_weight=10.0)
     it = SequenceIterator(data, batch_size=16, seq_len=12, seed=0)
     _train(model, it, 60)
-    b = sequence_converter(it.batch(999))
+    b = sequence_converter(next(it))
     with chainer.no_backprop_mode():
         hs, _ = model.rnn.forward_seq(F.concat((b["z_in"], b["a"]), axis=2))
         logit = model.predict(F.reshape(hs, (-1, 16)))[3].array.reshape(16, 12)
@@ -201,15 +262,11 @@ def test_train_mdnrnn_float64_switch(tmp_path):
         assert d.files and all(d[k].dtype == np.float64 for k in d.files)
 
 
-def test_window_iterator_serves_episode_ends_as_often_as_middles():
-    """Every step after the first seq_len (the done step included) lands in a window about equally often."""
-    eps = _two_mode_episodes(3, 60, 2, seed=0)
-    data = LatentSet(eps)
-    t = 10
-    it = SequenceIterator(data, batch_size=4000, seq_len=t, seed=0)
-    b = it.batch(0)
-    served_dones = b["done"].sum()
-    served_steps = b["done_mask"].sum()
-    # 1 done per 60 steps: the done share of served steps is about 1/60, not ~1/(60 * seq_len)
-    assert 0.8 / 60 < served_dones / served_steps < 1.25 / 60
-    assert b["done"][:, 0].any() and (b["done_mask"].sum(1) == t).mean() > 0.7
+def test_window_iterator_serves_every_step_of_an_episode_once_per_pass():
+    """Each step (the done step included) is served once per read of its episode: the done share is 1/length."""
+    data = LatentSet(_two_mode_episodes(3, 60, 2, seed=0))
+    it = SequenceIterator(data, batch_size=50, seq_len=10, seed=0)
+    batches = [next(it) for _ in range(60)]
+    served_dones = sum(b["done"].sum() for b in batches)
+    served_steps = sum(b["done_mask"].sum() for b in batches)
+    assert served_dones == 50 * 10 and served_steps == 50 * 10 * 60

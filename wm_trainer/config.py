@@ -90,11 +90,21 @@ class ControllerConfig:
     target_score: Optional[float] = field(None, help="stop once the mean fitness of the best reaches this")
     temperature: float = field(1.15, min=0.0, help="dream sampling temperature (paper Doom: 1.15)")
     max_steps: int = field(0, min=0, help="dream episode cap (0 = env.max_steps)")
-    eval_every: int = field(25, min=0, help="evaluate the best in the real env every N generations (0 = off)")
+    select_every: int = field(25, min=0, help="score the CMA-ES mean in the dream every N generations and keep the "
+                              "best (paper: 25; the last generation is always scored; 0 = last only)")
+    select_rollouts: int = field(1024, min=1, help="dream rollouts that score each selected mean (paper: 1024)")
+    eval_every: int = field(25, min=0, help="play the kept controller in the real env every N generations, "
+                            "for the log only: the real game never chooses C (0 = off)")
     eval_episodes: int = field(16, min=1, help="real episodes for the periodic evaluation")
-    keep: Literal["mean", "best"] = field("mean", help="final controller: the CMA-ES mean, or the best candidate seen")
+    keep: Literal["selected", "mean"] = field(
+        "selected", help="final controller: the best dream-scored mean (paper), or the last generation's mean")
     dream_done: Literal["threshold", "sample"] = field(
-        "threshold", help="dream episode end: done logit > 0 (paper), or also sampled from sigmoid(logit) each step")
+        "threshold", help="dream episode end: done logit > 0 (paper), or drawn each step from the done head's "
+                          "probability with its positive weighting undone")
+    inputs: Literal["auto", "zh", "zch"] = field(
+        "auto", help="what C reads: [z, h], or [z, c, h] (auto = the paper's: Doom zch, CarRacing zh)")
+    bias: Literal["auto", "yes", "no"] = field(
+        "auto", help="whether C has a bias (auto = the paper's: Doom no, CarRacing yes)")
 
 
 @dataclasses.dataclass

@@ -1,11 +1,12 @@
 """The dream: M as an environment for a whole population at once (one batched LSTM step per call).
 
-Each ``step`` runs the LSTM and the MDN/done heads for all B agents with two matmuls on
-precomputed weights (gates reordered gate-major, sigmoid folded into one tanh), samples the
-next z at temperature tau, and ends agents whose done logit is > 0 (sigmoid > 0.5) -- the
-deterministic threshold the paper's doomrnn used (``if logrestart[0] > 0: done = True``),
-so done is a property of the dreamed state, and tau alone sets the dream's randomness --
-or that reach ``max_steps``.
+Each ``step`` feeds M the action the environment would execute (``action_map``, e.g. Doom's -1/0/+1),
+runs the LSTM and the MDN/done heads for all B agents with two matmuls on precomputed weights (gates
+reordered gate-major, sigmoid folded into one tanh), samples the next z at temperature tau, and ends
+agents whose done logit is > 0 -- the deterministic threshold the paper's doomrnn used (``if
+logrestart[0] > 0: done = True``) -- or, with ``done_mode='sample'``, with probability
+sigmoid(logit - log w), the done head's probability with its x w weighting of positives undone; and
+agents that reach ``max_steps``.
 
 Randomness is per agent and counter-based: agent b's numbers at step t are a hash of
 (its seed, t, slot), so a batch of B agents reproduces B single-agent runs with the same
@@ -80,6 +81,7 @@ def counter_uniform32(keys: np.ndarray, step: int, pairs: int) -> tuple[np.ndarr
 
 
 _LOW32 = np.uint64(0xFFFFFFFF)
+_DONE_SALT = np.uint64(0xD1B54A32D192ED03)  # a separate stream for the sampled done (no shared counters)
 
 
 def _splitter(size: int, min_chunk: int) -> Callable[[Callable[[int, int], object], int], None]:
@@ -95,7 +97,7 @@ _MIN_AGENTS_PER_THREAD = 128
 
 
 class DreamEnv:
-    """B dreamed episodes stepped together; done from M's done head (logit > 0) or ``max_steps``.
+    """B dreamed episodes stepped together; done from M's done head (see the module) or ``max_steps``.
 
     M's weights are copied when the env is built (later changes to M need a new env), onto ``device``
     (default: where M's weights are, so an M on a GPU dreams on that GPU through CuPy); stepping is
@@ -109,8 +111,16 @@ class DreamEnv:
     """
 
     def __init__(self, mdnrnn: MDNRNN, *, temperature: float = 1.0, max_steps: int = 2100, seed: int = 0,
-                 reward_per_step: float = 1.0, device=None, host_outputs: bool = True):
+                 reward_per_step: float = 1.0, device=None, host_outputs: bool = True,
+                 action_map: Callable | None = None, done_mode: str = "threshold"):
+        if done_mode not in ("threshold", "sample"):
+            raise ValueError(f"done_mode must be 'threshold' or 'sample', got {done_mode!r}")
         self.m = mdnrnn
+        self.action_map = action_map
+        self.done_mode = done_mode
+        # the done head was trained with positives weighted w: its logit is log(w p / (1 - p)), so p's logit
+        # is the head's minus log w (what 'sample' draws from; 'threshold' keeps the paper's logit > 0)
+        self._done_shift = math.log(mdnrnn.done_weight) if mdnrnn.has_done and mdnrnn.done_weight > 0 else 0.0
         self.host_outputs = bool(host_outputs)
         self.device = chainer.get_device(device) if device is not None else mdnrnn.device
         self.xp = self.device.xp
@@ -201,7 +211,10 @@ class DreamEnv:
             raise ValueError(f"seeds must have shape ({b},), got {seeds.shape}")
         if b != self.batch:
             self._alloc(b)
-        self._keys = self.device.send(agent_keys(seeds))
+        keys = agent_keys(seeds)
+        self._keys = self.device.send(keys)
+        with np.errstate(over="ignore"):
+            self._done_keys = _mix64(keys ^ _DONE_SALT)
         self._x.fill(0)
         self._x[-1] = 1.0
         self._c.fill(0)
@@ -221,6 +234,8 @@ class DreamEnv:
         b = self.batch
         x = self._x
         actions = actions if isinstance(actions, self.xp.ndarray) else np.asarray(actions)
+        if self.action_map is not None:
+            actions = self.action_map(actions)
         x[zd:zd + A] = self.device.send(actions).astype(self.dtype, copy=False).reshape(b, A).T
         if self._folded_tau != self.temperature:
             self._fold_temperature()
@@ -237,7 +252,13 @@ class DreamEnv:
             x[:, at], self._c[:, at] = xs, cs
         ended = np.full(b if rows is None else len(rows), self.t >= self.max_steps)
         if done_logit is not None:
-            ended |= _host(done_logit) > 0
+            logit = _host(done_logit)
+            if self.done_mode == "threshold":
+                ended |= logit > 0
+            else:
+                keys = self._done_keys if rows is None else self._done_keys[rows]
+                u = counter_uniform(keys, self.t, 1)[:, 0]
+                ended |= u <= 1.0 / (1.0 + np.exp(self._done_shift - logit.astype(np.float64)))
         reward = np.where(alive, self.reward_per_step, 0.0).astype(np.float32)
         if rows is None:
             self.done = ended
@@ -245,6 +266,10 @@ class DreamEnv:
             self.done = self.done.copy()
             self.done[rows] = ended
         return self._out(x[:zd]), self._out(x[zd + A:zd + A + H]), reward, self.done.copy()
+
+    def cell(self):
+        """M's LSTM cell state c (B, hidden) after the last step: what a [z, c, h] controller reads."""
+        return self._out(self._c)
 
     def _out(self, rows):
         """State rows (dim, B) as a fresh (B, dim) array: on the host, or on the device without ``host_outputs``."""

@@ -60,6 +60,33 @@ def carracing_action(action: np.ndarray) -> np.ndarray:
     return np.array([a[0], (a[1] + 1.0) / 2.0, max(a[2], 0.0)], dtype=np.float32)
 
 
+def executed_action(env_id: str, actions: Any) -> Any:
+    """Controller actions (..., A) -> the controller-space actions the env really executes: what M must see.
+
+    Doom: -1, 0 or +1 by :func:`doom_action`'s thresholds; CarRacing: clipped to [-1, 1], brake below 0 as 0.
+    NumPy or CuPy arrays (the dream's device); idempotent, so recorded actions map to themselves.
+    """
+    _check_id(env_id)
+    xp = _array_module(actions)
+    a = xp.asarray(actions)
+    dtype = a.dtype if a.dtype.kind == "f" else np.float32
+    if env_id == DOOM_ID:
+        wide = a.astype(np.float64)  # compared in float64, as doom_action does: -0.33333334f is left
+        return (wide > 1.0 / 3.0).astype(dtype) - (wide < -1.0 / 3.0).astype(dtype)
+    out = xp.clip(a.astype(dtype, copy=True), -1.0, 1.0)
+    out[..., 2] = xp.maximum(out[..., 2], 0.0)
+    return out
+
+
+def _array_module(a: Any) -> Any:
+    """NumPy for host data, CuPy for a CuPy array (without importing Chainer for host data)."""
+    if not hasattr(a, "__cuda_array_interface__"):
+        return np
+    import chainer
+
+    return chainer.backend.get_array_module(a)
+
+
 def native_action(env_id: str, action: np.ndarray) -> Any:
     """Controller action -> the native action ``env_id``'s gymnasium env takes."""
     _check_id(env_id)

@@ -16,6 +16,31 @@ from .envs import action_dim as env_action_dim
 from .storage import RunPaths, atomic_write_json
 
 
+def margin(agent: np.ndarray, baseline: np.ndarray) -> dict:
+    """The agent's lead over a baseline played on the same seeds, and that lead in standard errors.
+
+    The standard error is that of the difference of the two means, sqrt(s_a^2 / n + s_b^2 / n) with sample
+    standard deviations: 3 or more says the agent beats the baseline beyond run-to-run luck.
+    """
+    agent, baseline = np.asarray(agent, np.float64), np.asarray(baseline, np.float64)
+    lead = float(agent.mean() - baseline.mean())
+    ddof = 1 if len(agent) > 1 else 0
+    se = float(np.sqrt(agent.var(ddof=ddof) / len(agent) + baseline.var(ddof=ddof) / len(baseline)))
+    return {"lead": lead, "standard_error": se, "standard_errors": lead / se if se > 0 else None}
+
+
+def report_lines(res: dict) -> list[str]:
+    """eval.json's content as the lines the CLI prints: each policy's mean ± std, then the agent's margin."""
+    lines = []
+    for who in ("agent", "random", "random_iid"):
+        label = f" ({res[who]['policy']})" if "policy" in res[who] else ""
+        lines.append(f"{who}: {res[who]['mean']:.1f} ± {res[who]['std']:.1f}{label}")
+    m = res["margin_vs_random"]
+    ses = "no spread to compare" if m["standard_errors"] is None else f"{m['standard_errors']:+.1f} standard errors"
+    lines.append(f"agent - random (sticky): {m['lead']:+.1f} ({ses})")
+    return lines
+
+
 def _summary(returns: np.ndarray) -> dict:
     return {"mean": float(returns.mean()), "std": float(returns.std()), "min": float(returns.min()),
             "max": float(returns.max()), "returns": [float(r) for r in returns]}
@@ -36,7 +61,7 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> 
     ctrl = Controller.load(paths.controller_model)
     vae = load_vae(paths.vae_model, cfg.vae.z_dim, cfg.vae.kl_tolerance)
     mdnrnn = load_mdnrnn(paths.mdnrnn_model, cfg, adim)
-    weights = AgentWeights.from_models(vae, mdnrnn, ctrl.params[None])
+    weights = AgentWeights.from_models(vae, mdnrnn, ctrl.params[None], ctrl)
     seeds = eval_seeds(cfg.experiment.seed, n)
     jobs = [Job(0, s) for s in seeds]
     own = None
@@ -55,7 +80,8 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> 
     result = {"env": cfg.env.id, "episodes": n, "max_steps": cfg.env.max_steps, "seeds": seeds,
               "controller_mode": cfg.controller.mode, "agent": _summary(agent),
               "random": {**_summary(rand), "policy": f"sticky: repeat previous action w.p. {cfg.collect.repeat_prob}"},
-              "random_iid": {**_summary(rand_iid), "policy": "i.i.d.: uniform new action every step"}}
+              "random_iid": {**_summary(rand_iid), "policy": "i.i.d.: uniform new action every step"},
+              "margin_vs_random": margin(agent, rand)}
     atomic_write_json(paths.eval_json, result)
     return result
 
@@ -64,8 +90,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     """CLI: ``wm-trainer evaluate -c CONFIG [--episodes N]``; prints the three scores as mean ± std."""
     res = evaluate(cfg, getattr(args, "episodes", None))
     print(f"{res['env']}, {res['episodes']} episodes")
-    for who in ("agent", "random", "random_iid"):
-        label = f" ({res[who]['policy']})" if "policy" in res[who] else ""
-        print(f"{who}: {res[who]['mean']:.1f} ± {res[who]['std']:.1f}{label}")
+    for line in report_lines(res):
+        print(line)
     print(f"eval: {RunPaths(cfg.run_dir).eval_json}")
     return 0

@@ -1,9 +1,11 @@
 """M: the MDN-RNN (LSTM over [z_t, a_t] -> mixture over z_{t+1}, plus an optional done head).
 
-Training data are random windows of ``seq_len`` steps from encoded episodes; z is sampled
-from (mu, logvar) each time a window is served, as in the paper. Each window starts from a
-zero LSTM state and gradients flow back through the whole window (truncated BPTT at the
-window length). Losses: the MDN negative log-likelihood (sum of log densities over z dims,
+Training data are consecutive windows of ``seq_len`` steps that read each encoded episode
+from its start; z is sampled from (mu, logvar) each time a window is served, as in the paper.
+The LSTM state is carried from one window of an episode to the next and is zero at the
+episode's start, as in the dream; gradients flow back through each window (stateful
+truncated BPTT, as the paper's doomrnn trained its chunks). M's input action is the action the
+env executes (``envs.executed_action``). Losses: the MDN negative log-likelihood (sum of log densities over z dims,
 logsumexp over mixtures) averaged over valid steps AND divided by z_dim -- the per-dimension
 scale the paper's lr 1e-3 and clip 1.0 were tuned for -- plus, with ``done_head``, a
 sigmoid cross-entropy whose positives are weighted by ``done_weight``.
@@ -120,10 +122,19 @@ class MDNRNN(chainer.Chain):
         done = F.reshape(self.done(h), (-1,)) if self.has_done else None
         return logits, mu, log_std, done
 
-    def loss(self, z_in, a, z_next, nll_mask, done, done_mask) -> chainer.Variable:
-        """Masked per-dimension MDN NLL + weighted done BCE over (B, T) windows; reports loss/nll/done."""
+    def loss(self, z_in, a, z_next, nll_mask, done, done_mask, reset=None, h0=None, c0=None) -> chainer.Variable:
+        """Masked per-dimension MDN NLL + weighted done BCE over (B, T) windows; reports loss/nll/done.
+
+        The LSTM starts from (h0, c0) (each (B, hidden); zero when not given); ``reset`` is the iterator's
+        episode-start flags, which the updater has already applied to (h0, c0).
+        """
+        return self.loss_and_state(z_in, a, z_next, nll_mask, done, done_mask, h0, c0)[0]
+
+    def loss_and_state(self, z_in, a, z_next, nll_mask, done, done_mask, h0=None, c0=None) -> tuple:
+        """(loss, (h, c) after the window's last step): :meth:`loss`, and the state a next window goes on from."""
         b, t, _ = z_in.shape
-        hs, _ = self.rnn.forward_seq(F.concat((z_in, a), axis=2))
+        state = None if h0 is None else (h0, c0)
+        hs, final = self.rnn.forward_seq(F.concat((z_in, a), axis=2), state)
         hs = F.reshape(hs, (b * t, self.hidden))
         per_row = mdn_nll_packed(self.mdn.packed(hs), z_next.reshape(b * t, self.z_dim), self.mixtures,
                                  reduce="no")
@@ -138,7 +149,7 @@ class MDNRNN(chainer.Chain):
             report["done"] = done_loss
         report["loss"] = loss
         chainer.reporter.report(report, self)
-        return loss
+        return loss, final
 
     forward = loss
 
@@ -200,30 +211,43 @@ class LatentSet:
 
 
 class SequenceIterator(chainer.dataset.Iterator):
-    """Endless batches of random ``seq_len`` windows with z ~ N(mu, exp(logvar)) drawn afresh.
+    """Endless batches of consecutive ``seq_len`` windows: each of ``batch_size`` lanes reads whole episodes.
 
-    Batch i depends only on (seed, i), so a resumed run serves exactly the batches it would have.
-    Yields dicts: z_in, a (B, T, .), z_next (B, T, z), nll_mask, done, done_mask (B, T).
-    A window starts at any step of its episode with equal probability, so every step past the first
-    ``seq_len`` -- the last one, whose done is the target and which has no next z, included -- is
-    served equally often (starts limited to ``length - seq_len`` served an episode's end 1/seq_len as
-    often, and M's done head never saw enough deaths to learn them); steps past the end are padding, masked out.
+    Lane b reads its k-th episode (drawn from (seed, b, k)) from step 0 to its end in consecutive windows,
+    then starts another. The batch's ``reset`` (B,) flags the lanes whose window starts an episode; the
+    updater starts those from a zero LSTM state and the others from the state the lane's previous window
+    ended in (stateful truncated BPTT), so M's state means at every step what it means in the dream, which
+    starts each rollout at step 0 from a zero state and runs on. Every step of an episode, its done step
+    included, is served once per pass over it. Steps past an episode's end are padding, masked out.
+    z ~ N(mu, exp(logvar)) is drawn afresh for every window, as in the paper. The lanes are state:
+    ``serialize`` keeps them, so a resumed run serves exactly the batches it would have.
+    Yields dicts: z_in, a (B, T, .), z_next (B, T, z), nll_mask, done, done_mask (B, T), reset (B,).
     """
 
     def __init__(self, data: LatentSet, batch_size: int, seq_len: int, seed: int = 0):
         self.data, self.batch_size, self.seq_len, self.seed = data, batch_size, seq_len, seed
         self.iteration = 0
+        self.lane_episode = np.full(batch_size, -1, np.int64)
+        self.lane_offset = np.zeros(batch_size, np.int64)
+        self.lane_count = np.zeros(batch_size, np.int64)
 
-    def batch(self, i: int) -> dict[str, np.ndarray]:
-        """The i-th batch (pure function of seed and i)."""
-        d, b, t = self.data, self.batch_size, self.seq_len
-        rng = np.random.default_rng([self.seed, i])
-        ep = rng.integers(len(d), size=b)
-        length = d.lengths[ep]
-        start = (rng.random(b) * length).astype(np.int64)
+    def _start_episodes(self) -> np.ndarray:
+        """Give a new episode to every lane that has finished its own; returns those lanes' flags."""
+        ep, off = self.lane_episode, self.lane_offset
+        reset = (ep < 0) | (off >= self.data.lengths[np.maximum(ep, 0)])
+        for b in np.flatnonzero(reset):
+            ep[b] = np.random.default_rng([self.seed, int(b), int(self.lane_count[b])]).integers(len(self.data))
+            self.lane_count[b] += 1
+            off[b] = 0
+        return reset
+
+    def window(self, episode: np.ndarray, start: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Windows of ``seq_len`` steps from step ``start[b]`` of ``episode[b]``, z drawn with ``rng``."""
+        d, t = self.data, self.seq_len
+        length = d.lengths[episode]
         offs = start[:, None] + np.arange(t + 1)[None, :]
         valid = offs < length[:, None]
-        idx = d.starts[ep][:, None] + np.minimum(offs, length[:, None] - 1)
+        idx = d.starts[episode][:, None] + np.minimum(offs, length[:, None] - 1)
         mu = d.mu[idx].astype(np.float32)
         std = np.exp(0.5 * d.logvar[idx].astype(np.float32))
         z = mu + std * rng.standard_normal(mu.shape, dtype=np.float32)
@@ -239,14 +263,17 @@ class SequenceIterator(chainer.dataset.Iterator):
         }
 
     def __next__(self) -> dict[str, np.ndarray]:
-        out = self.batch(self.iteration)
+        reset = self._start_episodes()
+        out = self.window(self.lane_episode, self.lane_offset, np.random.default_rng([self.seed, 1, self.iteration]))
+        out["reset"] = reset
+        self.lane_offset += self.seq_len
         self.iteration += 1
         return out
 
     @property
     def epoch_detail(self) -> float:
-        """Windows served / episodes."""
-        return self.iteration * self.batch_size / len(self.data)
+        """Steps served / steps in the data."""
+        return self.iteration * self.batch_size * self.seq_len / max(int(self.data.lengths.sum()), 1)
 
     @property
     def epoch(self) -> int:
@@ -254,11 +281,19 @@ class SequenceIterator(chainer.dataset.Iterator):
 
     @property
     def is_new_epoch(self) -> bool:
-        return int((self.iteration - 1) * self.batch_size / len(self.data)) != self.epoch if self.iteration else False
+        if not self.iteration:
+            return False
+        per = self.batch_size * self.seq_len / max(int(self.data.lengths.sum()), 1)
+        return int((self.iteration - 1) * per) != self.epoch
 
     def serialize(self, serializer) -> None:
-        """Only the batch counter is state."""
+        """The batch counter and each lane's episode, position and episode count."""
         self.iteration = int(serializer("iteration", self.iteration))
+        try:
+            for name in ("lane_episode", "lane_offset", "lane_count"):
+                setattr(self, name, np.asarray(serializer(name, getattr(self, name)), np.int64))
+        except KeyError:  # a snapshot without lanes: every lane starts a new episode
+            pass
 
 
 def sequence_converter(batch: dict, device=None) -> dict:
@@ -273,8 +308,53 @@ def sequence_converter(batch: dict, device=None) -> dict:
 
 
 class MDNRNNUpdater(ext.GradientLoggingMixin, StandardUpdater):
-    """Truncated BPTT over served windows, with the toolkit's per-parameter gradients and NaN guards."""
+    """Stateful truncated BPTT over the iterator's lanes, with the toolkit's per-parameter gradients and guards.
+
+    Each window starts from the LSTM state the lane's previous window ended in (no gradient flows back
+    into it), or from zero where the iterator flags an episode start.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._carry: tuple | None = None  # (h, c) after each lane's last window
+        self._final: tuple | None = None  # (h, c) of the iteration in progress
+
+    def _zero_state(self) -> tuple:
+        model = self.get_optimizer("main").target
+        shape = (self.get_iterator("main").batch_size, model.hidden)
+        z = model.xp.zeros(shape, dtype=chainer.get_dtype())
+        return z, z.copy()
+
+    def next_batch(self) -> dict:
+        """The converted window batch, with the start state (h0, c0): carried, zero at episode starts."""
+        in_arrays = super().next_batch()
+        reset = in_arrays.pop("reset")
+        h, c = self._carry if self._carry is not None else self._zero_state()
+        xp = chainer.backend.get_array_module(h)
+        keep = (~xp.asarray(reset))[:, None].astype(h.dtype)
+        in_arrays["h0"], in_arrays["c0"] = h * keep, c * keep
+        return in_arrays
 
     def compute_loss(self, in_arrays) -> chainer.Variable:
-        """M's masked loss on one window batch."""
-        return self.get_optimizer("main").target.loss(**in_arrays)
+        """M's masked loss on one window batch; keeps the final state for the next window."""
+        loss, (h, c) = self.get_optimizer("main").target.loss_and_state(**in_arrays)
+        self._final = (h.array, c.array)
+        return loss
+
+    def update_core(self) -> None:
+        """One iteration; the lanes then go on from the state it ended in."""
+        super().update_core()
+        self._carry = self._final
+
+    def serialize(self, serializer) -> None:
+        """StandardUpdater's state and the toolkit's, plus the carried LSTM state (so a resume is exact)."""
+        super().serialize(serializer)
+        cpu = chainer.backend.CpuDevice()
+        h, c = (cpu.send(a) for a in (self._carry if self._carry is not None else self._zero_state()))
+        try:
+            h, c = serializer("carry_h", np.array(h)), serializer("carry_c", np.array(c))
+        except KeyError:  # a snapshot without it: every lane restarts from zero
+            return
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            device = self.get_optimizer("main").target.device
+            self._carry = (device.send(np.asarray(h)), device.send(np.asarray(c)))

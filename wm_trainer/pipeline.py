@@ -54,12 +54,11 @@ def _train_controller(cfg: Config) -> object:
 
 
 def _evaluate(cfg: Config) -> object:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, report_lines
 
     res = evaluate(cfg)
-    for who in ("agent", "random", "random_iid"):
-        label = f" ({res[who]['policy']})" if "policy" in res[who] else ""
-        print(f"{who}: {res[who]['mean']:.1f} ± {res[who]['std']:.1f}{label}")
+    for line in report_lines(res):
+        print(line)
     return res
 
 

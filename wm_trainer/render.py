@@ -4,17 +4,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import chainer
 import numpy as np
 
 from .config import Config
+from .envs import DOOM_ID
 from .envs import action_dim as env_action_dim
 from .errors import UserError
-from .storage import RunPaths, atomic_write_bytes
+from .storage import RunPaths, atomic_write_bytes, atomic_write_json
 
 AGENT_GIF = "agent.gif"
 DREAM_GIF = "dream.gif"
 RECON_PNG = "vae_reconstructions.png"
+VAE_CHECK = "vae_check.json"  # Doom: how much of the fireballs V keeps (wm_trainer.vae_check)
 MEDIA_FILES = (AGENT_GIF, DREAM_GIF, RECON_PNG)
 
 
@@ -47,13 +48,17 @@ def agent_frames(cfg: Config, weights, steps: int, seed: int) -> tuple[list[np.n
 
 def dream_frames(vae, mdnrnn, ctrl, initial_z: np.ndarray, cfg: Config, steps: int, seed: int) -> list[np.ndarray]:
     """One dream of the agent (batch of 1) decoded by V, at most ``steps`` frames, up to M's predicted end."""
-    from .dream import DreamEnv, decode_frames
+    import functools
 
-    env = DreamEnv(mdnrnn, temperature=cfg.controller.temperature, max_steps=steps, seed=seed)
+    from .dream import DreamEnv, decode_frames
+    from .envs import executed_action
+
+    env = DreamEnv(mdnrnn, temperature=cfg.controller.temperature, max_steps=steps, seed=seed,
+                   action_map=functools.partial(executed_action, cfg.env.id), done_mode=cfg.controller.dream_done)
     z, h = env.reset(initial_z[None].astype(np.float32))
     zs = [np.asarray(z)]
     for _ in range(steps - 1):
-        z, h, _, done = env.step(ctrl.act_batch(ctrl.params, z, h))
+        z, h, _, done = env.step(ctrl.act_batch(ctrl.params, z, h, env.cell()))
         zs.append(np.asarray(z))
         if np.asarray(done).all():
             break
@@ -62,16 +67,15 @@ def dream_frames(vae, mdnrnn, ctrl, initial_z: np.ndarray, cfg: Config, steps: i
 
 def reconstruction_grid(vae, frames: np.ndarray) -> np.ndarray:
     """Originals over their reconstructions (V's mean latents), one column per frame."""
-    from .vision import frames_converter, to_uint8_frames
+    from .vae_check import reconstruct
 
-    with chainer.using_config("train", False), chainer.no_backprop_mode():
-        mu, _ = vae.encode(frames_converter(frames))
-        recon = to_uint8_frames(vae.decode(mu))
+    recon = reconstruct(vae, frames)
     rows = [np.concatenate(list(frames), axis=1), np.concatenate(list(recon), axis=1)]
     return np.concatenate(rows, axis=0)
 
 
-def _sample_frames(folder: Path, n: int, rng: np.random.Generator) -> np.ndarray:
+def _sample_frames(folder: Path, n: int, rng: np.random.Generator, per_episode: int = 1) -> np.ndarray:
+    """``n`` episodes' worth of random frames (``per_episode`` from each), from the collected episodes."""
     from .episodes import list_episodes, load_episode
 
     files = list_episodes(folder)
@@ -80,8 +84,18 @@ def _sample_frames(folder: Path, n: int, rng: np.random.Generator) -> np.ndarray
     out = []
     for i in rng.choice(len(files), size=n, replace=len(files) < n):
         frames = load_episode(files[i], keys=["frames"])["frames"]
-        out.append(frames[rng.integers(len(frames))])
-    return np.stack(out)
+        out.append(frames[rng.integers(len(frames), size=per_episode)])
+    return np.concatenate(out)
+
+
+def _grid_frames(frames: np.ndarray, env_id: str, n: int = 8) -> np.ndarray:
+    """``n`` frames for the reconstruction grid; in Doom half of them, where there are any, hold fireballs."""
+    from .envs import DOOM_ID
+    from .vae_check import frames_with_fireballs
+
+    fire = frames_with_fireballs(frames)[: n // 2] if env_id == DOOM_ID else np.zeros(0, np.int64)
+    rest = np.setdiff1d(np.arange(len(frames)), fire)[: n - len(fire)]
+    return frames[np.concatenate([fire, rest])]
 
 
 def render(cfg: Config) -> list[Path]:
@@ -100,14 +114,19 @@ def render(cfg: Config) -> list[Path]:
     rng = np.random.default_rng(cfg.experiment.seed)
     steps = cfg.evaluate.gif_steps
     media = paths.media
-    frames, _ = agent_frames(cfg, AgentWeights.from_models(vae, mdnrnn, ctrl.params[None]), steps,
+    frames, _ = agent_frames(cfg, AgentWeights.from_models(vae, mdnrnn, ctrl.params[None], ctrl), steps,
                              eval_seeds(cfg.experiment.seed, 1)[0])
     written = [write_gif(media / AGENT_GIF, [_upscale(f) for f in frames])]
     z0 = np.asarray(initial_latents(paths.latents, 1, rng), np.float32)[0]
     dream = dream_frames(vae, mdnrnn, ctrl, z0, cfg, steps, seed=cfg.experiment.seed)
     written.append(write_gif(media / DREAM_GIF, [_upscale(f) for f in dream]))
-    grid = reconstruction_grid(vae, _sample_frames(paths.episodes, 8, rng))
+    frames = _sample_frames(paths.episodes, 50, rng, per_episode=20)
+    grid = reconstruction_grid(vae, _grid_frames(frames, cfg.env.id))
     written.append(write_png(media / RECON_PNG, _upscale(grid)))
+    if cfg.env.id == DOOM_ID:
+        from .vae_check import fireball_check
+
+        written.append(atomic_write_json(media / VAE_CHECK, fireball_check(vae, frames)))
     return written
 
 

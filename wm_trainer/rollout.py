@@ -35,14 +35,22 @@ class AgentWeights:
     vae: dict[str, np.ndarray]
     mdnrnn: dict[str, np.ndarray]
     params: np.ndarray  # (P, n_params) controller rows, one per agent (candidate)
+    ctrl_inputs: str = "zh"  # the controller's layout (Controller's ``inputs`` and ``bias``)
+    ctrl_bias: bool = True
     token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # identifies V and M's arrays
 
     @classmethod
-    def from_models(cls, vae: chainer.Link, mdnrnn: chainer.Link, params: np.ndarray) -> AgentWeights:
-        """Bundle trained V and M with a population of controller parameter rows."""
+    def from_models(cls, vae: chainer.Link, mdnrnn: chainer.Link, params: np.ndarray,
+                    ctrl: Controller | None = None) -> AgentWeights:
+        """Bundle trained V and M with a population of controller parameter rows (``ctrl``: their layout)."""
+        layout = {} if ctrl is None else {"ctrl_inputs": ctrl.inputs, "ctrl_bias": ctrl.bias}
         return cls(z_dim=vae.z_dim, action_dim=mdnrnn.action_dim, hidden=mdnrnn.hidden, mixtures=mdnrnn.mixtures,
                    done_head=mdnrnn.has_done, vae=_arrays(vae), mdnrnn=_arrays(mdnrnn),
-                   params=np.atleast_2d(np.asarray(params, np.float32)))
+                   params=np.atleast_2d(np.asarray(params, np.float32)), **layout)
+
+    def controller(self) -> Controller:
+        """A controller of this bundle's layout (its parameters are the rows in ``params``)."""
+        return Controller(self.z_dim, self.hidden, self.action_dim, inputs=self.ctrl_inputs, bias=self.ctrl_bias)
 
     def with_params(self, params: np.ndarray) -> AgentWeights:
         """The same V and M (workers keep their built copies) with new controller rows."""
@@ -119,27 +127,35 @@ def close_envs() -> None:
 
 
 class _AgentBrain:
-    """V + M + C for a batch of slots: actions from frames, then M's state advanced with (z, a)."""
+    """V + M + C for a batch of slots: actions from frames, then M's state advanced with (z, executed action).
 
-    def __init__(self, weights: AgentWeights):
+    z is sampled from V's posterior, z = mu + sigma eps, as in the dream and in M's training data; M sees the
+    action the env executes (``envs.executed_action``), as it does in the dream.
+    """
+
+    def __init__(self, weights: AgentWeights, env_id: str):
         self.vae, self.mdn = weights.models()
-        self.ctrl = Controller(weights.z_dim, weights.hidden, weights.action_dim)
+        self.ctrl = weights.controller()
         self.params = weights.params
+        self.env_id = env_id
 
     def start(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Zero (h, c) for n slots."""
         h = np.zeros((n, self.mdn.hidden), np.float32)
         return h, h.copy()
 
-    def act(self, frames: np.ndarray, rows: np.ndarray, state: tuple[np.ndarray, np.ndarray]):
-        """Actions (n, A) for the slots' frames and the advanced state."""
+    def act(self, frames: np.ndarray, rows: np.ndarray, state: tuple[np.ndarray, np.ndarray],
+            rngs: Sequence[np.random.Generator]):
+        """Actions (n, A) for the slots' frames (slot i's noise from ``rngs[i]``) and the advanced state."""
+        from .envs import executed_action
         from .vision import frames_converter
 
         with chainer.using_config("train", False), chainer.no_backprop_mode():
-            mu, _ = self.vae.encode(frames_converter(frames))
-            z = mu.array
-            a = self.ctrl.act_batch(self.params[rows], z, state[0]).astype(np.float32)
-            _, (h, c) = self.mdn.step(z, a, state)
+            mu, logvar = self.vae.encode(frames_converter(frames))
+            eps = np.stack([rng.standard_normal(self.vae.z_dim, dtype=np.float32) for rng in rngs])
+            z = (mu.array + np.exp(0.5 * logvar.array) * eps).astype(np.float32)
+            a = self.ctrl.act_batch(self.params[rows], z, state[0], state[1]).astype(np.float32)
+            _, (h, c) = self.mdn.step(z, executed_action(self.env_id, a), state)
         return a, (np.asarray(h.array), np.asarray(c.array))
 
 
@@ -153,12 +169,12 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
     from .envs import random_policy
 
     jobs = list(jobs)
-    brain = _AgentBrain(weights) if weights is not None else None
+    brain = _AgentBrain(weights, _env_id(env_cfg)) if weights is not None else None
     envs = [_take_env(env_cfg, max_steps) for _ in range(min(n_envs, len(jobs)))]
     results: list[EpisodeResult | None] = [None] * len(jobs)
     slot_job = [-1] * len(envs)
     frames: list[np.ndarray | None] = [None] * len(envs)
-    policies: list[Any] = [None] * len(envs)
+    policies: list[Any] = [None] * len(envs)  # random policy, or the agent's sampling noise, per slot
     next_job = 0
     state = brain.start(len(envs)) if brain else None
 
@@ -174,6 +190,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
         if brain is None:
             policies[slot] = random_policy(_env_id(env_cfg), np.random.default_rng(j.seed), repeat_prob)
         else:
+            policies[slot] = np.random.default_rng([j.seed, 0x5A])
             state[0][slot] = 0.0
             state[1][slot] = 0.0
 
@@ -190,7 +207,8 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
                 idx = np.asarray(active)
                 rows = np.asarray([jobs[slot_job[s]].row for s in active])
                 sub = (state[0][idx], state[1][idx])
-                acts, (h, c) = brain.act(np.stack([frames[s] for s in active]), rows, sub)
+                acts, (h, c) = brain.act(np.stack([frames[s] for s in active]), rows, sub,
+                                         [policies[s] for s in active])
                 state[0][idx], state[1][idx] = h, c
                 actions = {s: acts[i] for i, s in enumerate(active)}
             for s in active:

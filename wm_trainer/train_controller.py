@@ -1,76 +1,74 @@
 """Train C with CMA-ES, its fitness measured in M's dream (one batched rollout) or in the real env.
 
 Each generation: the population's fitness, then mean/best/worst and sigma to the progress bar,
-TensorBoard (``controller/`` keys) and log.json/log.csv, then the CMA-ES state and the best
-so far saved atomically as data, so a killed run resumes at the same generation. Every
-``controller.eval_every`` generations the current best plays ``eval_episodes`` real episodes.
+TensorBoard (``controller/`` keys) and log.json/log.csv, then the CMA-ES state and the kept
+controller saved atomically as data, so a killed run resumes at the same generation. In the dream
+the kept controller is the best dream-scored CMA-ES mean (the paper's selection); every
+``controller.eval_every`` generations it plays ``eval_episodes`` real episodes, for the log only.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import chainer
 import numpy as np
 
 from .cmaes import CMAES
 from .config import Config
-from .controller import Controller
+from .controller import Controller, build_controller
 from .envs import action_dim as env_action_dim
 from .errors import UserError
 from .storage import RunPaths, atomic_write_json, atomic_write_text
 
 STATE_FILE = "cmaes.npz"
-LOG_FIELDS = ("generation", "mean", "best", "worst", "sigma", "best_so_far", "eval_mean", "eval_std")
+LOG_FIELDS = ("generation", "mean", "best", "worst", "sigma", "select_score", "select_std", "kept_generation",
+              "eval_mean", "eval_std")
 
 
-def _done_logit(mdnrnn: Any) -> Any:
-    """h (B, hidden) -> M's done logits (B,), on the host; None when M has no done head."""
-    if not getattr(mdnrnn, "has_done", False):
-        return None
-    cpu = chainer.backend.CpuDevice()
-    w = np.asarray(cpu.send(mdnrnn.done.W.array), np.float32)[0]
-    b = float(cpu.send(mdnrnn.done.b.array)[0])
-    return lambda h: np.asarray(h, np.float32) @ w + b
+def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray, initial_z: np.ndarray, temperature: float,
+                  max_steps: int, seed: int, done_mode: str = "threshold", device=None,
+                  action_map: Callable | None = None) -> np.ndarray:
+    """Steps survived (n,) by n dreamed agents, agent i with controller row ``params[i]``, in one batched rollout.
+
+    The dream runs on ``device`` (a Chainer device; None: where M's weights are), and so do the controllers:
+    on a GPU only the done flags come to the host each step. ``action_map`` turns C's outputs into the
+    actions the game executes before M sees them; ``done_mode`` is :class:`~wm_trainer.dream.DreamEnv`'s.
+    """
+    from .dream import DreamEnv
+
+    params = np.asarray(params, np.float32)
+    n = len(params)
+    env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed, device=device,
+                   host_outputs=False, action_map=action_map, done_mode=done_mode)
+    params = env.device.send(params)
+    z, h = env.reset(initial_z[:n])
+    reads_c = ctrl.inputs == "zch"
+    c = env.cell() if reads_c else None
+    returns = np.zeros(n, np.float64)
+    for _ in range(max_steps):
+        z, h, reward, done = env.step(ctrl.act_batch(params, z, h, c))
+        returns += reward  # 0 for agents already done
+        if done.all():
+            break
+        if reads_c:
+            c = env.cell()
+    return returns
 
 
 def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episodes: int, initial_z: np.ndarray,
                   temperature: float, max_steps: int, seed: int, done_mode: str = "threshold",
-                  device=None) -> np.ndarray:
-    """Mean steps survived per candidate: all population x episodes agents in one batched dream rollout.
-
-    The dream runs on ``device`` (a Chainer device; None: where M's weights are), and so do the controllers:
-    on a GPU only the done flags (and h, for ``'sample'``) come to the host each step.
-    ``done_mode='threshold'`` ends an agent when M's done logit is > 0 (DreamEnv's rule, the paper's);
-    ``'sample'`` also ends it with probability sigmoid(done logit) each step, i.e. M's done head read as a
-    per-step hazard -- the useful reading while M is too briefly trained to be sure of any single step.
-    """
-    from .dream import DreamEnv
-
+                  device=None, action_map: Callable | None = None) -> np.ndarray:
+    """Mean steps survived per candidate: all population x episodes agents in one batched dream rollout."""
     params = np.repeat(np.asarray(population, np.float32), episodes, axis=0)
-    n = len(params)
-    env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed, device=device,
-                   host_outputs=False)
-    params = env.device.send(params)
-    z, h = env.reset(initial_z[:n])
-    hazard = _done_logit(mdnrnn) if done_mode == "sample" else None
-    rng = np.random.default_rng([seed, 1])
-    returns = np.zeros(n, np.float64)
-    alive = np.ones(n, bool)
-    for _ in range(max_steps):
-        a = ctrl.act_batch(params, z, h)
-        z, h, reward, done = env.step(a)
-        returns += np.where(alive, np.asarray(reward, np.float64), 0.0)
-        alive &= ~np.asarray(done, bool)
-        if hazard is not None:
-            alive &= rng.random(n) >= 1.0 / (1.0 + np.exp(-hazard(chainer.backend.CpuDevice().send(h))))
-        if not alive.any():
-            break
-    return returns.reshape(len(population), episodes).mean(axis=1)
+    rets = dream_returns(mdnrnn, ctrl, params, initial_z, temperature, max_steps, seed, done_mode, device,
+                         action_map)
+    return rets.reshape(len(population), episodes).mean(axis=1)
 
 
 class _Log:
@@ -88,7 +86,7 @@ class _Log:
     def add(self, row: dict) -> None:
         self.rows.append(row)
         g = row["generation"]
-        for key in ("mean", "best", "worst", "sigma", "best_so_far", "eval_mean"):
+        for key in ("mean", "best", "worst", "sigma", "select_score", "eval_mean"):
             if row.get(key) is not None:
                 self.writer.add_scalar(f"controller/{key}", row[key], g)
         self.writer.flush()
@@ -127,9 +125,16 @@ def _load_state(path: Path, n_params: int, cfg: Config) -> tuple[CMAES, dict] | 
 
 
 def train_controller(cfg: Config, executor: Any = None) -> Path:
-    """Run CMA-ES for ``controller.generations`` (resuming a saved state); writes RunPaths.controller_model."""
+    """Run CMA-ES for ``controller.generations`` (resuming a saved state); writes RunPaths.controller_model.
+
+    In dream mode the kept controller is chosen in the dream alone: every ``controller.select_every``
+    generations (and at the last) the CMA-ES mean plays ``controller.select_rollouts`` dream rollouts on fixed
+    start states and seeds, and the best-scoring mean is kept; training stops early once a mean survives to
+    the dream's cap. Real episodes (``eval_every``) only report how the kept controller plays.
+    """
     from tqdm import tqdm
 
+    from .envs import executed_action
     from .memory import load_mdnrnn
     from .vision import load_vae
 
@@ -140,7 +145,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     adim = env_action_dim(cfg.env.id)
     vae = load_vae(paths.vae_model, cfg.vae.z_dim, cfg.vae.kl_tolerance)
     mdnrnn = load_mdnrnn(paths.mdnrnn_model, cfg, adim)
-    ctrl = Controller(cfg.vae.z_dim, cfg.mdnrnn.hidden, adim)
+    ctrl = build_controller(cfg, adim)
     state_path = folder / STATE_FILE
     loaded = _load_state(state_path, ctrl.n_params, cfg)
     if loaded is None:
@@ -148,8 +153,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     else:
         opt, extra = loaded
     log = _Log(folder, extra.get("log", []))
-    best_x = np.asarray(extra["best_x"]) if "best_x" in extra else None
-    best_f = float(extra.get("best_f", -np.inf))
+    kept = _Kept.from_extra(extra)
     done = bool(extra.get("done", False))
     max_steps = cc.max_steps or cfg.env.max_steps
 
@@ -159,68 +163,100 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
             from .parallel import make_executor
 
             executor = own_executor = make_executor(cfg.parallel)
-    initial_pool = _initial_latents(paths, cfg) if cc.mode == "dream" else None
-    dream_device = None
+    dream = None
     if cc.mode == "dream":
         from .train_vae import resolve_device
 
-        dream_device = resolve_device(cfg.experiment.device)
+        initial_pool = _initial_latents(paths, cfg)
+        dream = functools.partial(dream_returns, mdnrnn, ctrl, temperature=cc.temperature, max_steps=max_steps,
+                                  done_mode=cc.dream_done, device=resolve_device(cfg.experiment.device),
+                                  action_map=functools.partial(executed_action, cfg.env.id))
+        select_rng = np.random.default_rng([cfg.experiment.seed, 2])
+        select_z = initial_pool[select_rng.integers(len(initial_pool), size=cc.select_rollouts)]
     from .rollout import AgentWeights, Job, fitness_seeds, play
 
-    weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32))
+    weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32), ctrl)
     bar = tqdm(total=cc.generations, initial=min(opt.generation, cc.generations), desc="train-controller",
                unit="gen", file=sys.stderr, dynamic_ncols=True)
     try:
         while not done and opt.generation < cc.generations:
             g = opt.generation
             X = opt.ask()
-            if cc.mode == "dream":
+            if dream is not None:
                 rng = np.random.default_rng([cfg.experiment.seed, g])
                 idx = rng.integers(len(initial_pool), size=cc.population * cc.episodes_per_candidate)
-                fit = dream_fitness(mdnrnn, ctrl, X, cc.episodes_per_candidate, initial_pool[idx],
-                                    cc.temperature, max_steps, seed=cfg.experiment.seed * 100_003 + g,
-                                    done_mode=cc.dream_done, device=dream_device)
+                rets = dream(np.repeat(X, cc.episodes_per_candidate, axis=0), initial_pool[idx],
+                             seed=cfg.experiment.seed * 100_003 + g)
             else:
                 seeds = fitness_seeds(cfg.experiment.seed, g, cc.episodes_per_candidate)
                 jobs = [Job(p, s) for p in range(cc.population) for s in seeds]
                 rets = play(executor, weights.with_params(X), jobs, cfg)
-                fit = rets.reshape(cc.population, cc.episodes_per_candidate).mean(axis=1)
+            fit = rets.reshape(cc.population, cc.episodes_per_candidate).mean(axis=1)
             opt.tell(X, fit)
-            if fit.max() > best_f:
-                best_f, best_x = float(fit.max()), X[int(fit.argmax())].copy()
             row = {"generation": g + 1, "mean": float(fit.mean()), "best": float(fit.max()),
-                   "worst": float(fit.min()), "sigma": opt.sigma, "best_so_far": best_f,
-                   "eval_mean": None, "eval_std": None}
-            if cc.eval_every and (g + 1) % cc.eval_every == 0:
-                rets = play(executor, weights.with_params(best_x[None]),
+                   "worst": float(fit.min()), "sigma": opt.sigma, "select_score": None, "select_std": None,
+                   "kept_generation": None, "eval_mean": None, "eval_std": None}
+            last = g + 1 == cc.generations
+            if dream is not None and (last or (cc.select_every and (g + 1) % cc.select_every == 0)):
+                # the same start states and seeds at every selection: each mean meets the same dreams
+                scores = dream(np.repeat(opt.mean[None], cc.select_rollouts, axis=0), select_z,
+                               seed=cfg.experiment.seed * 100_003 + 99_991)
+                row["select_score"], row["select_std"] = float(scores.mean()), float(scores.std())
+                kept.offer(opt.mean, row["select_score"], g + 1)
+                done = row["select_score"] >= max_steps  # the mean survives every dream: nothing left to learn
+            row["kept_generation"] = kept.generation
+            if cc.eval_every and ((g + 1) % cc.eval_every == 0 or last or done):
+                # how the kept controller plays the real game: reported, never used to choose it
+                played = kept.params if kept.params is not None else opt.mean
+                rets = play(executor, weights.with_params(np.asarray(played)[None]),
                             [Job(0, s) for s in fitness_seeds(cfg.experiment.seed + 7, g, cc.eval_episodes)], cfg)
                 row["eval_mean"], row["eval_std"] = float(rets.mean()), float(rets.std())
-            done = cc.target_score is not None and row["best"] >= cc.target_score
+            done = done or (cc.target_score is not None and row["best"] >= cc.target_score)
             log.add(row)
-            opt.save(state_path, extra={"log": log.rows, "best_x": best_x.tolist(), "best_f": best_f,
-                                        "done": done})
+            opt.save(state_path, extra={"log": log.rows, **kept.to_extra(), "done": done})
             bar.update(1)
-            bar.set_postfix(mean=f"{row['mean']:.1f}", best=f"{row['best']:.1f}", worst=f"{row['worst']:.1f}",
-                            sigma=f"{opt.sigma:.3f}")
+            bar.set_postfix(mean=f"{row['mean']:.1f}", best=f"{row['best']:.1f}",
+                            kept=f"{kept.score:.1f}" if kept.params is not None else "-", sigma=f"{opt.sigma:.3f}")
     finally:
         bar.close()
         log.close()
         if own_executor is not None:
             own_executor.shutdown()
-    final = opt.mean if best_x is None else _final_params(opt, best_x, cfg)
+    final = opt.mean if cc.keep == "mean" or kept.params is None else kept.params
     ctrl.params = np.asarray(final, np.float32)
     return ctrl.save(paths.controller_model)
 
 
-def _final_params(opt: CMAES, best_x: np.ndarray, cfg: Config) -> np.ndarray:
-    """The controller to keep: the CMA-ES mean (robust to lucky noisy draws) or the best candidate seen."""
-    return opt.mean if cfg.controller.keep == "mean" else best_x
+class _Kept:
+    """The controller chosen so far: its parameters, its selection score and the generation it comes from."""
+
+    def __init__(self, params: np.ndarray | None = None, score: float = -np.inf, generation: int | None = None):
+        self.params, self.score, self.generation = params, score, generation
+
+    def offer(self, params: np.ndarray, score: float, generation: int) -> None:
+        """Keep ``params`` if they score above the kept ones."""
+        if score > self.score:
+            self.params, self.score, self.generation = np.asarray(params, np.float64).copy(), score, generation
+
+    def to_extra(self) -> dict:
+        """As plain values for the CMA-ES state file."""
+        if self.params is None:
+            return {}
+        return {"kept_x": self.params.tolist(), "kept_score": self.score, "kept_generation": self.generation}
+
+    @classmethod
+    def from_extra(cls, extra: dict) -> _Kept:
+        """From a saved CMA-ES state's extras (none yet: nothing kept)."""
+        if "kept_x" not in extra:
+            return cls()
+        return cls(np.asarray(extra["kept_x"], np.float64), float(extra["kept_score"]), int(extra["kept_generation"]))
 
 
 def _initial_latents(paths: RunPaths, cfg: Config) -> np.ndarray:
     from .dream import initial_latents
 
-    n = max(1000, cfg.controller.population * cfg.controller.episodes_per_candidate)
+    cc = cfg.controller
+    n = max(1000, cc.population * cc.episodes_per_candidate, cc.select_rollouts)
     return np.asarray(initial_latents(paths.latents, n, np.random.default_rng(cfg.experiment.seed)), np.float32)
 
 

@@ -15,6 +15,7 @@ from chainer import training
 import extensions as ext
 
 from . import ops
+from .envs import executed_action
 from .errors import UserError
 from .memory import LatentSet, MDNRNNUpdater, SequenceIterator, build_mdnrnn, sequence_converter
 from .storage import RunPaths
@@ -28,6 +29,7 @@ def train_mdnrnn(cfg) -> Path:
     if data.z_dim != cfg.vae.z_dim:
         raise UserError(f"{paths.latents}: latents have z_dim {data.z_dim} but vae.z_dim is {cfg.vae.z_dim}; "
                         "re-run `wm-trainer encode` with this config")
+    data.actions = executed_action(cfg.env.id, data.actions)  # what the game executed: what the dream feeds M
     ext.set_float64(cfg.debug.float64)
     np.random.seed(cfg.experiment.seed)  # initial weights; a resumed run loads its snapshot instead
     device = resolve_device(cfg.experiment.device)
