@@ -266,3 +266,9 @@ def test_selection_stops_once_the_mean_survives_every_dream(tmp_path):
            "controller.select_rollouts=8", "controller.max_steps=20")
     rows = _rows(p.root)
     assert [r["generation"] for r in rows] == [1, 2, 3] and rows[-1]["select_score"] == 20.0
+    # the calibration saw it too: the collection policy outlives its 12-step real episodes in this dream
+    import json
+
+    cal = json.loads((p.controller_dir / "dream_calibration.json").read_text())
+    assert cal["dream_mean"] == 20.0 and cal["real_mean"] == 12.0 and cal["real_episodes"] == 3
+    assert cal["dream_over_real"] == pytest.approx(20 / 12)

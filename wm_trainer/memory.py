@@ -173,6 +173,12 @@ def list_latents(folder) -> list[Path]:
     return episodes.list_episodes(folder)
 
 
+def latent_lengths(folder) -> np.ndarray:
+    """Steps of each readable encoded episode in ``folder`` (corrupt files skipped, as in training)."""
+    files = list_latents(folder)
+    return np.array([len(ep["dones"]) for _, ep in episodes.iter_valid_episodes(files, keys=("dones",))], np.int64)
+
+
 class LatentSet:
     """Every encoded episode concatenated in memory: mu/logvar as float16 (half the RAM), actions, dones.
 

@@ -27,32 +27,35 @@ from .errors import UserError
 from .storage import RunPaths, atomic_write_json, atomic_write_text
 
 STATE_FILE = "cmaes.npz"
+CALIBRATION_FILE = "dream_calibration.json"
 LOG_FIELDS = ("generation", "mean", "best", "worst", "sigma", "select_score", "select_std", "kept_generation",
               "eval_mean", "eval_std")
 
 
-def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray, initial_z: np.ndarray, temperature: float,
-                  max_steps: int, seed: int, done_mode: str = "threshold", device=None,
-                  action_map: Callable | None = None) -> np.ndarray:
+def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = None, initial_z: np.ndarray = None,
+                  temperature: float = 1.0, max_steps: int = 2100, seed: int = 0, done_mode: str = "threshold",
+                  device=None, action_map: Callable | None = None, policy: Callable | None = None) -> np.ndarray:
     """Steps survived (n,) by n dreamed agents, agent i with controller row ``params[i]``, in one batched rollout.
 
     The dream runs on ``device`` (a Chainer device; None: where M's weights are), and so do the controllers:
     on a GPU only the done flags come to the host each step. ``action_map`` turns C's outputs into the
     actions the game executes before M sees them; ``done_mode`` is :class:`~wm_trainer.dream.DreamEnv`'s.
+    ``policy(z, h, c) -> actions`` (host arrays), given instead of ``params``, plays in C's place.
     """
     from .dream import DreamEnv
 
-    params = np.asarray(params, np.float32)
-    n = len(params)
+    n = len(initial_z) if params is None else len(params)
     env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed, device=device,
-                   host_outputs=False, action_map=action_map, done_mode=done_mode)
-    params = env.device.send(params)
+                   host_outputs=policy is not None, action_map=action_map, done_mode=done_mode)
+    if policy is None:
+        params = env.device.send(np.asarray(params, np.float32))
+        policy = functools.partial(ctrl.act_batch, params)
     z, h = env.reset(initial_z[:n])
     reads_c = ctrl.inputs == "zch"
     c = env.cell() if reads_c else None
     returns = np.zeros(n, np.float64)
     for _ in range(max_steps):
-        z, h, reward, done = env.step(ctrl.act_batch(params, z, h, c))
+        z, h, reward, done = env.step(policy(z, h, c))
         returns += reward  # 0 for agents already done
         if done.all():
             break
@@ -69,6 +72,26 @@ def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episode
     rets = dream_returns(mdnrnn, ctrl, params, initial_z, temperature, max_steps, seed, done_mode, device,
                          action_map)
     return rets.reshape(len(population), episodes).mean(axis=1)
+
+
+def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_lengths: np.ndarray,
+                      repeat_prob: float, max_steps: int, seed: int) -> dict:
+    """The sticky random collection policy in the dream beside its real episodes (both capped at ``max_steps``).
+
+    M learnt from that policy's episodes, so it should last about as long in the dream as in the game; a
+    dream it survives much longer in is easier than the game, and a controller trained there exploits it.
+    ``dream`` is :func:`dream_returns` with M and the dream's settings bound, taking a policy instead of C.
+    """
+    from .envs import random_policy
+
+    n = len(initial_z)
+    policies = [random_policy(env_id, np.random.default_rng([seed, i]), repeat_prob) for i in range(n)]
+    dreamed = dream(policy=lambda z, h, c: np.stack([p() for p in policies]), initial_z=initial_z, seed=seed)
+    real = np.minimum(np.asarray(real_lengths, np.float64), max_steps)
+    return {"policy": f"sticky random, repeat w.p. {repeat_prob}", "cap": max_steps, "dream_rollouts": n,
+            "dream_mean": float(dreamed.mean()), "dream_std": float(dreamed.std()),
+            "real_episodes": int(len(real)), "real_mean": float(real.mean()), "real_std": float(real.std()),
+            "dream_over_real": float(dreamed.mean() / max(real.mean(), 1e-9))}
 
 
 class _Log:
@@ -173,6 +196,16 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                                   action_map=functools.partial(executed_action, cfg.env.id))
         select_rng = np.random.default_rng([cfg.experiment.seed, 2])
         select_z = initial_pool[select_rng.integers(len(initial_pool), size=cc.select_rollouts)]
+        calibration = folder / CALIBRATION_FILE
+        if not calibration.is_file():
+            from .memory import latent_lengths
+
+            cal = dream_calibration(dream, cfg.env.id, select_z, latent_lengths(paths.latents), cfg.collect.repeat_prob,
+                                    max_steps, seed=cfg.experiment.seed * 100_003 + 99_989)
+            atomic_write_json(calibration, cal)
+            print(f"dream calibration: the collection policy survives {cal['dream_mean']:.0f} steps in the dream, "
+                  f"{cal['real_mean']:.0f} in the game (x{cal['dream_over_real']:.2f}; cap {max_steps})",
+                  file=sys.stderr)
     from .rollout import AgentWeights, Job, fitness_seeds, play
 
     weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32), ctrl)
