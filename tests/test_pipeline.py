@@ -24,7 +24,8 @@ def test_pipeline_end_to_end_then_skips_complete_stages(tmp_path, capsys):
         assert f.is_file(), f
     res = json.loads(p.eval_json.read_text())
     assert res["episodes"] == 3 and {"agent", "random", "random_iid"} <= set(res)
-    assert {f.name for f in p.media.iterdir()} == {"agent.gif", "dream.gif", "vae_reconstructions.png"}
+    media = {"agent.gif", "dream.gif", "vae_reconstructions.png", "vae_check.json"}
+    assert {f.name for f in p.media.iterdir()} == media
 
     assert main(args) == 0
     out = capsys.readouterr().out

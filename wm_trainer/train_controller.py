@@ -32,7 +32,7 @@ LOG_FIELDS = ("generation", "mean", "best", "worst", "sigma", "select_score", "s
               "eval_mean", "eval_std")
 
 
-def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = None, initial_z: np.ndarray = None,
+def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = None, initial_z: np.ndarray | None = None,
                   temperature: float = 1.0, max_steps: int = 2100, seed: int = 0, done_mode: str = "threshold",
                   device=None, action_map: Callable | None = None, policy: Callable | None = None) -> np.ndarray:
     """Steps survived (n,) by n dreamed agents, agent i with controller row ``params[i]``, in one batched rollout.
