@@ -66,8 +66,10 @@ def executed_action(env_id: str, actions: Any) -> Any:
     Doom: -1, 0 or +1 by :func:`doom_action`'s thresholds; CarRacing: clipped to [-1, 1], brake below 0 as 0.
     NumPy or CuPy arrays (the dream's device); idempotent, so recorded actions map to themselves.
     """
+    import chainer
+
     _check_id(env_id)
-    xp = _array_module(actions)
+    xp = chainer.backend.get_array_module(actions)
     a = xp.asarray(actions)
     dtype = a.dtype if a.dtype.kind == "f" else np.float32
     if env_id == DOOM_ID:
@@ -76,15 +78,6 @@ def executed_action(env_id: str, actions: Any) -> Any:
     out = xp.clip(a.astype(dtype, copy=True), -1.0, 1.0)
     out[..., 2] = xp.maximum(out[..., 2], 0.0)
     return out
-
-
-def _array_module(a: Any) -> Any:
-    """NumPy for host data, CuPy for a CuPy array (without importing Chainer for host data)."""
-    if not hasattr(a, "__cuda_array_interface__"):
-        return np
-    import chainer
-
-    return chainer.backend.get_array_module(a)
 
 
 def native_action(env_id: str, action: np.ndarray) -> Any:

@@ -90,7 +90,6 @@ def _sample_frames(folder: Path, n: int, rng: np.random.Generator, per_episode: 
 
 def _grid_frames(frames: np.ndarray, env_id: str, n: int = 8) -> np.ndarray:
     """``n`` frames for the reconstruction grid; in Doom half of them, where there are any, hold fireballs."""
-    from .envs import DOOM_ID
     from .vae_check import frames_with_fireballs
 
     fire = frames_with_fireballs(frames)[: n // 2] if env_id == DOOM_ID else np.zeros(0, np.int64)
