@@ -17,11 +17,14 @@ from .clipping import GradientClipping
 from .config import DebugConfig, GradientsConfig, NonFiniteConfig, TensorBoardConfig
 from .dtype import cast_link, check_float64, float64_converter, float64_requested, set_float64
 from .errors import Float64Error, NonFiniteError
+from .files import chmod_like_open
 from .install import install
 from .localize import Birth
 from .logreport import LogReport
 from .report import Failure
 from .schema import ConfigError
+from .serializers import NpzLoadError, load_npz
+from .snapshot import snapshot
 from .stats import GradSummary, gradient_summary
 from .tensorboard import add_histogram_safe, add_histograms_safe, add_image_grid, get_writer, open_writer
 from .updater import GradientLoggingMixin, GradientLoggingUpdater
@@ -40,17 +43,21 @@ __all__ = [
     "LogReport",
     "NonFiniteConfig",
     "NonFiniteError",
+    "NpzLoadError",
     "TensorBoardConfig",
     "add_histogram_safe",
     "add_histograms_safe",
     "add_image_grid",
     "cast_link",
     "check_float64",
+    "chmod_like_open",
     "float64_converter",
     "float64_requested",
     "get_writer",
     "gradient_summary",
     "install",
+    "load_npz",
     "open_writer",
     "set_float64",
+    "snapshot",
 ]

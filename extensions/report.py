@@ -2,7 +2,7 @@
 
 The snapshot holds the weights and optimizer state from *before* the failing update (the
 update never happened, or was rolled back) and the failing batch, so the iteration can be
-reproduced: ``chainer.serializers.load_npz('model.npz', model)``, ``numpy.load('batch.npz')``.
+reproduced: ``extensions.load_npz('model.npz', model)``, ``numpy.load('batch.npz')``.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 import chainer
 import numpy as np
 
+from .files import chmod_like_open
 from .localize import Birth
 
 REPORT_DIR = "nonfinite"
@@ -102,7 +103,7 @@ class Failure:
         if self.files:
             lines.append("Last good state (weights and optimizer before this update, and the batch):")
             lines.extend(f"  {key}: {path}" for key, path in self.files.items())
-            lines.append("  load with chainer.serializers.load_npz(path, obj) and numpy.load(batch)")
+            lines.append("  load with extensions.load_npz(path, obj) and numpy.load(batch)")
         return "\n".join(lines) + "\n"
 
 
@@ -134,6 +135,7 @@ def _atomic(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, mode) as f:
+            chmod_like_open(f.fileno())
             write(f)
         os.replace(tmp, path)
     except BaseException:

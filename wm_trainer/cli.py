@@ -108,11 +108,11 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs a subcommand; user-facing errors become one line and a non-zero exit."""
-    from extensions import NonFiniteError
+    from extensions import NonFiniteError, NpzLoadError
 
     try:
         return _run(argv)
-    except (ConfigError, UserError) as e:
+    except (ConfigError, UserError, NpzLoadError) as e:
         print(f"wm-trainer: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from extensions import NpzLoadError, chmod_like_open, load_npz
+
 
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
@@ -69,11 +71,13 @@ class RunPaths:
 
 
 def _atomic(path: Path, write) -> Path:
+    """Write ``path`` through a temp file in its folder and a rename; the file gets the umask's mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            chmod_like_open(f.fileno())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -116,19 +120,17 @@ def atomic_save_npz(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def load_weights(path: str | os.PathLike, model: Any, *, missing: str, mismatch: str) -> Any:
-    """Load ``chainer.serializers.load_npz`` weights into ``model``; a missing or mismatched file is a UserError.
+    """Load ``save_npz`` weights into ``model`` with pickling off; a missing, damaged or mismatched file is a UserError.
 
-    ``missing`` and ``mismatch`` finish the one-line messages ("<path>: <missing>", "<path>: <mismatch>: <why>").
+    ``missing`` and ``mismatch`` finish the messages ("<path>: <missing>", "<path>: key 'k': <why>; <mismatch>").
     """
-    import chainer
-
     from .errors import UserError
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {missing}")
     try:
-        chainer.serializers.load_npz(str(path), model)
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"{path}: {mismatch}: {e}") from None
+        load_npz(str(path), model)
+    except NpzLoadError as e:
+        raise UserError(f"{e}; {mismatch}") from None
     return model
