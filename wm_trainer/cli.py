@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from extensions.schema import ConfigError, describe
@@ -106,12 +108,26 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so it stops its workers and games on the way out as Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs a subcommand; user-facing errors become one line and a non-zero exit."""
     from extensions import NonFiniteError, NpzLoadError
 
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _run(argv)
+    except Terminated:
+        print("wm-trainer: terminated; re-run the same command to resume", file=sys.stderr)
+        return 143
     except (ConfigError, UserError, NpzLoadError) as e:
         print(f"wm-trainer: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -121,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wm-trainer: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any
 import cma
 import numpy as np
 
+from extensions.serializers import NpzLoadError, SafeNpz
+
 from .errors import UserError
 from .storage import atomic_savez
 
@@ -180,18 +182,51 @@ class CMAES:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> tuple[CMAES, dict]:
-        """Rebuild an optimiser saved by :meth:`save`; returns it and the caller's ``extra`` data."""
+        """Rebuild an optimiser saved by :meth:`save` (read with pickling off); returns it and the ``extra`` data."""
         path = Path(path)
+        meta, arrays = read_state(path)
+        hint = "; delete it to start over"
+        for key in ("x0", "rng_key"):
+            if key not in arrays:
+                raise UserError(f"{path}: key {key!r}: missing from the file{hint}")
         try:
-            with np.load(path, allow_pickle=False) as f:
-                meta = json.loads(str(f["meta"]))
-                arrays = {k: f[k] for k in f.files if k != "meta"}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: unreadable CMA-ES state ({e}); delete it to start over") from None
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{path}: not a CMA-ES state of this version (format {meta.get('format')!r})")
-        opt = cls(meta["n_params"], meta["population"], meta["sigma0"], meta["seed"], x0=arrays["x0"])
-        es_arrays = {k[3:]: v for k, v in arrays.items() if k.startswith("es/")}
-        _restore(opt.es, meta["es"], es_arrays)
-        opt.randn.set_state(meta["rng"], arrays["rng_key"])
-        return opt, meta["extra"]
+            n_params = int(meta["n_params"])
+            x0 = arrays["x0"]
+            if x0.shape != (n_params,):
+                raise UserError(f"{path}: key 'x0': shape {x0.shape}, expected ({n_params},){hint}")
+            opt = cls(n_params, meta["population"], meta["sigma0"], meta["seed"], x0=x0)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: key 'meta': no valid n_params, population, sigma0, seed ({e}){hint}") from None
+        _, fresh = opt.state()
+        for key, value in arrays.items():
+            ref = fresh.get(key)
+            if value.dtype.kind not in "biuf" or (ref is not None and value.shape != ref.shape):
+                want = f"{ref.dtype} {ref.shape}" if ref is not None else "numbers"
+                raise UserError(f"{path}: key {key!r}: {value.dtype} {value.shape}, expected {want}{hint}")
+        try:
+            es_arrays = {k[3:]: v for k, v in arrays.items() if k.startswith("es/")}
+            _restore(opt.es, meta["es"], es_arrays)
+            opt.randn.set_state(meta["rng"], arrays["rng_key"])
+            return opt, meta["extra"]
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise UserError(f"{path}: key 'meta': inconsistent CMA-ES state ({type(e).__name__}: {e}){hint}") from None
+
+
+def read_state(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, arrays) of a saved CMA-ES state, read with pickling off; a bad file is a UserError."""
+    hint = "; delete it to start over"
+    try:
+        with SafeNpz(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except NpzLoadError as e:
+        raise UserError(f"{e}{hint}") from None
+    if "meta" not in arrays:
+        raise UserError(f"{path}: key 'meta': missing from the file{hint}")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: key 'meta': not JSON ({e}){hint}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"{path}: key 'meta': not a CMA-ES state of this version (format {fmt!r})")
+    return meta, arrays

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import chainer
 import numpy as np
 
+from extensions.serializers import NpzLoadError, SafeNpz
+
 from .errors import UserError
 from .storage import atomic_savez
 
@@ -99,19 +101,28 @@ class Controller:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Controller:
-        """Read a controller written by :meth:`save`; a missing or damaged file is a UserError."""
+        """Read a controller written by :meth:`save` with pickling off; a missing or damaged file is a UserError."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no controller here; run `wm-trainer train-controller` first")
         try:
-            with np.load(path, allow_pickle=False) as f:
-                W, b = f["W"], f["b"]
-                inputs = str(f["inputs"]) if "inputs" in f.files else "zh"
-                bias = bool(f["bias"]) if "bias" in f.files else True
-                ctrl = cls(int(f["z_dim"]), int(f["hidden"]), int(f["action_dim"]), inputs=inputs, bias=bias)
-            ctrl.params = ctrl.flatten(W, b if bias else None)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{path}: not a readable controller file ({e})") from None
+            with SafeNpz(path) as f:
+                arrays = {k: f[k] for k in ("W", "b", "z_dim", "hidden", "action_dim")}
+                inputs = str(f["inputs"]) if "inputs" in f else "zh"
+                bias = bool(f["bias"]) if "bias" in f else True
+        except NpzLoadError as e:
+            raise UserError(f"{e}; not a readable controller file") from None
+        try:
+            sizes = [int(arrays[k]) for k in ("z_dim", "hidden", "action_dim")]
+            ctrl = cls(*sizes, inputs=inputs, bias=bias)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: key 'z_dim', 'hidden', 'action_dim' or 'inputs': {e}") from None
+        expected = {"W": (ctrl.action_dim, ctrl.n_inputs), "b": (ctrl.action_dim,) if bias else None}
+        for key, shape in expected.items():
+            value = arrays[key]
+            if value.dtype.kind not in "biuf" or (shape is not None and value.shape != shape):
+                raise UserError(f"{path}: key {key!r}: {value.dtype} {value.shape}, expected float32 {shape}")
+        ctrl.params = ctrl.flatten(arrays["W"], arrays["b"] if bias else None)
         return ctrl
 
 

@@ -171,7 +171,13 @@ def open_env(env_id: str, max_steps: int) -> WorldEnv:
 
     _check_id(env_id)
     _import_backend(env_id)
-    gym_env = gym.make(env_id, screen_resolution=DOOM_SCREEN_RESOLUTION) if env_id == DOOM_ID else gym.make(env_id)
+    if env_id == DOOM_ID:
+        from .reaper import track_new_children
+
+        with track_new_children():  # its game process must not outlive a killed run
+            gym_env = gym.make(env_id, screen_resolution=DOOM_SCREEN_RESOLUTION)
+    else:
+        gym_env = gym.make(env_id)
     if env_id == DOOM_ID:
         _check_doom_buttons(gym_env)
     return WorldEnv(env_id, gym_env, max_steps)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import reaper
 from .errors import UserError
 
 # Imported once by the forkserver, so a new or rebuilt pool's workers start without re-importing them.
@@ -90,6 +91,8 @@ def _worker_init() -> None:
         except OSError:
             pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGKILLed run cannot stop its workers: they stop themselves (and their games) when it ends.
+    reaper.watch_parent()
 
 
 def _kill_groups(pids: Iterable[int]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .cmaes import CMAES
+from .cmaes import CMAES, read_state
 from .config import Config
 from .controller import Controller, build_controller
 from .envs import action_dim as env_action_dim
@@ -126,14 +126,11 @@ class _Log:
 
 def saved_progress(path: Path) -> tuple[int, bool]:
     """(generations done, stopped at the target) of a saved CMA-ES state, without rebuilding it."""
-    import json
-
+    meta, _ = read_state(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
         return int(meta["es"]["countiter"]), bool(meta["extra"].get("done", False))
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: unreadable CMA-ES state ({e}); delete it to start over") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: key 'meta': no generation count ({e}); delete it to start over") from None
 
 
 def _load_state(path: Path, n_params: int, cfg: Config) -> tuple[CMAES, dict] | None:

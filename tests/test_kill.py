@@ -1,0 +1,95 @@
+"""A killed run leaves no process behind: workers, forkserver, resource tracker and game processes end with it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wm_trainer.reaper import _start_time, children
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+
+
+def _tree(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` (workers and games included): pid -> start time."""
+    found, todo = {}, [pid]
+    while todo:
+        for child in children(todo.pop()):
+            start = _start_time(child)
+            if start is not None:
+                found[child] = start
+                todo.append(child)
+    return found
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _alive(procs: dict[int, str]) -> list[str]:
+    """Those of ``procs`` that are still the same live (non-zombie) process."""
+    left = []
+    for pid, start in procs.items():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z" and _start_time(pid) == start:
+            left.append(f"{pid} {_name(pid)}")
+    return left
+
+
+def _config(tmp_path: Path, stage_lines: str) -> Path:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"experiment: {{out_dir: {tmp_path}, name: run, seed: 1}}\n"
+                   "env: {id: VizdoomTakeCover-v1, max_steps: 400}\n"
+                   "parallel: {workers: 2}\n" + stage_lines)
+    return cfg
+
+
+def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "wm_trainer.cli", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_games(proc: subprocess.Popen, n: int, timeout: float = 90) -> dict[int, str]:
+    """The run's process tree once it has ``n`` game processes running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tree = _tree(proc.pid)
+        if sum(_name(p) == "vizdoom" for p in tree) >= n:
+            return tree
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=10) if proc.poll() is not None else (b"", b"")
+    proc.kill()
+    pytest.fail(f"the run never had {n} games running: {err.decode()[-2000:]}")
+
+
+def _assert_all_end(tree: dict[int, str], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while _alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _alive(tree) == [], f"still alive {within} s after the run was killed"
+
+
+def test_sigkill_of_collect_leaves_no_process(tmp_path):
+    cfg = _config(tmp_path, "collect: {episodes: 200}\n")
+    proc = _start(tmp_path, "collect", "-c", str(cfg))
+    tree = _wait_for_games(proc, 2)
+    time.sleep(0.5)
+    tree.update(_tree(proc.pid))
+    assert len(tree) >= 5, tree  # two workers, two games, the forkserver (and the resource tracker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _assert_all_end(tree)
