@@ -93,3 +93,58 @@ def test_sigkill_of_collect_leaves_no_process(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _assert_all_end(tree)
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated; re-run the same command to resume"),
+                                             (signal.SIGINT, 130, "interrupted; re-run the same command to resume")])
+def test_sigterm_and_ctrl_c_of_collect_say_it_resumes_and_leave_no_process(tmp_path, sig, code, line):
+    cfg = _config(tmp_path, "collect: {episodes: 200}\n")
+    proc = _start(tmp_path, "collect", "-c", str(cfg))
+    tree = _wait_for_games(proc, 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code
+    lines = [s for s in err.decode().splitlines() if s.startswith("wm-trainer")]
+    assert lines == [f"wm-trainer: {line}"] and "Traceback" not in err.decode()
+    _assert_all_end(tree)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny Doom run with every stage done (V, M, C), to start the later stages from."""
+    out = tmp_path_factory.mktemp("trained")
+    done = subprocess.run([sys.executable, "-m", "wm_trainer.cli", "pipeline", "-c", "configs/tiny_doom.yaml",
+                           "--set", f"experiment.out_dir={out}"], cwd=ROOT, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("stage, overrides, games", [
+    ("evaluate", ["evaluate.episodes=400"], 2),
+    ("render", ["evaluate.gif_steps=100000"], 1),  # the agent GIF's game runs in the main process
+    ("train-controller", ["controller.mode=real", "controller.generations=50"], 2),
+])
+def test_sigkill_of_a_later_stage_leaves_no_process(trained, tmp_path, stage, overrides, games):
+    import shutil
+
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    if stage == "train-controller":
+        shutil.rmtree(tmp_path / "tiny_doom" / "controller")
+        (tmp_path / "tiny_doom" / "controller.npz").unlink()
+    sets = [f"experiment.out_dir={tmp_path}", "env.max_steps=2000", *overrides]
+    proc = _start(tmp_path, stage, "-c", "configs/tiny_doom.yaml", *[a for s in sets for a in ("--set", s)])
+    tree = _wait_for_games(proc, games)
+    time.sleep(0.3)
+    tree.update(_tree(proc.pid))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _assert_all_end(tree)
+
+
+def test_sigkill_of_pipeline_leaves_no_process(tmp_path):
+    proc = _start(tmp_path, "pipeline", "-c", "configs/tiny_doom.yaml", "--set", f"experiment.out_dir={tmp_path}",
+                  "--set", "collect.episodes=200", "--set", "env.max_steps=400")
+    tree = _wait_for_games(proc, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _assert_all_end(tree)

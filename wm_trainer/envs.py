@@ -107,6 +107,7 @@ class WorldEnv:
         self.steps = 0
         self._crop = 84 if env_id == CARRACING_ID else None
         self._closed = False
+        self._game_started = False
 
     def _frame(self, obs: Any) -> np.ndarray:
         image = obs["screen"] if isinstance(obs, dict) else obs
@@ -114,7 +115,14 @@ class WorldEnv:
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Start an episode (deterministic for a given seed) and return its first frame."""
-        obs, _ = self.gym_env.reset(seed=None if seed is None else int(seed))
+        if self.env_id == DOOM_ID and not self._game_started:
+            from .reaper import track_new_children
+
+            with track_new_children():  # the first reset starts the game process; it must not outlive the run
+                obs, _ = self.gym_env.reset(seed=None if seed is None else int(seed))
+            self._game_started = True
+        else:
+            obs, _ = self.gym_env.reset(seed=None if seed is None else int(seed))
         self.steps = 0
         return self._frame(obs)
 
@@ -171,13 +179,7 @@ def open_env(env_id: str, max_steps: int) -> WorldEnv:
 
     _check_id(env_id)
     _import_backend(env_id)
-    if env_id == DOOM_ID:
-        from .reaper import track_new_children
-
-        with track_new_children():  # its game process must not outlive a killed run
-            gym_env = gym.make(env_id, screen_resolution=DOOM_SCREEN_RESOLUTION)
-    else:
-        gym_env = gym.make(env_id)
+    gym_env = gym.make(env_id, screen_resolution=DOOM_SCREEN_RESOLUTION) if env_id == DOOM_ID else gym.make(env_id)
     if env_id == DOOM_ID:
         _check_doom_buttons(gym_env)
     return WorldEnv(env_id, gym_env, max_steps)

@@ -6,7 +6,7 @@ A SIGKILLed process runs no clean-up, so each side watches the other:
   which becomes ready when the run's main process ends however it ends, then kills the worker's own
   process group (the worker and the vizdoom games it started).
 - ``track_new_children()`` (in the main process): a game process started by the main process itself
-  (``render``'s agent GIF, ``collect``'s first probe of the env) is registered with a small guard
+  (``render``'s agent GIF) is registered with a small guard
   process that reads the run's pipe until EOF, i.e. until the run has ended, then SIGKILLs whatever
   registered process is still the same process (same start time).
 """
@@ -97,18 +97,37 @@ def register(pids: set[int]) -> None:
 
 
 @contextlib.contextmanager
-def track_new_children() -> Iterator[None]:
-    """In the run's main process, register the processes started in the block (a game's emulator)."""
+def track_new_children(poll: float = 0.05) -> Iterator[None]:
+    """In the run's main process, register the processes started in the block (a game's emulator).
+
+    They are registered as they appear (checked every ``poll`` seconds), not only when the block ends:
+    a game starts long before the call that starts it returns.
+    """
     if multiprocessing.parent_process() is not None or not os.path.isdir("/proc"):
         yield  # a worker: its own group is killed when the run ends
         return
     me = os.getpid()
-    before = children(me)
+    _guard_pipe()
+    known = children(me)
+    done = threading.Event()
+
+    def register_new() -> None:
+        new = children(me) - known
+        known.update(new)
+        register(new)
+
+    def watch() -> None:
+        while not done.wait(poll):
+            register_new()
+
+    watcher = threading.Thread(target=watch, name="wm-track-children", daemon=True)
+    watcher.start()
     try:
         yield
     finally:
-        guard = _guard.pid if _guard is not None else None
-        register(children(me) - before - {guard})
+        done.set()
+        watcher.join()
+        register_new()
 
 
 def _kill_own_group_when_parent_ends(sentinel: int) -> None:
