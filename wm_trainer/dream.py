@@ -20,6 +20,8 @@ from collections.abc import Callable
 import chainer
 import numpy as np
 
+from extensions.serializers import NpzLoadError, SafeNpz
+
 from .errors import UserError
 from .memory import MDNRNN, list_latents
 
@@ -381,13 +383,18 @@ def initial_latents(latents_folder, n: int, rng: np.random.Generator) -> np.ndar
     chosen = rng.choice(len(files), size=min(n, len(files)), replace=False)
     mus, logvars = [], []
     for i in chosen:
+        hint = "delete it and re-run `wm-trainer encode`"
         try:
-            with np.load(files[i]) as d:
-                mus.append(np.asarray(d["mu"][0], np.float32))
-                logvars.append(np.asarray(d["logvar"][0], np.float32))
-        except Exception as e:  # noqa: BLE001 - name the bad file
-            raise UserError(f"{files[i]}: unreadable encoded episode ({type(e).__name__}: {e}); "
-                            "delete it and re-run `wm-trainer encode`") from None
+            with SafeNpz(files[i]) as d:
+                mu, logvar = d["mu"], d["logvar"]
+        except NpzLoadError as e:
+            raise UserError(f"{e}; {hint}") from None
+        for key, a in (("mu", mu), ("logvar", logvar)):
+            if a.dtype.kind != "f" or a.ndim != 2 or len(a) == 0 or a.shape != mu.shape:
+                raise UserError(f"{files[i]}: key {key!r}: {a.dtype} {a.shape}, expected floats (frames, z) "
+                                f"as mu; {hint}")
+        mus.append(np.asarray(mu[0], np.float32))
+        logvars.append(np.asarray(logvar[0], np.float32))
     pick = rng.integers(len(mus), size=n)
     mu, logvar = np.stack(mus)[pick], np.stack(logvars)[pick]
     return (mu + np.exp(0.5 * logvar) * rng.standard_normal(mu.shape)).astype(np.float32)

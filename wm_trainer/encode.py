@@ -44,7 +44,7 @@ def _encoded_by(path: Path, fingerprint: str) -> bool:
     if not path.is_file():
         return False
     try:
-        with np.load(path) as d:
+        with np.load(path, allow_pickle=False) as d:
             return "vae" in d.files and str(d["vae"]) == fingerprint
     except Exception:  # noqa: BLE001 - an unreadable output is simply redone
         return False

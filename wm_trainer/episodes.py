@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from extensions.serializers import NpzLoadError, SafeNpz
+
 from .errors import UserError
 from .storage import atomic_savez
 
@@ -158,20 +160,18 @@ def scan_episode(path: str | os.PathLike, keys: Sequence[str] | None = None) -> 
 def load_episode(path: str | os.PathLike, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Load an episode's arrays (all, or only ``keys``); CorruptEpisode names a bad file."""
     path = Path(path)
+    if not path.is_file():
+        raise CorruptEpisode(path, "file not found")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with SafeNpz(path) as z:
             names = list(z.files)
             wanted = list(keys) if keys is not None else names
             missing = [k for k in wanted if k not in names]
             if missing:
                 raise CorruptEpisode(path, f"missing key(s) {', '.join(missing)} (has {', '.join(sorted(names))})")
             return {k: z[k] for k in wanted}
-    except CorruptEpisode:
-        raise
-    except FileNotFoundError:
-        raise CorruptEpisode(path, "file not found") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
-        raise CorruptEpisode(path, f"not a readable npz ({type(e).__name__}: {e})") from None
+    except NpzLoadError as e:
+        raise CorruptEpisode(path, f"key {e.key!r}: {e.reason}" if e.key else e.reason) from None
 
 
 def warn_corrupt(err: CorruptEpisode) -> None:
