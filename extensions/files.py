@@ -3,20 +3,16 @@ from __future__ import annotations
 
 import os
 
-_UMASK: int | None = None
-
 
 def current_umask() -> int:
     """The process's umask (read from /proc where it can be, so no other thread sees it changed)."""
-    global _UMASK
-    if _UMASK is None:
-        try:
-            with open("/proc/self/status", encoding="ascii") as f:
-                _UMASK = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-        except (OSError, StopIteration, ValueError, IndexError):
-            _UMASK = os.umask(0o022)
-            os.umask(_UMASK)
-    return _UMASK
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def chmod_like_open(fd: int) -> None:

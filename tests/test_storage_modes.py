@@ -1,0 +1,30 @@
+"""Files written atomically follow the user's umask, as files ``open`` creates do."""
+from __future__ import annotations
+
+import os
+import stat
+
+import chainer.links as L
+import pytest
+
+from extensions.report import _atomic as report_atomic
+from wm_trainer.controller import Controller
+from wm_trainer.storage import atomic_save_npz, atomic_write_json
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        written = [atomic_write_json(tmp_path / "eval.json", {"a": 1}),
+                   Controller(2, 3, 1).save(tmp_path / "controller.npz"),
+                   atomic_save_npz(tmp_path / "m.npz", L.Linear(2, 2))]
+        report_atomic(str(tmp_path / "report.txt"), lambda f: f.write(b"x"))
+        written.append(tmp_path / "report.txt")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+    assert expected == 0o666 & ~mask
+    assert {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in written} == {p.name: expected for p in written}
