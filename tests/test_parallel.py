@@ -215,3 +215,13 @@ def test_shutdown_with_cancel_resolves_every_future():
     done, _ = cf.wait(futures, timeout=20)
     assert len(done) == 6, "futures left unresolved by shutdown"
     assert all(isinstance(f.exception(), RuntimeError) for f in futures)
+
+
+def test_dask_shutdown_with_cancel_leaves_the_runs_futures_cancelled():
+    pytest.importorskip("distributed")
+    from wm_trainer.parallel import DaskExecutor
+
+    ex = DaskExecutor(workers=1)
+    futures = [ex.submit(time.sleep, 30) for _ in range(3)]
+    ex.shutdown(cancel=True)
+    assert all(f.cancelled() for f in futures)

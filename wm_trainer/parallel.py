@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -397,6 +398,7 @@ class DaskExecutor:
             raise UserError("parallel.backend: dask needs dask[distributed]: pip install 'dask[distributed]' "
                             "(or pip install -e '.[dask]')") from None
         self._distributed = distributed
+        self._submitted: weakref.WeakSet = weakref.WeakSet()  # this run's futures still referenced, to cancel
         self.cluster = None
         if address:
             try:
@@ -420,11 +422,14 @@ class DaskExecutor:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on a worker (impure: always runs, never deduplicated)."""
-        return self.client.submit(fn, *args, pure=False)
+        future = self.client.submit(fn, *args, pure=False)
+        self._submitted.add(future)
+        return future
 
     def map(self, fn: Callable[..., Any], iterable: Iterable[Any]) -> Iterator[Any]:
         """``fn`` over the items in parallel; results in input order."""
         futures = self.client.map(fn, list(iterable), pure=False)
+        self._submitted.update(futures)
         return (f.result() for f in futures)
 
     def as_completed(self, futures: Iterable[Any]) -> Iterator[Any]:
@@ -440,7 +445,15 @@ class DaskExecutor:
         handle.release()
 
     def shutdown(self, cancel: bool = False) -> None:
-        """Disconnect (and stop the LocalCluster if this executor started it)."""
+        """Disconnect (and stop the LocalCluster if this executor started it); ``cancel`` cancels this run's tasks.
+
+        A driver killed outright cancels them too: the scheduler releases a lost client's tasks.
+        """
+        if cancel:
+            try:
+                self.client.cancel(list(self._submitted))
+            except Exception:  # noqa: BLE001 - a scheduler already gone has nothing left to cancel
+                log.warning("could not cancel this run's Dask tasks", exc_info=True)
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
