@@ -112,7 +112,7 @@ def add_common_extensions(trainer: training.Trainer, *, total: int, snapshot_eve
     trainer.extend(GlobalRNGState(), name="global_rng")
     trainer.extend(T.snapshot(savefun=save_npz_fast, filename=SNAPSHOT_NAME, autoload=True, n_retains=2),
                    trigger=snapshot_trigger(snapshot_every, total), name="snapshot")
-    trainer.extend(T.LogReport(trigger=(max(1, min(log_every, total)), "iteration")), name="log")
+    trainer.extend(ext.LogReport(trigger=(max(1, min(log_every, total)), "iteration")), name="log")
     trainer.extend(TqdmProgress(total, desc), name="progress")
 
 
