@@ -58,6 +58,9 @@ _SCALE_DOWN_HOOKS = ("chainer.optimizer_hooks.gradient_clipping.GradientClipping
                      "extensions.clipping.GradientClipping")  # hooks that only ever make gradients smaller
 
 
+_OWN_HOOK_MODULES = ("extensions.clipping", "extensions.guard")  # the guard's hooks copy first, check after
+
+
 class UnsavedUpdateError(RuntimeError):
     """An update shown to stay finite (so not saved) left a non-finite value: nothing to roll back to."""
 
@@ -106,7 +109,7 @@ def _gradient_hooks_only(hooks: dict[str, Any]) -> bool:
     """Whether every hook in ``hooks`` is one that changes gradients only (Chainer's, the toolkit's clipping)."""
     for hook in hooks.values():
         module = type(hook).__module__
-        if not (module.startswith("chainer.optimizer_hooks") or module == "extensions.clipping"):
+        if not (module.startswith("chainer.optimizer_hooks") or module in _OWN_HOOK_MODULES):
             return False
     return True
 
@@ -116,10 +119,10 @@ def _scale_down_hooks_only(hookable: Any) -> bool:
     can only make gradients smaller (gradient clipping)."""
     if hookable is None:
         return True
-    if hookable._post_update_hooks:
+    if any(type(h).__module__ != "extensions.guard" for h in hookable._post_update_hooks.values()):
         return False
-    return all(f"{type(h).__module__}.{type(h).__qualname__}" in _SCALE_DOWN_HOOKS
-               for h in hookable._pre_update_hooks.values())
+    return all(f"{type(h).__module__}.{type(h).__qualname__}" in _SCALE_DOWN_HOOKS or type(h).__module__ ==
+               "extensions.guard" for h in hookable._pre_update_hooks.values())
 
 
 def _padded(n: int) -> int:

@@ -54,6 +54,7 @@ class Session:
         # ``install``); None: hand the statistics to the reporter at every statistics iteration
         self.log_schedule: list[tuple[float, str]] | None = None
         self.next_log = 0  # with a schedule in iterations only: no log is written before this iteration
+        self.due: tuple[int, tuple[bool, bool]] = (-1, (False, False))  # ``stats_due``'s last answer
         self.tb_report: Any = None
         # (compute_loss, in_arrays, rng) of the updater's own iteration while it runs: what a replay needs
         self.context: tuple[Any, Any, Any] | None = None
@@ -77,11 +78,16 @@ class Session:
 
     def stats_due(self, iteration: int) -> tuple[bool, bool]:
         """(whether the statistics go to the reporter, whether they are computed) at ``iteration``."""
+        due = self.due
+        if due[0] == iteration:
+            return due[1]
         grads_config = self.debug.gradients
         every = grads_config.every
         logged = every > 0 and grads_config.report != "tensorboard" and (
             self.log_schedule is None or iteration >= self.next_log and self.logged_now(iteration))
-        return logged, every > 0 and (iteration % every == 0 or (logged and self.log_schedule is not None))
+        answer = logged, every > 0 and (iteration % every == 0 or (logged and self.log_schedule is not None))
+        self.due = (iteration, answer)
+        return answer
 
     def logged_now(self, iteration: int) -> bool:
         """Whether a LogReport/PlotReport of the schedule will write after this iteration's update."""
@@ -334,7 +340,8 @@ def guard_optimizers(updater: Any, session: Session) -> Session:
     for name in [n for n in session.guards if n not in optimizers]:
         del session.guards[name]
     for name, optimizer in optimizers.items():
-        session.guard(name, optimizer)
+        if getattr(optimizer, "target", None) is not None:  # one not set up yet is guarded at its first update
+            session.guard(name, optimizer)
     return session
 
 

@@ -63,6 +63,7 @@ class ReportSchedule(training.Extension):
         logged = st.debug.gradients.report == "logged"
         st.log_schedule = log_schedule(trainer) if logged else None
         st.next_log = 0
+        st.due = (-1, (False, False))
         guard_optimizers(trainer.updater, st)
         self.calls_before = st.guard_calls
 

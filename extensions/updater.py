@@ -74,6 +74,7 @@ class GradientLoggingMixin:
         self.debug = debug
         self.out = out
         self.writer = writer
+        guard_optimizers(self, self._ext)
 
     @property
     def _ext(self) -> Session:
