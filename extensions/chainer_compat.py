@@ -69,7 +69,10 @@ def veto_update(optimizer) -> None:
 
 def update_vetoed(optimizer) -> bool:
     """Whether this step's update rules will be skipped (``not optimizer.is_safe_to_update()``)."""
-    return not optimizer.is_safe_to_update()
+    try:
+        return not optimizer.is_safe_to_update()
+    except AttributeError:  # before its first update the flag does not exist yet
+        return False
 
 
 def clear_veto(optimizer) -> None:
