@@ -9,6 +9,7 @@ nothing else.
 from __future__ import annotations
 
 import importlib.util
+import operator
 import sys
 import types
 
@@ -104,3 +105,41 @@ def trainer_extensions(trainer) -> dict:
 def extension_trigger(extension):
     """The trigger a LogReport/PlotReport checks itself (``_trigger``), or None."""
     return getattr(extension, "_trigger", None)
+
+
+# Chainer's Parameter and UpdateRule internals, read on the hot path as C-level getters (each property would be
+# several Python calls per parameter per iteration on a net whose iteration takes a millisecond)
+STATE_OF = operator.attrgetter("_state")  # an UpdateRule's state dict, None before its first update
+RULE_STATE_OF = operator.attrgetter("update_rule._state")
+DATA_OF = operator.attrgetter("_data")  # a Variable's [array] list
+GRAD_VAR_OF = operator.attrgetter("_grad_var")  # a Variable's gradient Variable
+
+
+def reset_rule_state(rule) -> None:
+    """Forget an UpdateRule's state (as before its first update: ``init_state`` runs again)."""
+    rule._state = None
+
+
+def plain_parameters(params) -> bool:
+    """Whether every parameter keeps its array in Chainer 7's standard slot (no layout, no ChainerX array)."""
+    return all(p._layout is None and not p._has_chainerx_array and p._data[0] is p.array for p in params)
+
+
+def hookable_of(owner):
+    """The hook registry of an optimizer or an UpdateRule (``_hookable``), None if it has none yet."""
+    return getattr(owner, "_hookable", None)
+
+
+def hookable_dicts(hookable):
+    """(pre-update hooks, post-update hooks) of a hook registry."""
+    return hookable._pre_update_hooks, hookable._post_update_hooks
+
+
+def persistent_names(link) -> list:
+    """Names of a Link's own persistent values (``Link._persistent``)."""
+    return list(link._persistent)
+
+
+def bit_generator(random_state):
+    """The bit generator behind a ``numpy.random.RandomState`` (``_bit_generator``)."""
+    return random_state._bit_generator
