@@ -42,21 +42,20 @@ def log_schedule(trainer: training.Trainer) -> list[tuple[float, str]] | None:
     return schedule or None
 
 
-def _never(trainer: training.Trainer) -> bool:
-    return False
-
-
 class ReportSchedule(training.Extension):
     """Holds the toolkit's session of a trainer: when training starts, tells it when the trainer's logs are
     written; after the first iteration, warns (one line) if the updater updated no optimizer through the guard."""
 
-    trigger = 1, "iteration"
     priority = training.PRIORITY_READER
     default_name = SCHEDULE_NAME
 
     def __init__(self, session: Session):
         self.session = session
         self.watching = True
+        self.trigger = self._watching  # called after the first iteration only, without an IntervalTrigger's cost
+
+    def _watching(self, trainer: training.Trainer) -> bool:
+        return self.watching
 
     def initialize(self, trainer: training.Trainer) -> None:
         st = self.session
