@@ -170,7 +170,7 @@ def train_vae(cfg) -> Path:
                                 seed=cfg.experiment.seed)
     optimizer = ops.make_adam(alpha=cfg.vae.lr)
     optimizer.setup(model)
-    updater = ext.GradientLoggingUpdater(loader, optimizer, device, debug=cfg.debug,
+    updater = ext.GradientLoggingUpdater(loader, optimizer, device=device, debug=cfg.debug,
                                          converter=frames_converter, loss_func=model.loss)
     total = vae_iterations(cfg, n_frames)
     trainer = training.Trainer(updater, (total, "iteration"), out=str(paths.vae_dir))
