@@ -79,7 +79,7 @@ def pieces(net: str, tmp: str) -> dict:
     tags, row = summary.report_array()
     rows = np.stack([row] * 50)
     summ = chainer.reporter.DictSummary()
-    backup = updater._ext.backup  # the updater's own: its plan (flat arena or per-array buffers) is made
+    backup = updater._ext.guards["main"].backup  # the updater's own: its plan (flat arena or per-array buffers) is made
     tracker = RngTracker()
     out = {
         "stats": _median_us(lambda: gradient_summary(names, grads), n),

@@ -14,15 +14,17 @@ from typing import Any
 
 import chainer
 
+from . import chainer_compat as compat
+
 _first = operator.itemgetter(0)
-_data = operator.attrgetter("_data")
-_grad_var = operator.attrgetter("_grad_var")
+_data = compat.DATA_OF
+_grad_var = compat.GRAD_VAR_OF
 
 
 def fast_access(params: Sequence[chainer.Parameter]) -> bool:
     """Whether ``raw_arrays``/``raw_grads`` answer what ``.array``/``.grad`` would for every one of ``params``."""
     try:
-        return all(p._layout is None and not p._has_chainerx_array and p._data[0] is p.array for p in params)
+        return compat.plain_parameters(params)
     except (AttributeError, IndexError, TypeError):  # another Chainer's Variable layout
         return False
 

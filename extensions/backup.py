@@ -23,6 +23,7 @@ from typing import Any
 import chainer
 import numpy as np
 
+from . import chainer_compat as compat
 from . import kernels
 from .arrays import fast_access, iter_arrays, raw_arrays
 from .stats import all_finite
@@ -58,6 +59,9 @@ _SCALE_DOWN_HOOKS = ("chainer.optimizer_hooks.gradient_clipping.GradientClipping
                      "extensions.clipping.GradientClipping")  # hooks that only ever make gradients smaller
 
 
+_OWN_HOOK_MODULES = ("extensions.clipping", "extensions.guard")  # the guard's hooks copy first, check after
+
+
 class UnsavedUpdateError(RuntimeError):
     """An update shown to stay finite (so not saved) left a non-finite value: nothing to roll back to."""
 
@@ -82,7 +86,7 @@ def _collect(params: list[chainer.Parameter]) -> tuple[list[Any], list[tuple[Any
         rule = p.update_rule
         if rule is None:
             continue
-        state = rule._state
+        state = compat.STATE_OF(rule)
         rules.append((rule, rule.t, state is None))
         if state:
             arrays.extend([v for v in state.values() if _is_float(v)])
@@ -97,8 +101,9 @@ def _slots(params: list[chainer.Parameter]) -> list[tuple[Any, Any, Any]]:
             continue
         out.append((p.array, p, None))
         rule = p.update_rule
-        if rule is not None and rule._state:
-            out.extend((v, rule._state, k) for k, v in rule._state.items() if _is_float(v))
+        state = compat.STATE_OF(rule) if rule is not None else None
+        if state:
+            out.extend((v, state, k) for k, v in state.items() if _is_float(v))
     return out
 
 
@@ -106,7 +111,7 @@ def _gradient_hooks_only(hooks: dict[str, Any]) -> bool:
     """Whether every hook in ``hooks`` is one that changes gradients only (Chainer's, the toolkit's clipping)."""
     for hook in hooks.values():
         module = type(hook).__module__
-        if not (module.startswith("chainer.optimizer_hooks") or module == "extensions.clipping"):
+        if not (module.startswith("chainer.optimizer_hooks") or module in _OWN_HOOK_MODULES):
             return False
     return True
 
@@ -116,10 +121,11 @@ def _scale_down_hooks_only(hookable: Any) -> bool:
     can only make gradients smaller (gradient clipping)."""
     if hookable is None:
         return True
-    if hookable._post_update_hooks:
+    pre, post = compat.hookable_dicts(hookable)
+    if any(type(h).__module__ != "extensions.guard" for h in post.values()):
         return False
-    return all(f"{type(h).__module__}.{type(h).__qualname__}" in _SCALE_DOWN_HOOKS
-               for h in hookable._pre_update_hooks.values())
+    return all(f"{type(h).__module__}.{type(h).__qualname__}" in _SCALE_DOWN_HOOKS or type(h).__module__ ==
+               "extensions.guard" for h in pre.values())
 
 
 def _padded(n: int) -> int:
@@ -127,9 +133,9 @@ def _padded(n: int) -> int:
 
 
 _rule_of = operator.attrgetter("update_rule")
-_state_of = operator.attrgetter("_state")
+_state_of = compat.STATE_OF
 _t_of = operator.attrgetter("t")
-_rule_state_of = operator.attrgetter("update_rule._state")
+_rule_state_of = compat.RULE_STATE_OF
 
 
 class _ArenaWatch:
@@ -158,7 +164,7 @@ class _ArenaWatch:
         self.entry_params = [p for p, _, _ in entries]
         self.entry_keys = [k for _, k, _ in entries]
         # parameters without a rule, or whose rule had no state: their rule (or None) must stay, stateless
-        bare = [(p, r) for p, r in zip(self.params, param_rules) if r is None or r._state is None]
+        bare = [(p, r) for p, r in zip(self.params, param_rules) if r is None or compat.STATE_OF(r) is None]
         self.bare_params = [p for p, _ in bare]
         self.bare_with_rule = [p for p, r in bare if r is not None]
         # ids of objects this watch keeps alive, so no other object can take one of them meanwhile
@@ -332,7 +338,7 @@ class UpdateBackup:
         for rule, t, had_no_state in rules:
             rule.t = t
             if had_no_state:
-                rule._state = None
+                compat.reset_rule_state(rule)
         optimizer.t = self.optimizer_t
 
     def _plan(self, params: list[chainer.Parameter], arrays: list[Any], arena: bool = True) -> None:
@@ -388,13 +394,13 @@ class UpdateBackup:
     def _stays_finite(self, optimizer: chainer.Optimizer, grad_bound: float) -> bool:
         """Whether every parameter's rule shows its update stays finite (see SAVE_PROTOCOL); if so, set them to
         check what they write and list them in ``delegated``."""
-        if len(self.by_rule) != self.n_params or not _scale_down_hooks_only(optimizer._hookable) or not (
-                optimizer._loss_scale is None or optimizer._loss_scale >= 1):
+        if len(self.by_rule) != self.n_params or not _scale_down_hooks_only(compat.hookable_of(optimizer)) or not (
+                compat.loss_scale(optimizer) is None or compat.loss_scale(optimizer) >= 1):
             return False
         shown = True
         for param, rule, _, _ in self.by_rule:  # every rule is asked: each derives its bounds for this step
             stays = getattr(rule, "update_stays_finite", None)
-            if (stays is None or not _scale_down_hooks_only(rule._hookable)
+            if (stays is None or not _scale_down_hooks_only(compat.hookable_of(rule))
                     or not stays(param, grad_bound)):
                 shown = False
         if shown:
@@ -407,12 +413,12 @@ class UpdateBackup:
 
     def _delegate(self, optimizer: chainer.Optimizer) -> list[tuple[Any, chainer.Parameter]]:
         """Hand a save target to every rule that can save what it overwrites (see ``SAVE_PROTOCOL``)."""
-        hookable = optimizer._hookable
-        if hookable is not None and not _gradient_hooks_only(hookable._pre_update_hooks):
+        hookable = compat.hookable_of(optimizer)
+        if hookable is not None and not _gradient_hooks_only(compat.hookable_dicts(hookable)[0]):
             return []
         out = []
         for param, rule, place, state in self.by_rule:
-            if rule is None or not _gradient_hooks_only(rule._hookable._pre_update_hooks):
+            if rule is None or not _gradient_hooks_only(compat.hookable_dicts(compat.hookable_of(rule))[0]):
                 continue
             if rule.saves_overwritten(param):
                 rule.save_overwritten = (place, state)

@@ -1,4 +1,4 @@
-"""What Chainer 7.8.1 needs at import time that today's Python lacks: shimmed before the first ``import chainer``.
+"""Every private internal of other libraries the toolkit reaches, in one place; and the NumPy shim Chainer 7.8.1 needs.
 
 Chainer's ``_environment_check`` imports ``numpy.distutils.system_info`` (for a macOS-only BLAS warning).
 NumPy has no ``numpy.distutils`` on Python 3.12 and newer, so there ``import chainer`` fails outright;
@@ -9,6 +9,7 @@ nothing else.
 from __future__ import annotations
 
 import importlib.util
+import operator
 import sys
 import types
 
@@ -30,3 +31,115 @@ def shield_numpy_distutils() -> bool:
 
 
 shield_numpy_distutils()
+
+
+# -- the private internals of other libraries the toolkit reads, all here --------------------------------------
+# Each function names what it reaches; ``check_versions`` says whether the installed versions are ones these
+# were written against (a test fails on any other, so that a new release is looked at, not trusted).
+KNOWN_VERSIONS = {"chainer": ("7.8.1",)}
+
+
+def check_versions() -> list[str]:
+    """One line per installed library whose version this module was not written against (empty: all known)."""
+    import chainer
+
+    found = {"chainer": chainer.__version__}
+    return [f"{name} {version} (known: {', '.join(KNOWN_VERSIONS[name])})" for name, version in found.items()
+            if version not in KNOWN_VERSIONS[name]]
+
+
+def call_converter(converter, batch, device):
+    """``chainer.dataset.convert._call_converter``: a converter of either style called as StandardUpdater does."""
+    from chainer.dataset import convert
+
+    return convert._call_converter(converter, batch, device)
+
+
+def loss_scale(optimizer) -> float | None:
+    """The optimizer's current loss scale (``Optimizer._loss_scale``), None when none is set."""
+    return getattr(optimizer, "_loss_scale", None)
+
+
+def veto_update(optimizer) -> None:
+    """Make ``optimizer.update`` skip the update rules this step (what dynamic loss scaling does on a NaN).
+
+    Called from a 'pre' hook: ``Optimizer.update`` asks ``is_safe_to_update()`` right after those hooks.
+    """
+    optimizer._loss_scaling_isnan = True
+
+
+def update_vetoed(optimizer) -> bool:
+    """Whether this step's update rules will be skipped (``not optimizer.is_safe_to_update()``)."""
+    try:
+        return not optimizer.is_safe_to_update()
+    except AttributeError:  # before its first update the flag does not exist yet
+        return False
+
+
+def clear_veto(optimizer) -> None:
+    """Undo ``veto_update`` where no dynamic loss scaling will (``update_loss_scale`` reads the flag after hooks)."""
+    if not getattr(optimizer, "_loss_scaling_is_dynamic", False):
+        optimizer._loss_scaling_isnan = False
+
+
+def hook_dicts(optimizer):
+    """(pre-update hooks, post-update hooks) of an optimizer, as the ordered dicts it calls them from."""
+    hookable = optimizer._hookable
+    return hookable._pre_update_hooks, hookable._post_update_hooks
+
+
+def place_hooks(optimizer, first_pre: str, last_post: str) -> None:
+    """Put the hook named ``first_pre`` first among the 'pre' hooks and ``last_post`` last among the 'post' ones."""
+    pre, post = hook_dicts(optimizer)
+    if pre and next(iter(pre)) != first_pre and first_pre in pre:
+        pre.move_to_end(first_pre, last=False)
+    if post and next(reversed(post)) != last_post and last_post in post:
+        post.move_to_end(last_post)
+
+
+def trainer_extensions(trainer) -> dict:
+    """name -> entry (``entry.extension``) of every extension of a Trainer (``Trainer._extensions``)."""
+    return trainer._extensions
+
+
+def extension_trigger(extension):
+    """The trigger a LogReport/PlotReport checks itself (``_trigger``), or None."""
+    return getattr(extension, "_trigger", None)
+
+
+# Chainer's Parameter and UpdateRule internals, read on the hot path as C-level getters (each property would be
+# several Python calls per parameter per iteration on a net whose iteration takes a millisecond)
+STATE_OF = operator.attrgetter("_state")  # an UpdateRule's state dict, None before its first update
+RULE_STATE_OF = operator.attrgetter("update_rule._state")
+DATA_OF = operator.attrgetter("_data")  # a Variable's [array] list
+GRAD_VAR_OF = operator.attrgetter("_grad_var")  # a Variable's gradient Variable
+
+
+def reset_rule_state(rule) -> None:
+    """Forget an UpdateRule's state (as before its first update: ``init_state`` runs again)."""
+    rule._state = None
+
+
+def plain_parameters(params) -> bool:
+    """Whether every parameter keeps its array in Chainer 7's standard slot (no layout, no ChainerX array)."""
+    return all(p._layout is None and not p._has_chainerx_array and p._data[0] is p.array for p in params)
+
+
+def hookable_of(owner):
+    """The hook registry of an optimizer or an UpdateRule (``_hookable``), None if it has none yet."""
+    return getattr(owner, "_hookable", None)
+
+
+def hookable_dicts(hookable):
+    """(pre-update hooks, post-update hooks) of a hook registry."""
+    return hookable._pre_update_hooks, hookable._post_update_hooks
+
+
+def persistent_names(link) -> list:
+    """Names of a Link's own persistent values (``Link._persistent``)."""
+    return list(link._persistent)
+
+
+def bit_generator(random_state):
+    """The bit generator behind a ``numpy.random.RandomState`` (``_bit_generator``)."""
+    return random_state._bit_generator

@@ -11,19 +11,24 @@ import warnings
 
 import chainer
 
+from . import chainer_compat as compat
 from .stats import gradient_summary
 
 
 def _cached_sqnorm(opt: chainer.Optimizer) -> float | None:
-    """The squared norm a GradientLoggingUpdater computed for this very step, if still valid.
+    """The squared norm the toolkit's guard computed for this very step, if still valid.
 
-    Valid only when this hook is the first 'pre' hook (no other hook changed the gradients).
+    Valid only when this hook comes right after the guard's 'pre' hook (no other hook changed the gradients).
     """
-    cached = getattr(opt, "_ext_grad_sqnorm", None)
-    if cached is None or cached[0] != opt.t:
+    from .guard import PRE_HOOK
+
+    pre, _ = compat.hook_dicts(opt)
+    hooks = iter(pre.items())
+    first, second = next(hooks, (None, None)), next(hooks, (None, None))
+    if first[0] != PRE_HOOK or not isinstance(second[1], GradientClipping):
         return None
-    hooks = getattr(opt, "_pre_update_hooks", None)
-    if not hooks or not isinstance(next(iter(hooks.values())), GradientClipping):
+    cached = first[1].guard.sqnorm
+    if cached is None or cached[0] != opt.t:
         return None
     return cached[1]
 
@@ -46,6 +51,8 @@ class GradientClipping:
         self.skipped = 0
 
     def __call__(self, opt: chainer.Optimizer) -> None:
+        if compat.update_vetoed(opt):  # the guard (or dynamic loss scaling) already dropped this update
+            return
         params = [p for p in opt.target.params(include_uninit=False) if p.grad is not None]
         sqnorm = _cached_sqnorm(opt)
         if sqnorm is None:
@@ -53,7 +60,7 @@ class GradientClipping:
                                       with_stats=False).sqnorm
         if not math.isfinite(sqnorm):
             self.skipped += 1
-            opt._loss_scaling_isnan = True  # Optimizer.update consults is_safe_to_update() right after 'pre' hooks
+            compat.veto_update(opt)
             warnings.warn(f"GradientClipping: gradient norm is {math.sqrt(sqnorm) if sqnorm >= 0 else sqnorm}; "
                           f"update skipped (weights untouched, {self.skipped} skipped so far)", RuntimeWarning,
                           stacklevel=2)

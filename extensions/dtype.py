@@ -14,6 +14,7 @@ import chainer
 import numpy as np
 from chainer.dataset import convert
 
+from . import chainer_compat as compat
 from .errors import Float64Error
 
 _state = {"requested": False}
@@ -62,7 +63,7 @@ def cast_link(link: chainer.Link, dtype: Any, optimizer: chainer.Optimizer | Non
             for key, value in list(state.items()):
                 state[key] = _cast_array(value, dtype)
     for sub in link.links():
-        for name in sub._persistent:
+        for name in compat.persistent_names(sub):
             value = getattr(sub, name)
             if hasattr(value, "dtype"):
                 setattr(sub, name, _cast_array(value, dtype))
@@ -95,7 +96,7 @@ def float64_converter(base: Callable = convert.concat_examples) -> Callable:
 
     @convert.converter()
     def to_float64(batch, device=None):
-        return cast_floats(convert._call_converter(base, batch, device), np.float64)
+        return cast_floats(compat.call_converter(base, batch, device), np.float64)
 
     to_float64._ext_float64_base = base
     return to_float64

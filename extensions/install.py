@@ -1,29 +1,31 @@
 """``install(trainer, debug)``: every switch of the ``debug:`` section on any Chainer Trainer.
 
-With a ``GradientLoggingUpdater`` (or any updater using ``GradientLoggingMixin``) the updater
-gets the config, the report folder and the TensorBoard writer; with a plain updater, a
-monitor extension gives what can be had after the fact (gradient statistics and histograms
-after the update, a parameter check that stops at the first non-finite weight).
+Every optimizer of the trainer's updater gets the toolkit's guard (``guard.OptimizerGuard``: statistics,
+NaN/Inf guard, rollback, inside ``optimizer.update``), so any updater that updates through
+``optimizer.update`` (StandardUpdater, a GAN's updater with one optimizer per network) is guarded and
+logged per optimizer. A ``GradientLoggingUpdater`` (or any ``GradientLoggingMixin`` updater) also hands
+the guard its loss and batch, for the loss check, the localisation and the float64 replay.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any
 
 import chainer
+import numpy as np
 from chainer import training
 
+from . import chainer_compat as compat
 from .config import DebugConfig
-from .dtype import check_float64, float64_converter
-from .errors import NonFiniteError
-from .logreport import upgrade as upgrade_log_reports
-from .report import Failure, write_report
-from .stats import all_finite, gradient_summary, nonfinite_counts
-from .tensorboard import EXTENSION_NAME, TensorBoardReport, add_histograms_safe, open_writer
+from .dtype import cast_link, check_float64, float64_converter, non_float64_params, set_float64
+from .guard import Session, guard_optimizers
+from .tensorboard import EXTENSION_NAME, TensorBoardReport, open_writer
 from .updater import GradientLoggingMixin
 
-MONITOR_NAME = "ext_monitor"
+logger = logging.getLogger("extensions")
+
 SCHEDULE_NAME = "ext_report_schedule"
 
 
@@ -31,36 +33,47 @@ def log_schedule(trainer: training.Trainer) -> list[tuple[float, str]] | None:
     """(period, unit) of every LogReport/PlotReport trigger of ``trainer``; None when there is none or one
     is not an interval (then nothing is known of when the observation is read)."""
     schedule = []
-    for entry in trainer._extensions.values():
+    for entry in compat.trainer_extensions(trainer).values():
         if isinstance(entry.extension, (training.extensions.LogReport, training.extensions.PlotReport)):
-            trigger = getattr(entry.extension, "_trigger", None)
+            trigger = compat.extension_trigger(entry.extension)
             if not isinstance(trigger, training.triggers.IntervalTrigger):
                 return None
             schedule.append((trigger.period, trigger.unit))
     return schedule or None
 
 
-def _never(trainer: training.Trainer) -> bool:
-    return False
-
-
 class ReportSchedule(training.Extension):
-    """Tells a ``GradientLoggingMixin`` updater, when training starts, when the trainer's logs are written."""
+    """Holds the toolkit's session of a trainer: when training starts, tells it when the trainer's logs are
+    written; after the first iteration, warns (one line) if the updater updated no optimizer through the guard."""
 
-    trigger = staticmethod(_never)  # all its work is in initialize
     priority = training.PRIORITY_READER
     default_name = SCHEDULE_NAME
 
+    def __init__(self, session: Session):
+        self.session = session
+        self.watching = True
+        self.trigger = self._watching  # called after the first iteration only, without an IntervalTrigger's cost
+
+    def _watching(self, trainer: training.Trainer) -> bool:
+        return self.watching
+
     def initialize(self, trainer: training.Trainer) -> None:
-        upgrade_log_reports(trainer)
-        updater = trainer.updater
-        if isinstance(updater, GradientLoggingMixin):
-            logged = updater.debug.gradients.report == "logged"
-            updater._ext.log_schedule = log_schedule(trainer) if logged else None
-            updater._ext.next_log = 0
+        st = self.session
+        logged = st.debug.gradients.report == "logged"
+        st.log_schedule = log_schedule(trainer) if logged else None
+        st.next_log = 0
+        st.due = (-1, (False, False))
+        guard_optimizers(trainer.updater, st)
+        self.calls_before = st.guard_calls
 
     def __call__(self, trainer: training.Trainer) -> None:
-        pass
+        if not self.watching:
+            return
+        self.watching = False
+        if self.session.guard_calls == getattr(self, "calls_before", 0):
+            warnings.warn(f"extensions: {type(trainer.updater).__name__} updated no optimizer through "
+                          "optimizer.update, so the toolkit saw no gradients (no statistics, no NaN/Inf guard)",
+                          stacklevel=2)
 
 
 def _logdir(trainer: training.Trainer, debug: DebugConfig) -> str | None:
@@ -72,82 +85,66 @@ def _logdir(trainer: training.Trainer, debug: DebugConfig) -> str | None:
     return os.fspath(logdir)
 
 
-class PlainUpdaterMonitor(training.Extension):
-    """For updaters without the mixin: stats and histograms after the update, and a weight check."""
-
-    trigger = 1, "iteration"
-    priority = training.PRIORITY_WRITER + 1
-    default_name = MONITOR_NAME
-
-    def __init__(self, debug: DebugConfig, writer: Any):
-        self.debug, self.writer = debug, writer
-
-    def initialize(self, trainer: training.Trainer) -> None:
-        upgrade_log_reports(trainer)
-
-    def __call__(self, trainer: training.Trainer) -> None:
-        it = trainer.updater.iteration
-        target = trainer.updater.get_optimizer("main").target
-        named = [(n.lstrip("/"), p) for n, p in target.namedparams(include_uninit=False)]
-        names, params = [n for n, _ in named], [p for _, p in named]
-        every, hist = self.debug.gradients.every, self.debug.gradients.histograms_every
-        if every > 0 and it % every == 0:
-            chainer.reporter.report(gradient_summary(names, [p.grad for p in params]).as_report())
-        if self.writer is not None and hist > 0 and it % hist == 0:
-            arrays = {f"grad/{name}": p.grad for name, p in named if p.grad is not None}
-            arrays.update((f"param/{name}", p.array) for name, p in named)
-            add_histograms_safe(self.writer, arrays, it)
-        if self.debug.nonfinite.check:
-            arrays = [p.array for p in params]
-            bad = {} if all_finite(arrays) else nonfinite_counts(names, arrays)
-            if bad:
-                failure = Failure(iteration=it, where="update", trigger="parameters after the update",
-                                  policy="raise", params_nonfinite=bad)
-                path = write_report(trainer.out, failure)
-                raise NonFiniteError(f"{failure.headline()} (a plain updater cannot guard before the update: "
-                                     "use extensions.GradientLoggingUpdater)", iteration=it, where="update",
-                                     report_path=path)
+def _cast_float64(updater: Any) -> None:
+    """Cast every optimizer's model and state to float64 (float64 mode from YAML alone); say so in one line."""
+    if np.dtype(chainer.global_config.dtype) != np.float64:
+        set_float64(True)
+    cast = []
+    for name, optimizer in updater.get_all_optimizers().items():
+        target = optimizer.target
+        before = non_float64_params((n, p) for n, p in target.namedparams(include_uninit=False))
+        cast_link(target, np.float64, optimizer)
+        if before:
+            cast.append(f"{name} ({len(before)} parameter(s))")
+    if cast:
+        logger.warning("extensions: float64 mode: cast %s and optimizer state to float64", ", ".join(cast))
 
 
 def install(trainer: training.Trainer, debug: DebugConfig | dict | None = None) -> None:
-    """Wire the ``debug:`` switches into ``trainer``: TensorBoard writer, guards, reports. Idempotent.
+    """Wire the ``debug:`` switches into ``trainer``: guards on every optimizer, TensorBoard, reports. Idempotent.
 
-    When training starts, the trainer's plain Chainer ``LogReport`` extensions (also those added after this
-    call) are given ``extensions.LogReport``'s write: the same log file, one entry at a time (the per-parameter
-    keys would make Chainer's whole-log rewrites grow with the run).
-
-    A second call updates the updater's switches; the TensorBoard writer of the first call is kept.
+    With ``float64: true`` the models and optimizer state are cast to float64 here (one line says so) and
+    float inputs are cast by the converter. A second call updates the switches; the TensorBoard writer of
+    the first call is kept.
     """
     if debug is None:
         debug = DebugConfig()
     elif isinstance(debug, dict):
         debug = DebugConfig.from_dict(debug)
     updater = trainer.updater
+    extensions = compat.trainer_extensions(trainer)
     writer = None
-    if EXTENSION_NAME in trainer._extensions:
+    if EXTENSION_NAME in extensions:
         writer = trainer.get_extension(EXTENSION_NAME).writer
     else:
         logdir = _logdir(trainer, debug)
         if logdir is not None:
             writer = open_writer(logdir)
             trainer.extend(TensorBoardReport(writer), name=EXTENSION_NAME)
+    if not hasattr(updater, "get_all_optimizers"):
+        warnings.warn(f"extensions: {type(updater).__name__} has no get_all_optimizers(): the toolkit cannot "
+                      "reach its optimizers (no statistics, no NaN/Inf guard)", stacklevel=2)
+        return
+    if debug.float64:
+        _cast_float64(updater)
     if isinstance(updater, GradientLoggingMixin):
         updater.debug = debug
-        updater.out = trainer.out
-        updater.writer = writer
-        updater._ext.tb_report = trainer.get_extension(EXTENSION_NAME) if writer is not None else None
-        if SCHEDULE_NAME not in trainer._extensions:
-            trainer.extend(ReportSchedule(), name=SCHEDULE_NAME)
-    elif MONITOR_NAME in trainer._extensions:
-        monitor = trainer.get_extension(MONITOR_NAME)
-        monitor.debug = debug
+        session = updater._ext
+    elif SCHEDULE_NAME in extensions:
+        session = trainer.get_extension(SCHEDULE_NAME).session
+        session.debug = debug
     else:
-        warnings.warn(f"{type(updater).__name__} does not use extensions.GradientLoggingMixin: gradients are "
-                      "logged after the update and NaN/Inf are caught only once the weights are hit; use "
-                      "extensions.GradientLoggingUpdater for the guard, localisation and float64 replay",
-                      stacklevel=2)
-        trainer.extend(PlainUpdaterMonitor(debug, writer), name=MONITOR_NAME)
+        session = Session(updater)
+        session.debug = debug
     if not isinstance(updater, GradientLoggingMixin) and debug.float64:
         updater.converter = float64_converter(updater.converter)
-        check_float64(updater.get_optimizer("main").target)
-    trainer._ext_debug = debug
+        for optimizer in updater.get_all_optimizers().values():
+            check_float64(optimizer.target)
+    session.out = trainer.out
+    session.writer = writer
+    session.tb_report = trainer.get_extension(EXTENSION_NAME) if writer is not None else None
+    for guard in session.guards.values():
+        guard.float64_checked = False
+    guard_optimizers(updater, session)
+    if SCHEDULE_NAME not in extensions:
+        trainer.extend(ReportSchedule(session), name=SCHEDULE_NAME)

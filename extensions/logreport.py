@@ -7,8 +7,7 @@ of a run is quadratic in its length. This subclass encodes each entry once and w
 place of the closing bracket. The file is byte for byte what Chainer's would be; it is written
 whole (atomically, as Chainer does) whenever it is not the file this extension wrote last:
 the first write, after a snapshot was loaded, when someone else changed or removed it, and
-when the file name is a format that changes with the entry. ``install`` gives every plain
-Chainer ``LogReport`` of a trainer this behaviour.
+when the file name is a format that changes with the entry. Use it in place of Chainer's.
 """
 from __future__ import annotations
 
@@ -73,12 +72,3 @@ def _unchanged(path: str, last: tuple[str, int, int, int]) -> bool:
         return False
     return st.st_size == last[1] and st.st_mtime_ns == last[2] and last[1] >= 2
 
-
-def upgrade(trainer: training.Trainer) -> int:
-    """Give every plain Chainer ``LogReport`` of ``trainer`` (not subclasses) this module's write; returns how many."""
-    count = 0
-    for entry in trainer._extensions.values():
-        if type(entry.extension) is training.extensions.LogReport:
-            entry.extension.__class__ = LogReport
-            count += 1
-    return count

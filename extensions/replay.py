@@ -16,6 +16,7 @@ from typing import Any
 import chainer
 import numpy as np
 
+from . import chainer_compat as compat
 from .dtype import cast_floats
 from .stats import all_finite
 
@@ -88,7 +89,7 @@ class _RawReader:
     def create(cls, random_state: Any) -> _RawReader | None:
         """A verified reader for ``random_state`` (NumPy's legacy ``RandomState``), or None."""
         try:
-            bit_generator = random_state._bit_generator
+            bit_generator = compat.bit_generator(random_state)
             if type(bit_generator).__name__ != "MT19937":
                 return None
             state_address = bit_generator.ctypes.state_address
@@ -209,7 +210,7 @@ def quiet_reporter() -> Iterator[None]:
 def _float_persistents(link: chainer.Link) -> list[tuple[chainer.Link, str, Any]]:
     out = []
     for sub in link.links():
-        for name in sorted(sub._persistent):
+        for name in sorted(compat.persistent_names(sub)):
             value = getattr(sub, name, None)
             if hasattr(value, "dtype") and getattr(value, "dtype", None) is not None and value.dtype.kind == "f":
                 out.append((sub, name, value))

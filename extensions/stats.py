@@ -339,24 +339,24 @@ class HostGradients:
     path). Made by ``HostGradients.fitting``, for up to ``MAX_ARRAYS`` arrays under ``BIG`` elements.
     """
 
-    def __init__(self, names: Sequence[str], dtype: Any):
+    def __init__(self, names: Sequence[str], dtype: Any, prefix: str = "grad"):
         self.names = tuple(names)
         self.row_size = 1 + len(STATS) * len(self.names)
         self.kernel = kernels.tuple_table_for(dtype)
         self.types = (np.ndarray,) * len(self.names)
-        self.keys = _report_keys("grad", self.names)  # the reporter keys of a row, in its order
+        self.keys = _report_keys(prefix, self.names)  # the reporter keys of a row, in its order
         self.empty = np.empty(0, dtype)
         self._save: Any = ()  # the last ``save`` handed to the kernel as it is (never None)
 
     @classmethod
-    def fitting(cls, names: Sequence[str], grads: Sequence[Any]) -> HostGradients | None:
+    def fitting(cls, names: Sequence[str], grads: Sequence[Any], prefix: str = "grad") -> HostGradients | None:
         """A pass for ``grads`` if they are all host arrays of one float dtype under ``BIG`` elements, else None."""
         if not grads or set(map(type, grads)) != _HOST_ONLY or len(set(map(_dtype, grads))) != 1:
             return None
         sizes = tuple(map(_size, grads))
         if 0 in sizes or max(sizes) >= BIG or grads[0].dtype.kind != "f" or len(grads) > MAX_ARRAYS:
             return None
-        return cls(names, grads[0].dtype)
+        return cls(names, grads[0].dtype, prefix)
 
     def table(self, grads: Sequence[Any], save: tuple[np.ndarray, np.ndarray] | None = None
               ) -> tuple[float, np.ndarray] | None:

@@ -390,6 +390,9 @@ class TensorBoardReport(training.Extension):
         """Scalars to write with ``iteration``'s observation without putting them in the reporter (the
         updater's gradient statistics on iterations no LogReport writes): a dict, or (tags, floats) with
         the floats as a list or a 1-D array (kept, not copied, until the flush)."""
+        staged = self._staged
+        if staged is not None and staged[0] == iteration:  # several optimizers' statistics in one iteration
+            values = {**_as_dict(staged[1]), **_as_dict(values)}
         self._staged = (iteration, values)
 
     def __call__(self, trainer: training.Trainer) -> None:
@@ -426,6 +429,13 @@ class TensorBoardReport(training.Extension):
     def finalize(self) -> None:
         self.flush()
         self.writer.close()
+
+
+def _as_dict(values: dict[str, Any] | tuple[tuple[str, ...], Any]) -> dict[str, Any]:
+    if isinstance(values, dict):
+        return values
+    tags, row = values
+    return dict(zip(tags, [float(v) for v in row]))
 
 
 def get_writer(trainer: training.Trainer) -> SummaryWriter | None:

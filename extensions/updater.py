@@ -1,19 +1,17 @@
 """The gradient-logging, NaN/Inf-guarding updater: ``GradientLoggingUpdater`` and its mixin.
 
-One iteration, top to bottom (``GradientLoggingMixin.update_core``):
-next batch -> converter (float inputs cast to float64 in float64 mode) -> save the random
-state -> cleargrads -> ``compute_loss`` -> backward -> per-parameter statistics and the guard
-(loss and global gradient norm finite) -> histograms -> copy of weights and optimizer state
-(see ``backup``) and optimizer update, only when finite -> parameters checked after the update
-(restored from the copy if the update made them non-finite). On a failure the iteration is
-replayed (same batch, same pre-update weights, same random state) to localise the birth and to
-replay it in float64, a report and the last good state are written, and the policy (raise,
-warn, skip) decides what happens next.
+One iteration, top to bottom, is StandardUpdater's (``GradientLoggingMixin.update_core``): next batch ->
+converter (float inputs cast to float64 in float64 mode) -> ``optimizer.update(loss_func, *in_arrays)``.
+Inside that call, after backward and before the update rules, the optimizer's first 'pre' hook (see
+``guard``) computes the per-parameter statistics, checks the loss and the global gradient norm, copies the
+weights and optimizer state (see ``backup``) and vetoes the update on a NaN/Inf; its last 'post' hook checks
+the weights and restores them from the copy if the update made them non-finite. On a failure the iteration
+is replayed (same batch, same pre-update weights, same random state) to localise the birth and to replay it
+in float64, a report and the last good state are written, and the policy (raise, warn, skip) decides what
+happens next.
 """
 from __future__ import annotations
 
-import logging
-import math
 from typing import Any
 
 import chainer
@@ -21,42 +19,28 @@ import numpy as np
 from chainer.dataset import convert
 from chainer.training.updaters import StandardUpdater
 
-from .arrays import fast_access, raw_grads
-from .backup import UnsavedUpdateError, UpdateBackup
+from . import chainer_compat as compat
 from .config import DebugConfig
 from .dtype import check_float64, float64_converter
-from .errors import NonFiniteError
-from .localize import Birth, localize
-from .replay import RngState, RngTracker, replay_float64
-from .report import Failure, update_counts, write_report
-from .stats import GradSummary, HostGradients, gradient_summary, nonfinite_counts
-from .tensorboard import add_histograms_safe
-
-logger = logging.getLogger("extensions")
+from .guard import POST_HOOK, PRE_HOOK, Session, guard_optimizers, reached_params
+from .report import Failure
 
 
-class _State:
-    """The mixin's bookkeeping, created lazily so subclasses need not call the mixin's __init__."""
+def _is_device_spec(value: Any) -> bool:
+    """Whether ``value`` is a device specifier (an int, a str, a ``chainer.backend.Device``) rather than a converter."""
+    return isinstance(value, (int, str, chainer.backend.Device)) and not isinstance(value, bool)
 
-    def __init__(self) -> None:
-        self.debug = DebugConfig()
-        self.out: str | None = None
-        self.writer: Any = None
-        self.seeder = np.random.default_rng()
-        # (the target, parameter paths, parameters, whether ``arrays.raw_grads`` may read them)
-        self.table: tuple[Any, list[str], list[chainer.Parameter], bool] | None = None
-        self.float64_checked = False
-        self.failures = 0
-        self.skipped = 0
-        self.last_failure: Failure | None = None
-        self.backup = UpdateBackup()
-        self.rng = RngTracker()
-        # (period, unit) of the trainer's LogReport/PlotReport triggers, found when training starts (see
-        # ``install``); None: hand the statistics to the reporter at every statistics iteration
-        self.log_schedule: list[tuple[float, str]] | None = None
-        self.next_log = 0  # with a schedule in iterations only: no log is written before this iteration
-        self.tb_report: Any = None
-        self.grad_pass: HostGradients | None = None  # the fast gradient pass for this net, once seen
+
+def _seed_form(args: tuple, kwargs: dict) -> tuple:
+    """StandardUpdater's positional arguments, with the seed's ``(iterator, optimizer, device)`` form turned into
+    ``device=``; raises TypeError when a device is given both ways."""
+    if len(args) >= 3 and _is_device_spec(args[2]):
+        if len(args) > 3 or "device" in kwargs:
+            raise TypeError(f"device given twice: {args[2]!r} as the third positional argument (the converter's "
+                            "place) and again as device")
+        kwargs["device"] = args[2]
+        args = args[:2]
+    return args
 
 
 class GradientLoggingMixin:
@@ -85,16 +69,18 @@ class GradientLoggingMixin:
 
     def __init__(self, *args: Any, debug: DebugConfig | None = None, out: str | None = None,
                  writer: Any = None, **kwargs: Any):
+        args = _seed_form(args, kwargs)
         super().__init__(*args, **kwargs)
         self.debug = debug
         self.out = out
         self.writer = writer
+        guard_optimizers(self, self._ext)
 
     @property
-    def _ext(self) -> _State:
+    def _ext(self) -> Session:
         state = self.__dict__.get("_ext_state")
         if state is None:
-            state = self.__dict__["_ext_state"] = _State()
+            state = self.__dict__["_ext_state"] = Session(self)
         return state
 
     @property
@@ -114,7 +100,8 @@ class GradientLoggingMixin:
             self.converter = float64_converter(self.converter)
         elif not value.float64 and base is not None:
             self.converter = base
-        self._ext.float64_checked = False
+        for guard in self._ext.guards.values():
+            guard.float64_checked = False
 
     @property
     def out(self) -> str | None:
@@ -148,7 +135,7 @@ class GradientLoggingMixin:
     def next_batch(self) -> Any:
         """The main iterator's next batch, converted (and cast to float64 in float64 mode)."""
         batch = self.get_iterator("main").next()
-        return convert._call_converter(self.converter, batch, self.input_device)
+        return compat.call_converter(self.converter, batch, self.input_device)
 
     def compute_loss(self, in_arrays: Any) -> chainer.Variable:
         """Forward pass for one iteration on converted arrays; default = StandardUpdater's loss_func(*in_arrays)
@@ -162,7 +149,11 @@ class GradientLoggingMixin:
 
     # -- one iteration ----------------------------------------------------------------
     def update_core(self) -> None:
-        """One guarded, logged training iteration (see the module docstring)."""
+        """One iteration as StandardUpdater's: next batch, converter, ``optimizer.update(loss_func, *in_arrays)``.
+
+        The guard, the statistics and the rollback run inside that call (the optimizer's hooks); the loss the
+        forward pass returns is handed to the guard on the way.
+        """
         iterator = self.get_iterator("main")
         optimizer = self.get_optimizer("main")
         in_arrays = self.next_batch()
@@ -170,203 +161,97 @@ class GradientLoggingMixin:
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
 
-    def _param_table(self, target: chainer.Link) -> tuple[Any, list[str], list[chainer.Parameter], bool]:
-        """(target, parameter paths, parameters, whether ``arrays.raw_grads`` may read them), made once per target."""
-        table = self._ext.table
-        if table is None or table[0] is not target:
-            named = list(target.namedparams(include_uninit=True))
-            params = [p for _, p in named]
-            table = self._ext.table = (target, [n.lstrip("/") for n, _ in named], params, fast_access(params))
-            self._ext.grad_pass = None
-        return table
-
-    def guarded_update(self, optimizer: chainer.Optimizer, in_arrays: Any) -> bool:
-        """Forward, backward, statistics, guard and update on ``in_arrays``; True if the weights were updated."""
-        # on a small net this runs in a millisecond's iteration: each Python call or attribute chain saved is
-        # a visible part of the toolkit's cost, hence the flat code
+    def guarded_update(self, optimizer: chainer.Optimizer, in_arrays: Any) -> None:
+        """``optimizer.update`` on ``in_arrays`` (spread as StandardUpdater spreads them) with the loss recorded
+        and the batch kept for a replay."""
         st = self._ext
         debug = st.debug
         nf = debug.nonfinite
         check = nf.check
-        iteration = self.iteration + 1
         target = optimizer.target
-        table = st.table
-        if table is None or table[0] is not target:  # the cached table, without a call in the common case
-            table = self._param_table(target)
-        names, params = table[1], table[2]
-        rng = st.rng.capture(target.xp, st.seeder) if check and (nf.localize or nf.replay_float64) else None
-
-        unchecked = debug.float64 and not st.float64_checked
-        if unchecked:
+        guard = st.guards.get("main")
+        if guard is None or guard.optimizer is not optimizer:
+            guard = guard_optimizers(self, st).guards["main"]
+        compat.place_hooks(optimizer, PRE_HOOK, POST_HOOK)  # hooks the user added since go after the guard
+        if debug.float64 and not guard.float64_checked:
             check_float64(target)  # before the forward pass, where Chainer's type check would fail first
-        target.cleargrads()
-        loss = self.compute_loss(in_arrays)
-        loss.backward(loss_scale=optimizer._loss_scale)
-        if unchecked:
-            check_float64(target)  # parameters initialised lazily by that forward pass
-            st.float64_checked = True
-        loss_value = _host_scalar(loss.array) if check else math.nan
-        del loss  # free the graph before the update, as Optimizer.update(lossfun) does
-
-        grads_config = debug.gradients
-        every = grads_config.every
-        logged = every > 0 and grads_config.report != "tensorboard" and (
-            st.log_schedule is None or iteration >= st.next_log and self._logged_now(iteration))
-        stats_now = every > 0 and (iteration % every == 0 or (logged and st.log_schedule is not None))
-        backup = st.backup
-        # a small net's pre-update copy rides along the pass over the gradients (see backup.begin)
-        save = backup.begin(params, optimizer) if check else None
-        summary = None
-        total = 0.0
-        if stats_now or check:
-            grads = raw_grads(params) if table[3] else [p.grad for p in params]
-            host = st.grad_pass
-            result = host.table(grads, save) if host is not None else None
-            if result is None:
-                summary = gradient_summary(names, grads, stats_now, save)
-                st.grad_pass = HostGradients.fitting(names, grads)
-                total = summary.sqnorm
-                report = summary.report_array() if summary.has_stats else None
+        rng = st.rng.capture(target.xp, st.seeder) if check and (nf.localize or nf.replay_float64) else None
+        own = type(self).compute_loss is not GradientLoggingMixin.compute_loss
+        lossfun = self.loss_func or target
+        st.context = (self.compute_loss, in_arrays, rng)
+        st.loss = None
+        st.reached = None
+        probe = None
+        if own:
+            lossfun = _Recorded(st, lambda *args, **kwargs: self.compute_loss(in_arrays)) if check else (
+                lambda *args, **kwargs: self.compute_loss(in_arrays))
+        elif check:
+            if isinstance(lossfun, chainer.Link):
+                probe = _LossProbe(st)
+                lossfun.add_hook(probe, _LossProbe.name)
             else:
-                total = result[0]
-                report = (host.keys, result[1])
-            if stats_now and report is not None:
-                if logged:
-                    _report(dict(zip(report[0], report[1].tolist())))
-                elif st.tb_report is not None:
-                    st.tb_report.stage(report, iteration)
-        hist = grads_config.histograms_every
-        if st.writer is not None and hist > 0 and iteration % hist == 0:
-            self._histograms(names, params, iteration)
-
-        updated = True
-        if not check:
-            optimizer.update()
-        elif not (math.isfinite(loss_value) and math.isfinite(total)):
-            updated = False
-            if summary is None:
-                summary = gradient_summary(names, grads, True)
-            trigger = (f"loss is {loss_value}" if not math.isfinite(loss_value)
-                       else f"global gradient norm is {summary.global_norm}")
-            self._on_nonfinite(optimizer, in_arrays, rng, trigger, "forward" if
-                               not math.isfinite(loss_value) else "backward", loss_value, summary, {})
-        else:
-            if save is None:  # |g| <= the global norm: the bound under which rules may show the update stays finite
-                backup.finish(params, optimizer, math.sqrt(total) * (1 + 1e-9))
-            optimizer._ext_grad_sqnorm = (optimizer.t, total)
-            if backup.delegated:
-                try:
-                    optimizer.update()
-                finally:
-                    backup.settle()
+                lossfun = _Recorded(st, lossfun)
+        try:
+            if isinstance(in_arrays, tuple):
+                optimizer.update(lossfun, *in_arrays)
+            elif isinstance(in_arrays, dict):
+                optimizer.update(lossfun, **in_arrays)
             else:
-                optimizer.update()
-            if not backup.params_finite(params):
-                updated = False
-                bad = nonfinite_counts(names, [p.array for p in params])
-                try:
-                    backup.restore(optimizer)
-                except UnsavedUpdateError as e:  # nothing to restore: say where, and stop
-                    raise UnsavedUpdateError(f"iteration {iteration}: {', '.join(bad)} non-finite after the "
-                                             f"update; {e}") from None
-                # the gradients as they were before the update (its hooks may have changed them since)
-                before = summary or GradSummary(total, tuple(names))
-                self._on_nonfinite(optimizer, in_arrays, None, "parameters after the update", "update",
-                                   loss_value, before, bad)
-        if grads_config.print:
-            for name, param in target.namedparams(include_uninit=False):
-                print(name, param.grad)
-        return updated
-
-    def _logged_now(self, iteration: int) -> bool:
-        """Whether a LogReport/PlotReport of the schedule will write after this iteration's update."""
-        schedule = self._ext.log_schedule or ()
-        logged = False
-        for period, unit in schedule:
-            if unit == "iteration":
-                if (iteration - 1) // period != iteration // period:
-                    logged = True
-                continue
-            try:
-                current, previous = self.epoch_detail, self.previous_epoch_detail
-            except AttributeError:  # an iterator without epochs: report rather than miss the log
-                return True
-            if (previous or 0.0) // period != current // period:
-                return True
-        if schedule and all(unit == "iteration" and float(period).is_integer() for period, unit in schedule):
-            # the next iteration any of them writes: nothing to ask before it
-            self._ext.next_log = min(math.ceil((iteration // period + 1) * period) for period, _ in schedule)
-        return logged
-
-    def _histograms(self, names: list[str], params: list[chainer.Parameter], step: int) -> None:
-        arrays = {f"grad/{name}": p.grad for name, p in zip(names, params) if p.grad is not None}
-        arrays.update((f"param/{name}", p.array) for name, p in zip(names, params) if p.array is not None)
-        add_histograms_safe(self.writer, arrays, step)
-
-    # -- failure path -------------------------------------------------------------------
-    def _on_nonfinite(self, optimizer: chainer.Optimizer, in_arrays: Any, rng: RngState | None, trigger: str,
-                      stage: str, loss_value: float | None, summary: GradSummary,
-                      params_nonfinite: dict[str, tuple[int, int]]) -> None:
-        st, nf = self._ext, self._ext.debug.nonfinite
-        st.failures += 1
-        iteration = self.iteration + 1
-        target = optimizer.target
-        out = st.out or "result"
-        if nf.policy != "raise":
-            st.skipped += 1
-            chainer.reporter.report({"nonfinite/skipped": float(st.skipped)})
-        if nf.policy == "skip" and st.failures > 1:
-            update_counts(out, st.skipped, st.failures, iteration)
-            return
-
-        _, names, params, _ = self._param_table(target)
-        grads_nonfinite = summary.nonfinite or nonfinite_counts(names, [p.grad for p in params])
-        birth: Birth | None = None
-        replay_loss = None
-        if stage == "update":
-            bad = sorted(params_nonfinite)
-            rule = type(params[names.index(bad[0])].update_rule).__name__ if bad else None
-            birth = Birth("update", "nan" if any(n for n, _ in params_nonfinite.values()) else "inf",
-                          bad[0].rpartition("/")[0] or "/" if bad else None, rule, None)
-        elif nf.localize:
-            birth, replay_loss = localize(self.compute_loss, in_arrays, target, rng, nf.allow_inf_in,
-                                          optimizer._loss_scale)
-        verdict = detail = None
-        if nf.replay_float64 and stage != "update":
-            result = replay_float64(self.compute_loss, in_arrays, target, rng)
-            verdict, detail = result.verdict, result.detail
-        failure = Failure(
-            iteration=iteration, where=birth.where if birth else stage, trigger=trigger, policy=nf.policy,
-            loss=loss_value, replay_loss=replay_loss, global_norm=summary.global_norm,
-            grads_nonfinite=grads_nonfinite,
-            params_nonfinite=params_nonfinite, missing_grads=summary.missing, birth=birth,
-            verdict=verdict, verdict_detail=detail, skipped=st.skipped, failures=st.failures)
-        report_path = write_report(out, failure, target, optimizer, in_arrays)
-        st.last_failure = failure
-        if nf.policy == "raise":
-            raise NonFiniteError(failure.headline(), iteration=iteration, where=failure.where, link=failure.link,
-                                 function=failure.function, verdict=verdict, report_path=report_path)
-        if nf.policy == "warn":
-            logger.warning("update skipped:\n%s", failure.to_text())
+                optimizer.update(lossfun, in_arrays)
+        finally:
+            if probe is not None:
+                lossfun.delete_hook(_LossProbe.name)
+            st.context = None
+            st.loss = None
+            st.reached = None
 
     def serialize(self, serializer: Any) -> None:
-        """Serialise the updater as StandardUpdater does, plus the toolkit's skip counters."""
+        """Serialise the updater as StandardUpdater does, plus the toolkit's skip counters (under ``ext_nonfinite``)."""
         super().serialize(serializer)
         st = self._ext
+        sub = serializer["ext_nonfinite"]
         try:
-            st.failures = int(serializer("ext_nonfinite_failures", st.failures))
-            st.skipped = int(serializer("ext_nonfinite_skipped", st.skipped))
+            failures = sub("failures", st.failures)
+            skipped = sub("skipped", st.skipped)
         except KeyError:  # a snapshot written without the toolkit
-            pass
+            return
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            st.failures, st.skipped = int(failures), int(skipped)
 
 
-def _report(values: dict[str, float]) -> None:
-    """``chainer.reporter.report(values)`` for plain floats, without its per-value Variable copy."""
-    try:
-        reporter = chainer.reporter.get_current_reporter()
-    except IndexError:  # outside any reporter scope, as report() would be: nothing to do
-        return
-    reporter.observation.update(values)
+class _LossProbe(chainer.LinkHook):
+    """Link hook on the loss Link during one ``optimizer.update``: hands the loss it returns to the guard."""
+
+    name = "ext_loss_probe"
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def forward_postprocess(self, args: Any) -> None:
+        if args.link is not None and self.session.loss is None:
+            _record(self.session, args.out)
+
+
+class _Recorded:
+    """A loss function that hands the loss it returns to the guard."""
+
+    def __init__(self, session: Session, lossfun: Any):
+        self.session, self.lossfun = session, lossfun
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        loss = self.lossfun(*args, **kwargs)
+        _record(self.session, loss)
+        return loss
+
+
+def _record(session: Session, loss: Any) -> None:
+    """Hand the loss's value (and, at statistics iterations, the parameters its graph reaches) to the guard."""
+    if isinstance(loss, chainer.Variable):
+        session.loss = _host_scalar(loss.array)
+        if session.stats_due(session.updater.iteration + 1)[1]:
+            session.reached = reached_params(loss)
+    else:
+        session.loss = _host_scalar(loss)
 
 
 def _host_scalar(a: Any) -> float:
@@ -376,16 +261,22 @@ def _host_scalar(a: Any) -> float:
 
 
 class GradientLoggingUpdater(GradientLoggingMixin, StandardUpdater):
-    """A StandardUpdater with per-parameter gradient logging, float64 mode and NaN/Inf guards.
+    """A drop-in ``StandardUpdater`` (same arguments) with gradient logging, float64 mode and NaN/Inf guards.
 
-    ``GradientLoggingUpdater(train_iter, optimizer, device)`` (the seed's form) works;
-    ``debug`` is an ``extensions.DebugConfig`` (or its dict), usually set by ``extensions.install``.
+    The seed's form ``GradientLoggingUpdater(train_iter, optimizer, device)`` works too: a device specifier
+    (int, str, ``chainer.backend.Device``) as the third positional argument is the device, a callable the
+    converter. ``debug`` is an ``extensions.DebugConfig`` (or its dict), usually set by ``extensions.install``.
     """
 
-    def __init__(self, iterator: Any, optimizer: Any, device: Any = -1, *, debug: DebugConfig | None = None,
-                 converter: Any = convert.concat_examples, loss_func: Any = None, loss_scale: float | None = None,
-                 auto_new_epoch: bool = True, out: str | None = None, writer: Any = None,
-                 input_device: Any = None):
+    def __init__(self, iterator: Any, optimizer: Any, converter: Any = convert.concat_examples, device: Any = None,
+                 loss_func: Any = None, loss_scale: float | None = None, auto_new_epoch: bool = True, *,
+                 input_device: Any = None, debug: DebugConfig | None = None, out: str | None = None,
+                 writer: Any = None):
+        if _is_device_spec(converter):
+            if device is not None:
+                raise TypeError(f"device given twice: {converter!r} as the third positional argument (the "
+                                f"converter's place) and {device!r} as device")
+            converter, device = convert.concat_examples, converter
         super().__init__(iterator, optimizer, converter=converter, device=device, loss_func=loss_func,
                          loss_scale=loss_scale, auto_new_epoch=auto_new_epoch, input_device=input_device,
                          debug=debug, out=out, writer=writer)

@@ -38,3 +38,27 @@ def test_nothing_is_replaced_where_numpy_has_distutils():
         return
     assert chainer_compat.shield_numpy_distutils() is False
     assert not (importlib.import_module("numpy.distutils").__doc__ or "").startswith("Stand-in")
+
+
+def test_installed_versions_are_ones_the_compat_module_knows():
+    """Every private internal the toolkit reads is in chainer_compat, written against these versions: a new
+    release fails here until someone has checked those internals and added it to ``KNOWN_VERSIONS``."""
+    unknown = chainer_compat.check_versions()
+    assert not unknown, f"extensions.chainer_compat has not been checked against: {'; '.join(unknown)}"
+
+
+def test_compat_reaches_what_it_names():
+    import chainer
+
+    model = chainer.links.Linear(2, 1)
+    opt = chainer.optimizers.SGD()
+    opt.setup(model)
+    opt.add_hook(chainer.optimizer_hooks.WeightDecay(1e-4))
+    pre, post = chainer_compat.hook_dicts(opt)
+    assert list(pre) == ["WeightDecay"] and not post
+    assert chainer_compat.loss_scale(opt) is None
+    assert not chainer_compat.update_vetoed(opt)
+    chainer_compat.veto_update(opt)
+    assert chainer_compat.update_vetoed(opt)
+    chainer_compat.clear_veto(opt)
+    assert not chainer_compat.update_vetoed(opt)

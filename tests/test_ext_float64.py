@@ -61,8 +61,27 @@ def test_float64_end_to_end_from_yaml(tmp_path):
     assert all(v.dtype == np.float64 for p in model.params() for v in p.update_rule.state.values())
 
 
-def test_float32_parameter_in_float64_mode_is_named(tmp_path):
+def test_float32_model_trains_in_float64_from_the_yaml_switch_alone(tmp_path, caplog):
+    """No set_float64, no cast_link: ``float64: true`` makes install cast the model and Adam's state, in one line."""
+    caplog.set_level("WARNING", logger="extensions")
+    trainer, model, opt = build({"tensorboard": {"logdir": False}}, tmp_path, iterations=1)
+    trainer.run()  # float32 training first: Adam's state exists and must be cast too
+    assert model.l1.W.array.dtype == np.float32
+    trainer2 = chainer.training.Trainer(trainer.updater, (4, "iteration"), out=str(tmp_path / "b"))
+    ext.install(trainer2, {"float64": True, "tensorboard": {"logdir": False}})
+    lines = [r.getMessage() for r in caplog.records if "float64" in r.getMessage()]
+    assert len(lines) == 1 and "main (4 parameter(s))" in lines[0] and "\n" not in lines[0]
+    trainer2.run()
+    assert model.fed[-1] == (np.float64, np.int32)
+    assert all(p.array.dtype == np.float64 and p.grad.dtype == np.float64 for p in model.params())
+    assert all(v.dtype == np.float64 for p in model.params() for v in p.update_rule.state.values())
+
+
+def test_float32_parameter_it_cannot_cast_is_named(tmp_path):
+    """A parameter made float32 after install (out of its reach) stops training with an error naming it."""
     trainer, model, _ = build({"float64": True, "tensorboard": {"logdir": False}}, tmp_path)
+    model.l1.W.array = model.l1.W.array.astype(np.float32)
+    model.l2.b.array = model.l2.b.array.astype(np.float32)
     with pytest.raises(ext.Float64Error) as info:
         trainer.run(show_loop_exception_msg=False)
     message = str(info.value)

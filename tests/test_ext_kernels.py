@@ -142,7 +142,7 @@ def test_toolkit_rolls_back_a_small_net_on_either_path(tmp_path, kernel_kind):
                                          debug=ext.DebugConfig.from_dict({"nonfinite": {"policy": "skip"}}))
     for _ in range(3):
         updater.update()
-    assert updater._ext.backup.watch is not None  # the arena is in use
+    assert updater._ext.guards["main"].backup.watch is not None  # the arena is in use
     before = {n: (p.array.copy(), p.update_rule.state["m"].copy(), p.update_rule.t) for n, p in model.namedparams()}
     opt.alpha = 1e39
     updater.update()
@@ -175,7 +175,7 @@ def test_arena_follows_new_update_rules(tmp_path):
     updater.update()
     rules = [p.update_rule for p in model.params()]
     assert all(a is not b for a, b in zip(rules, old_rules))
-    arena = updater._ext.backup.arena[np.dtype(np.float32)]
+    arena = updater._ext.guards["main"].backup.arena[np.dtype(np.float32)]
     assert all(r.state["v"].base is arena for r in rules)
     before = [(p.array.copy(), p.update_rule.state["v"].copy(), p.update_rule.t) for p in model.params()]
     opt2.alpha = 1e39

@@ -384,7 +384,7 @@ def test_small_net_arrays_live_in_one_arena_and_a_replaced_array_is_followed(tmp
     w_before = model.l1.W.array.copy()
     updater.update()  # Adam's state is created by this update: the next one lays it out
     updater.update()
-    arena = updater._ext.backup.arena[np.dtype(np.float32)]
+    arena = updater._ext.guards["main"].backup.arena[np.dtype(np.float32)]
     for p in model.params():
         assert p.array.base is arena and p.update_rule.state["m"].base is arena
     assert np.abs(model.l1.W.array - w_before).max() < 1e-2  # trained from its values, not from zeros
@@ -396,7 +396,7 @@ def test_small_net_arrays_live_in_one_arena_and_a_replaced_array_is_followed(tmp
     updater.update()
     assert updater.skipped == 1 and model.l2.W.array is not replaced  # laid out again, values kept
     np.testing.assert_array_equal(model.l2.W.array, expected)
-    assert model.l2.W.array.base is updater._ext.backup.arena[np.dtype(np.float32)]
+    assert model.l2.W.array.base is updater._ext.guards["main"].backup.arena[np.dtype(np.float32)]
 
 
 class _WritesWeights:
@@ -482,10 +482,12 @@ def test_update_shown_to_stay_finite_is_not_copied_and_trains_as_without_the_too
     monkeypatch.setattr(backup, "ARENA_BYTES", 0)  # the path of big nets
     model, opt, updater = _wide_skipping(tmp_path, FastAdam(1e-3))
     plain, plain_opt, _ = _wide_skipping(tmp_path / "plain", FastAdam(1e-3))
+    plain_opt.remove_hook("ext_guard")  # the guard lives in the optimizer: FastAdam alone is without it
+    plain_opt.remove_hook("ext_guard_post")
     data = updater.get_iterator("main").dataset
     updater._iterators["main"] = chainer.iterators.SerialIterator(data, 10, shuffle=False)
     plain_it = chainer.iterators.SerialIterator(data, 10, shuffle=False)
-    bk = updater._ext.backup
+    bk = updater._ext.guards["main"].backup
     copied = []
     orig = backup.UpdateBackup._copy
     monkeypatch.setattr(backup.UpdateBackup, "_copy", lambda self, skip: copied.append(1) or orig(self, skip))
@@ -553,12 +555,12 @@ def test_rule_that_replaces_its_arrays_is_rolled_back_onto_them(tmp_path, steps)
     model, opt, updater = _wide_skipping(tmp_path, _ReplacingSGD(1e-3))
     for _ in range(steps):
         updater.update()
-    assert bool(updater._ext.backup.arena) == (steps == 1)
+    assert bool(updater._ext.guards["main"].backup.arena) == (steps == 1)
     before = {n: (p.array, p.array.copy()) for n, p in model.namedparams()}
     opt.lr = 1e39
     updater.update()
     assert updater.skipped == 1
-    arena = updater._ext.backup.arena.get(np.dtype(np.float32))
+    arena = updater._ext.guards["main"].backup.arena.get(np.dtype(np.float32))
     for name, p in model.namedparams():  # the model's own arrays again (laid out anew in the arena at step 1)
         assert p.array is before[name][0] if arena is None else p.array.base is arena
         np.testing.assert_array_equal(p.array, before[name][1])

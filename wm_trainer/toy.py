@@ -89,7 +89,7 @@ def _train(model: chainer.Chain, x: np.ndarray, y: np.ndarray, toy: ToyConfig, d
     trainer = chainer.training.Trainer(updater, (toy.iterations, "iteration"), out=str(out))
     ext.install(trainer, debug)
     log_every = max(1, toy.iterations // 10)
-    trainer.extend(chainer.training.extensions.LogReport(trigger=(log_every, "iteration")))
+    trainer.extend(ext.LogReport(trigger=(log_every, "iteration")))
     trainer.extend(chainer.training.extensions.ProgressBar(
         training_length=(toy.iterations, "iteration"), update_interval=max(1, toy.iterations // 100)))
     print(f"training the {label} network ({toy.iterations} iterations)")

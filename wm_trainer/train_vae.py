@@ -112,7 +112,7 @@ def add_common_extensions(trainer: training.Trainer, *, total: int, snapshot_eve
     trainer.extend(GlobalRNGState(), name="global_rng")
     trainer.extend(ext.snapshot(savefun=save_npz_fast, filename=SNAPSHOT_NAME, autoload=True, n_retains=2),
                    trigger=snapshot_trigger(snapshot_every, total), name="snapshot")
-    trainer.extend(T.LogReport(trigger=(max(1, min(log_every, total)), "iteration")), name="log")
+    trainer.extend(ext.LogReport(trigger=(max(1, min(log_every, total)), "iteration")), name="log")
     trainer.extend(TqdmProgress(total, desc), name="progress")
 
 
@@ -170,7 +170,7 @@ def train_vae(cfg) -> Path:
                                 seed=cfg.experiment.seed)
     optimizer = ops.make_adam(alpha=cfg.vae.lr)
     optimizer.setup(model)
-    updater = ext.GradientLoggingUpdater(loader, optimizer, device, debug=cfg.debug,
+    updater = ext.GradientLoggingUpdater(loader, optimizer, device=device, debug=cfg.debug,
                                          converter=frames_converter, loss_func=model.loss)
     total = vae_iterations(cfg, n_frames)
     trainer = training.Trainer(updater, (total, "iteration"), out=str(paths.vae_dir))
