@@ -19,8 +19,10 @@ import extensions as ext
 from wm_trainer import gpu_compat
 from wm_trainer.dream import DreamEnv
 from wm_trainer.errors import UserError
+from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
 from wm_trainer.mdn import mdn_sample
-from wm_trainer.memory import MDNRNN, LatentSet, MDNRNNUpdater, SequenceIterator, sequence_converter
+from wm_trainer.mdnrnn_updater import MDNRNNUpdater
+from wm_trainer.memory import MDNRNN
 from wm_trainer.vision import ConvVAE, frames_converter
 
 

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from wm_trainer import cli
-from wm_trainer.memory import MDNRNN, LatentSet, SequenceIterator, sequence_converter, weighted_sigmoid_bce
+from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
+from wm_trainer.mdnrnn_updater import MDNRNNUpdater
+from wm_trainer.memory import MDNRNN, weighted_sigmoid_bce
 from wm_trainer.storage import RunPaths, atomic_savez
 
 
@@ -118,8 +120,6 @@ def test_window_iterator_resumes_from_its_serialized_lanes():
 def test_updater_starts_each_window_from_the_state_its_episode_reached():
     """Stateful BPTT: a window's start state is the one the whole episode so far leads to; zero at a start."""
     from wm_trainer.config import Config
-    from wm_trainer.memory import MDNRNNUpdater
-
     data = LatentSet(_two_mode_episodes(3, 20, 2, seed=0))
     np.random.seed(0)
     model = MDNRNN(2, 1, hidden=8, mixtures=2, done_head=True)
@@ -203,8 +203,6 @@ def _weights(path) -> dict[str, np.ndarray]:
 
 
 def test_train_mdnrnn_cli_resumes_the_same_run(tmp_path, monkeypatch):
-    from wm_trainer.memory import MDNRNNUpdater
-
     full = _latents_run(tmp_path, 6, "full")
     assert cli.main(["train-mdnrnn", "-c", full]) == 0
     part = _latents_run(tmp_path, 4, "part")
@@ -227,8 +225,6 @@ def test_bptt_updater_reports_per_parameter_gradients(tmp_path):
     ext = pytest.importorskip("extensions")
     assert hasattr(ext, "GradientLoggingMixin")
     from wm_trainer.config import load_config
-    from wm_trainer.memory import MDNRNNUpdater
-
     cfg = load_config(_latents_run(tmp_path, 2))
     data = LatentSet.from_folder(RunPaths(cfg.run_dir).latents)
     model = MDNRNN(4, 1, hidden=8, mixtures=2, done_head=True)

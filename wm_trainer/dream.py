@@ -21,7 +21,8 @@ import chainer
 import numpy as np
 
 from .errors import UserError
-from .memory import MDNRNN, list_latents
+from .latents import list_latents
+from .memory import MDNRNN
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -198,7 +198,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         select_z = initial_pool[select_rng.integers(len(initial_pool), size=cc.select_rollouts)]
         calibration = folder / CALIBRATION_FILE
         if not calibration.is_file():
-            from .memory import latent_lengths
+            from .latents import latent_lengths
 
             cal = dream_calibration(dream, cfg.env.id, select_z, latent_lengths(paths.latents), cfg.collect.repeat_prob,
                                     max_steps, seed=cfg.experiment.seed * 100_003 + 99_989)
