@@ -76,10 +76,8 @@ def _train(cfg_path, out, *sets):
     assert main(args) == 0
 
 
-def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path):
+def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path, make_tiny_run):
     import json
-
-    from test_rollout import make_tiny_run
 
     from wm_trainer.storage import RunPaths
 
@@ -105,9 +103,7 @@ def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path):
     assert list((a.controller_dir / "tb").glob("events.out.tfevents.*"))
 
 
-def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys):
-    from test_rollout import make_tiny_run
-
+def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys, make_tiny_run):
     from wm_trainer.cli import main
 
     cfg_path, _ = make_tiny_run(tmp_path)
@@ -118,10 +114,8 @@ def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys):
     assert "population 4" in capsys.readouterr().err
 
 
-def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path):
+def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path, make_tiny_run):
     import json
-
-    from test_rollout import make_tiny_run
 
     from wm_trainer.storage import RunPaths
 
@@ -197,9 +191,8 @@ def _rows(run_dir):
     return json.loads((RunPaths(run_dir).controller_dir / "log.json").read_text())
 
 
-def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_chooses(tmp_path, monkeypatch):
-    from test_rollout import make_tiny_run
-
+def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_chooses(tmp_path, monkeypatch,
+                                                                                   make_tiny_run):
     import wm_trainer.rollout
     from wm_trainer.cmaes import CMAES
     from wm_trainer.storage import RunPaths
@@ -249,9 +242,7 @@ def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_choo
             np.testing.assert_allclose(params[0], want.astype(np.float32))
 
 
-def test_selection_stops_once_the_mean_survives_every_dream(tmp_path):
-    from test_rollout import make_tiny_run
-
+def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_run):
     from wm_trainer.storage import RunPaths
 
     cfg_path, cfg = make_tiny_run(tmp_path)

@@ -271,10 +271,8 @@ def test_dream_on_gpu_matches_the_cpu_dream(gpu):
     np.testing.assert_array_equal((logit > 0)[clear], d_c[clear])
 
 
-def test_cli_stages_with_device_0_train_on_the_gpu(tmp_path):
+def test_cli_stages_with_device_0_train_on_the_gpu(tmp_path, make_episodes, write_config):
     """`--device 0` on train-vae, encode, train-mdnrnn and train-controller: the user's way onto the GPU."""
-    from test_vision import make_episodes, write_config
-
     from wm_trainer import cli
     from wm_trainer.encode import encode_frames
     from wm_trainer.storage import RunPaths
