@@ -247,11 +247,12 @@ def test_dream_on_gpu_matches_the_cpu_dream(gpu):
 
     # train-controller's dream: DreamEnv and the per-agent controllers on the GPU, the same fitness as on the CPU
     from wm_trainer.controller import Controller
-    from wm_trainer.train_controller import dream_fitness
+    from wm_trainer.train_controller import dream_returns
 
     ctrl = Controller(8, 32, 3)
     population = 0.5 * rng.standard_normal((16, ctrl.n_params)).astype(np.float32)
-    fit = {name: dream_fitness(model, ctrl, population, 2, np.repeat(z0[:16], 2, axis=0), 1.15, 30, seed=4)
+    fit = {name: dream_returns(model, ctrl, np.repeat(population, 2, axis=0), np.repeat(z0[:16], 2, axis=0), 1.15,
+                               30, seed=4).reshape(16, 2).mean(axis=1)
            for name, model in (("cpu", cpu_model), ("gpu", gpu_model))}
     np.testing.assert_array_equal(fit["gpu"], fit["cpu"])
     assert 1 < fit["cpu"].mean() < 30  # some agents end early, so the comparison says something

@@ -108,13 +108,6 @@ def atomic_savez(path: str | os.PathLike, compress: bool = False, **arrays: Any)
     return _atomic(Path(path), lambda f: save(f, **arrays))
 
 
-def atomic_save_npz(path: str | os.PathLike, obj: Any) -> Path:
-    """``chainer.serializers.save_npz`` atomically (a Link, Optimizer or Trainer)."""
-    import chainer
-
-    return _atomic(Path(path), lambda f: chainer.serializers.save_npz(f, obj))
-
-
 def load_weights(path: str | os.PathLike, model: Any, *, missing: str, mismatch: str) -> Any:
     """Load ``chainer.serializers.load_npz`` weights into ``model``; a missing or mismatched file is a UserError.
 

@@ -64,16 +64,6 @@ def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = Non
     return returns
 
 
-def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episodes: int, initial_z: np.ndarray,
-                  temperature: float, max_steps: int, seed: int, done_mode: str = "threshold",
-                  device=None, action_map: Callable | None = None) -> np.ndarray:
-    """Mean steps survived per candidate: all population x episodes agents in one batched dream rollout."""
-    params = np.repeat(np.asarray(population, np.float32), episodes, axis=0)
-    rets = dream_returns(mdnrnn, ctrl, params, initial_z, temperature, max_steps, seed, done_mode, device,
-                         action_map)
-    return rets.reshape(len(population), episodes).mean(axis=1)
-
-
 def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_lengths: np.ndarray,
                       repeat_prob: float, max_steps: int, seed: int) -> dict:
     """The sticky random collection policy in the dream beside its real episodes (both capped at ``max_steps``).
