@@ -378,7 +378,7 @@ def _host_scalar(a: Any) -> float:
 class GradientLoggingUpdater(GradientLoggingMixin, StandardUpdater):
     """A StandardUpdater with per-parameter gradient logging, float64 mode and NaN/Inf guards.
 
-    ``GradientLoggingUpdater(train_iter, optimizer, device)`` (the seed's form) works;
+    ``GradientLoggingUpdater(train_iter, optimizer, device)`` (as the MDN blog post builds its updater) works;
     ``debug`` is an ``extensions.DebugConfig`` (or its dict), usually set by ``extensions.install``.
     """
 

@@ -1,4 +1,4 @@
-"""The seed's MDN toy: invert x = y + 0.3 sin(2 pi y) + noise, where one x has up to three y.
+"""The Chainer MDN blog post's toy: invert x = y + 0.3 sin(2 pi y) + noise, where one x has up to three y.
 
 An MSE network learns the average of the branches; an MDN learns the distribution. Both
 train under ``chainer.training.Trainer`` through the toolkit, so ``debug:`` and
