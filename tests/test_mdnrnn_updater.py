@@ -4,7 +4,6 @@ from __future__ import annotations
 import chainer
 import chainer.functions as F
 import numpy as np
-import pytest
 
 from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
 from wm_trainer.mdnrnn_updater import MDNRNNUpdater
@@ -49,9 +48,8 @@ def test_updater_starts_each_window_from_the_state_its_episode_reached(two_mode_
 
 
 def test_bptt_updater_reports_per_parameter_gradients(tmp_path, latents_run):
-    ext = pytest.importorskip("extensions")
-    assert hasattr(ext, "GradientLoggingMixin")
     from wm_trainer.config import load_config
+
     cfg = load_config(latents_run(tmp_path, 2))
     data = LatentSet.from_folder(RunPaths(cfg.run_dir).latents)
     model = MDNRNN(4, 1, hidden=8, mixtures=2, done_head=True)

@@ -174,7 +174,7 @@ def run_toy(cfg: Config) -> dict:
         "mse_nll_test": _gaussian_nll(pred_test - y_test, fit_var),
         "mse_residual_var": fit_var,
         "mixtures": toy.mixtures,
-        "float64": debug.float64,
+        "param_dtypes": sorted({p.dtype.name for net in (mse, mdn) for p in net.params()}),
         **_coverage(mdn, toy, rng, dtype),
         "data_near_branch": data_near_branch(x_test, y_test),
     }
