@@ -1,4 +1,8 @@
-"""M's updater: stateful truncated BPTT over the iterator's lanes, with the toolkit's gradients and guards."""
+"""M's updater: stateful truncated BPTT over the iterator's lanes, with the toolkit's gradients and guards.
+
+The LSTM state is carried from one window of an episode to the next and is zero at the episode's start, as
+in the dream; gradients flow back through each window only, as the paper's doomrnn trained its chunks.
+"""
 from __future__ import annotations
 
 import chainer
