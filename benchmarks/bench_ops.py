@@ -155,7 +155,6 @@ class ChainerMDNRNN(chainer.Chain):
 
     def loss(self, x, target):
         """Mean MDN NLL of target (N, T, z) given inputs x (N, T, z + a)."""
-        from wm_trainer import mdn
         from wm_trainer.ops import mdn_loss
         from wm_trainer.ops.lstm import lstm_sequence, lstm_sequence_reference
 
@@ -166,7 +165,7 @@ class ChainerMDNRNN(chainer.Chain):
         hs = F.reshape(hs, (n * t, self.hidden))
         if self.fast:  # as wm_trainer.memory.MDNRNN.loss: the head's packed output, no split
             return mdn_loss.mdn_nll_packed(self.mdn.packed(hs), target.reshape(n * t, -1), self.mdn.mixtures)
-        return mdn.mdn_nll(*self.mdn(hs), target.reshape(n * t, -1))
+        return mdn_loss.stock_mdn_nll(*self.mdn(hs), target.reshape(n * t, -1))
 
 
 def build_torch_mdnrnn(z: int = Z, action: int = ACTION, hidden: int = HIDDEN, mixtures: int = MIXTURES):

@@ -50,7 +50,8 @@ def _vae_side(out: str, debug: dict | None, dtype=np.float32):
 
 def _mdnrnn_side(out: str, debug: dict | None, dtype=np.float32):
     """M (LSTM 256, z 32, a 3, K 5), batch 100 windows of 100 steps from synthetic latents."""
-    from wm_trainer.memory import MDNRNN, LatentSet, SequenceIterator, sequence_converter
+    from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
+    from wm_trainer.memory import MDNRNN
 
     rng = np.random.default_rng(0)
     eps = [{"mu": rng.standard_normal((300, 32)).astype(np.float32),
@@ -69,7 +70,7 @@ def _make_stepper(net: str, kind: str, out: str, float64: bool = False) -> Train
     """A stepper for ``net``: ``plain`` StandardUpdater, ``stats`` (guard + per-param stats every iteration,
     no histograms) or ``hist`` (the same + histograms every 100)."""
     import extensions as ext
-    from wm_trainer.memory import MDNRNNUpdater
+    from wm_trainer.mdnrnn_updater import MDNRNNUpdater
 
     ext.set_float64(float64)
     np.random.seed(0)

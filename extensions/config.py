@@ -14,7 +14,7 @@ class GradientsConfig:
 
     every: int = field(1, min=0, help="per-parameter gradient stats every N iterations (0 = off)")
     histograms_every: int = field(100, min=0, help="gradient and weight histograms every N iterations (0 = off)")
-    print: bool = field(False, help="print(name, param.grad) after each update, as the seed's updater did")
+    print: bool = field(False, help="print(name, param.grad) after each update (the MDN blog post's updater)")
     report: Literal["logged", "every", "tensorboard"] = field(
         "logged", help="logged: the reporter gets the stats of each iteration LogReport/PlotReport write (their "
         "log shows that iteration's values, not an interval average); TensorBoard gets every N. every: the "

@@ -1,6 +1,6 @@
 """float64 troubleshooting mode: the global dtype switch, casting Links and batches, and the check.
 
-Chainer's ``global_config.dtype`` (the seed's recipe) only reaches parameters whose
+Chainer's ``global_config.dtype`` (the Chainer MDN blog post's float64 recipe) only reaches parameters whose
 initializer asks for the default dtype; ``add_param`` and explicit arrays stay float32. So
 float64 mode is three parts: the switch before models are built, a converter that casts
 float inputs, and a check that names every parameter that is still not float64.

@@ -31,8 +31,8 @@ def _is_device_spec(value: Any) -> bool:
     return isinstance(value, (int, str, chainer.backend.Device)) and not isinstance(value, bool)
 
 
-def _seed_form(args: tuple, kwargs: dict) -> tuple:
-    """StandardUpdater's positional arguments, with the seed's ``(iterator, optimizer, device)`` form turned into
+def _device_form(args: tuple, kwargs: dict) -> tuple:
+    """StandardUpdater's positional arguments, with the MDN blog post's ``(iterator, optimizer, device)`` form turned into
     ``device=``; raises TypeError when a device is given both ways."""
     if len(args) >= 3 and _is_device_spec(args[2]):
         if len(args) > 3 or "device" in kwargs:
@@ -69,7 +69,7 @@ class GradientLoggingMixin:
 
     def __init__(self, *args: Any, debug: DebugConfig | None = None, out: str | None = None,
                  writer: Any = None, **kwargs: Any):
-        args = _seed_form(args, kwargs)
+        args = _device_form(args, kwargs)
         super().__init__(*args, **kwargs)
         self.debug = debug
         self.out = out
@@ -263,9 +263,9 @@ def _host_scalar(a: Any) -> float:
 class GradientLoggingUpdater(GradientLoggingMixin, StandardUpdater):
     """A drop-in ``StandardUpdater`` (same arguments) with gradient logging, float64 mode and NaN/Inf guards.
 
-    The seed's form ``GradientLoggingUpdater(train_iter, optimizer, device)`` works too: a device specifier
-    (int, str, ``chainer.backend.Device``) as the third positional argument is the device, a callable the
-    converter. ``debug`` is an ``extensions.DebugConfig`` (or its dict), usually set by ``extensions.install``.
+    The MDN blog post's form ``GradientLoggingUpdater(train_iter, optimizer, device)`` works too: a device
+    specifier (int, str, ``chainer.backend.Device``) as the third positional argument is the device, a callable
+    the converter. ``debug`` is an ``extensions.DebugConfig`` (or its dict), usually set by ``extensions.install``.
     """
 
     def __init__(self, iterator: Any, optimizer: Any, converter: Any = convert.concat_examples, device: Any = None,

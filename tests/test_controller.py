@@ -76,10 +76,8 @@ def _train(cfg_path, out, *sets):
     assert main(args) == 0
 
 
-def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path):
+def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path, make_tiny_run):
     import json
-
-    from test_rollout import make_tiny_run
 
     from wm_trainer.storage import RunPaths
 
@@ -105,9 +103,7 @@ def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path):
     assert list((a.controller_dir / "tb").glob("events.out.tfevents.*"))
 
 
-def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys):
-    from test_rollout import make_tiny_run
-
+def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys, make_tiny_run):
     from wm_trainer.cli import main
 
     cfg_path, _ = make_tiny_run(tmp_path)
@@ -118,10 +114,8 @@ def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys):
     assert "population 4" in capsys.readouterr().err
 
 
-def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path):
+def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path, make_tiny_run):
     import json
-
-    from test_rollout import make_tiny_run
 
     from wm_trainer.storage import RunPaths
 
@@ -134,7 +128,7 @@ def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path):
 
 def test_dream_done_threshold_versus_the_corrected_bernoulli_hazard():
     from wm_trainer.memory import MDNRNN
-    from wm_trainer.train_controller import dream_fitness
+    from wm_trainer.train_controller import dream_returns
 
     m = MDNRNN(z_dim=3, action_dim=1, hidden=6, mixtures=2, done_head=True, done_weight=10.0)
     m.done.W.array[...] = 0.0
@@ -144,16 +138,20 @@ def test_dream_done_threshold_versus_the_corrected_bernoulli_hazard():
     ctrl = Controller(3, 6, 1)
     pop = np.random.default_rng(0).normal(scale=0.1, size=(4, ctrl.n_params))
     z0 = np.random.default_rng(1).normal(size=(4 * 200, 3)).astype(np.float32)
-    capped = dream_fitness(m, ctrl, pop, 200, z0, 1.15, 300, seed=0, done_mode="threshold")
-    hazard = dream_fitness(m, ctrl, pop, 200, z0, 1.15, 300, seed=0, done_mode="sample")
+
+    def fitness(done_mode: str) -> np.ndarray:  # mean steps survived per candidate over its 200 dreams
+        steps = dream_returns(m, ctrl, np.repeat(pop, 200, axis=0), z0, 1.15, 300, seed=0, done_mode=done_mode)
+        return steps.reshape(4, 200).mean(axis=1)
+
+    capped, hazard = fitness("threshold"), fitness("sample")
     np.testing.assert_array_equal(capped, 300.0)
     # geometric lifetimes with mean 1 / p = 20 (the uncorrected sigmoid(-0.64) = 0.35 would give ~3)
     assert np.all((hazard > 16) & (hazard < 25)), hazard
     # a logit above 0 ends every agent at once under the threshold, but is a hazard only when sampled
     m.done.b.array[...] = 1.0
-    assert np.all(dream_fitness(m, ctrl, pop, 200, z0, 1.15, 300, seed=0, done_mode="threshold") == 1.0)
+    assert np.all(fitness("threshold") == 1.0)
     p1 = 1 / (1 + np.exp(np.log(10.0) - 1.0))
-    sampled = dream_fitness(m, ctrl, pop, 200, z0, 1.15, 300, seed=0, done_mode="sample")
+    sampled = fitness("sample")
     assert np.all(np.abs(sampled - 1 / p1) < 1.5), (sampled, 1 / p1)
 
 
@@ -197,9 +195,8 @@ def _rows(run_dir):
     return json.loads((RunPaths(run_dir).controller_dir / "log.json").read_text())
 
 
-def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_chooses(tmp_path, monkeypatch):
-    from test_rollout import make_tiny_run
-
+def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_chooses(tmp_path, monkeypatch,
+                                                                                   make_tiny_run):
     import wm_trainer.rollout
     from wm_trainer.cmaes import CMAES
     from wm_trainer.storage import RunPaths
@@ -249,9 +246,7 @@ def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_choo
             np.testing.assert_allclose(params[0], want.astype(np.float32))
 
 
-def test_selection_stops_once_the_mean_survives_every_dream(tmp_path):
-    from test_rollout import make_tiny_run
-
+def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_run):
     from wm_trainer.storage import RunPaths
 
     cfg_path, cfg = make_tiny_run(tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import chainer
 import numpy as np
 import pytest
-from test_vision import make_episodes, write_config
 
 from wm_trainer import cli
 from wm_trainer.config import load_config
@@ -16,7 +15,7 @@ from wm_trainer.vision import load_vae
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, make_episodes, write_config):
     """A tiny run with 3 episodes (one of 13 frames) and a V trained for 2 iterations."""
     tmp = tmp_path_factory.mktemp("enc")
     paths = RunPaths(tmp / "run")
@@ -56,7 +55,7 @@ def test_encode_writes_mu_logvar_with_actions_and_is_resumable(trained_run):
     assert files[0].stat().st_mtime_ns != stamp
 
 
-def test_encode_skips_a_corrupt_episode_by_name(trained_run, tmp_path):
+def test_encode_skips_a_corrupt_episode_by_name(trained_run, tmp_path, make_episodes):
     cfg, paths = trained_run
     other = load_config(cfg, [f"experiment.out_dir={tmp_path}"])
     new = RunPaths(other.run_dir)
@@ -69,7 +68,7 @@ def test_encode_skips_a_corrupt_episode_by_name(trained_run, tmp_path):
     assert [p.name for p in new.latents.glob("ep_*.npz")] == ["ep_000000.npz"]
 
 
-def test_encode_without_vae_says_train_vae(tmp_path, capsys):
+def test_encode_without_vae_says_train_vae(tmp_path, capsys, make_episodes, write_config):
     make_episodes(RunPaths(tmp_path / "novae").episodes, n_episodes=1, length=4)
     assert cli.main(["encode", "-c", write_config(tmp_path, "novae")]) == 2
     err = capsys.readouterr().err

@@ -5,7 +5,6 @@ import pickle
 
 import numpy as np
 
-from tests.test_rollout import make_tiny_run
 from wm_trainer.config import load_config
 from wm_trainer.envs import DOOM_ID, make_env
 from wm_trainer.rollout import Job, close_envs, play, run_jobs
@@ -32,7 +31,7 @@ class _RecordingExecutor:
         return f
 
 
-def test_worker_tasks_get_plain_values_not_the_config(tmp_path):
+def test_worker_tasks_get_plain_values_not_the_config(tmp_path, make_tiny_run):
     """Unpickling a task's arguments must not import the config module (and the toolkit behind it)."""
     _, cfg = make_tiny_run(tmp_path)
     ex = _RecordingExecutor()

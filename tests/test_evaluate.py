@@ -10,9 +10,8 @@ from wm_trainer.controller import Controller
 from wm_trainer.storage import RunPaths
 
 
-def test_evaluate_writes_json_and_prints_both_scores_then_render_writes_media(tmp_path, capsys):
+def test_evaluate_writes_json_and_prints_both_scores_then_render_writes_media(tmp_path, capsys, make_tiny_run):
     import imageio.v3 as iio
-    from test_rollout import make_tiny_run
 
     cfg_path, cfg = make_tiny_run(tmp_path)
     p = RunPaths(cfg.run_dir)
@@ -46,20 +45,16 @@ def test_evaluate_writes_json_and_prints_both_scores_then_render_writes_media(tm
     assert grid.shape[:2] == (2 * 128, 8 * 128)
 
 
-def test_evaluate_without_a_controller_is_one_line_error(tmp_path, capsys):
-    from test_rollout import make_tiny_run
-
+def test_evaluate_without_a_controller_is_one_line_error(tmp_path, capsys, make_tiny_run):
     cfg_path, _ = make_tiny_run(tmp_path)
     assert main(["evaluate", "-c", str(cfg_path), "--set", f"experiment.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "controller.npz" in err and "train-controller" in err and "Traceback" not in err
 
 
-def test_random_baselines_sticky_vs_iid(tmp_path, capsys):
+def test_random_baselines_sticky_vs_iid(tmp_path, capsys, make_tiny_run):
     """evaluate reports the sticky collection policy as `random` and a fresh uniform action per step as `random_iid`."""
     import concurrent.futures as cf
-
-    from test_rollout import make_tiny_run
 
     from wm_trainer.evaluate import evaluate
 

@@ -64,9 +64,8 @@ def test_the_dream_feeds_m_the_executed_action():
         np.testing.assert_array_equal(mapped_env.cell(), plain_env.cell())
 
 
-def test_the_real_rollout_feeds_m_the_executed_action_and_a_sampled_z(tmp_path):
+def test_the_real_rollout_feeds_m_the_executed_action_and_a_sampled_z(tmp_path, make_tiny_run):
     """The real rollout steps M with what the game executes (not C's raw output), on z ~ N(mu, sigma)."""
-    from test_rollout import make_tiny_run
 
     from wm_trainer.controller import build_controller
     from wm_trainer.memory import load_mdnrnn

@@ -97,7 +97,7 @@ def test_seed_three_argument_form_and_print_mode(tmp_path, capsys):
     opt = chainer.optimizers.SGD(0.1)
     opt.setup(model)
     it = chainer.iterators.SerialIterator(data(), 5)
-    updater = ext.GradientLoggingUpdater(it, opt, -1)  # as the seed's CustomStandardUpdater was built
+    updater = ext.GradientLoggingUpdater(it, opt, -1)  # as the MDN blog post builds its CustomStandardUpdater
     assert isinstance(updater, chainer.training.updaters.StandardUpdater)
     trainer = chainer.training.Trainer(updater, (2, "iteration"), out=str(tmp_path))
     trainer.run()
@@ -106,7 +106,7 @@ def test_seed_three_argument_form_and_print_mode(tmp_path, capsys):
     updater.update()
     out = capsys.readouterr().out
     assert out.count("/predictor/0/W [[") == 1 and "/predictor/1/b [" in out
-    assert "/unused/W" in out  # the optimizer allocated a zero gradient for it, as the seed would print
+    assert "/unused/W" in out  # the optimizer allocated a zero gradient for it, as the blog post's updater would print
 
 
 def test_mixin_on_a_custom_updater_with_next_batch(tmp_path):

@@ -19,8 +19,10 @@ import extensions as ext
 from wm_trainer import gpu_compat
 from wm_trainer.dream import DreamEnv
 from wm_trainer.errors import UserError
+from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
 from wm_trainer.mdn import mdn_sample
-from wm_trainer.memory import MDNRNN, LatentSet, MDNRNNUpdater, SequenceIterator, sequence_converter
+from wm_trainer.mdnrnn_updater import MDNRNNUpdater
+from wm_trainer.memory import MDNRNN
 from wm_trainer.vision import ConvVAE, frames_converter
 
 
@@ -245,11 +247,12 @@ def test_dream_on_gpu_matches_the_cpu_dream(gpu):
 
     # train-controller's dream: DreamEnv and the per-agent controllers on the GPU, the same fitness as on the CPU
     from wm_trainer.controller import Controller
-    from wm_trainer.train_controller import dream_fitness
+    from wm_trainer.train_controller import dream_returns
 
     ctrl = Controller(8, 32, 3)
     population = 0.5 * rng.standard_normal((16, ctrl.n_params)).astype(np.float32)
-    fit = {name: dream_fitness(model, ctrl, population, 2, np.repeat(z0[:16], 2, axis=0), 1.15, 30, seed=4)
+    fit = {name: dream_returns(model, ctrl, np.repeat(population, 2, axis=0), np.repeat(z0[:16], 2, axis=0), 1.15,
+                               30, seed=4).reshape(16, 2).mean(axis=1)
            for name, model in (("cpu", cpu_model), ("gpu", gpu_model))}
     np.testing.assert_array_equal(fit["gpu"], fit["cpu"])
     assert 1 < fit["cpu"].mean() < 30  # some agents end early, so the comparison says something
@@ -269,10 +272,8 @@ def test_dream_on_gpu_matches_the_cpu_dream(gpu):
     np.testing.assert_array_equal((logit > 0)[clear], d_c[clear])
 
 
-def test_cli_stages_with_device_0_train_on_the_gpu(tmp_path):
+def test_cli_stages_with_device_0_train_on_the_gpu(tmp_path, make_episodes, write_config):
     """`--device 0` on train-vae, encode, train-mdnrnn and train-controller: the user's way onto the GPU."""
-    from test_vision import make_episodes, write_config
-
     from wm_trainer import cli
     from wm_trainer.encode import encode_frames
     from wm_trainer.storage import RunPaths

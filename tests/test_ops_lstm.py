@@ -1,4 +1,4 @@
-"""Fast LSTM-over-a-sequence: gradients, equality with stepped F.lstm and with memory.SeqLSTM, weight layout."""
+"""Fast LSTM-over-a-sequence: gradients, equality with stepped F.lstm and with the stock SeqLSTM, weight layout."""
 from __future__ import annotations
 
 import chainer
@@ -9,10 +9,10 @@ import pytest
 from chainer import gradient_check
 
 from wm_trainer.mdn import MDNHead
-from wm_trainer.mdn import mdn_nll as stock_mdn_nll
-from wm_trainer.ops import lstm_sequence, mdn_nll
+from wm_trainer.ops import lstm_sequence
 from wm_trainer.ops.links import FastSequenceLSTM
 from wm_trainer.ops.lstm import LSTMSequence, lstm_sequence_reference
+from wm_trainer.ops.mdn_loss import mdn_nll, stock_mdn_nll
 
 
 def _inputs(rng, n=3, t=4, i=5, h=6):
@@ -51,7 +51,7 @@ def test_sequence_lstm_equals_stock_l_lstm_stepping_and_loads_its_weights(tmp_pa
 
 
 def test_sequence_lstm_matches_memory_seqlstm_parameters_and_outputs():
-    from wm_trainer.memory import SeqLSTM
+    from wm_trainer.ops.links import SeqLSTM
 
     ref, fast = SeqLSTM(5, 6), FastSequenceLSTM(5, 6)
     assert {n: p.shape for n, p in ref.namedparams()} == {n: p.shape for n, p in fast.namedparams()}

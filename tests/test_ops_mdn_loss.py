@@ -1,4 +1,4 @@
-"""Fused MDN negative log-likelihood: gradients and equality with wm_trainer.mdn.mdn_nll."""
+"""Fused MDN negative log-likelihood: gradients and equality with the stock composition, and the ops switch."""
 from __future__ import annotations
 
 import chainer
@@ -8,8 +8,7 @@ import pytest
 from chainer import gradient_check
 
 from wm_trainer import mdn
-from wm_trainer.ops import mdn_nll, mdn_nll_packed
-from wm_trainer.ops.mdn_loss import BLOCK_ROWS, MDNNegLogLikelihood
+from wm_trainer.ops.mdn_loss import BLOCK_ROWS, MDNNegLogLikelihood, mdn_nll, mdn_nll_packed, stock_mdn_nll
 
 
 def test_gradients_check_in_float64():
@@ -36,7 +35,7 @@ def test_packed_matches_stock_composition_across_blocks(reduce):
     for fast in (False, True):
         yv = chainer.Variable(y.copy())
         out = mdn_nll_packed(yv, target, 5, reduce=reduce) if fast else \
-            mdn.mdn_nll(*F.split_axis(yv, 3, axis=2), target, reduce=reduce)
+            stock_mdn_nll(*F.split_axis(yv, 3, axis=2), target, reduce=reduce)
         if fast:
             assert isinstance((out if reduce == "no" else out.creator.inputs[0]).creator, MDNNegLogLikelihood)
         (F.sum(out) if reduce == "no" else out).backward()
@@ -68,7 +67,7 @@ def test_matches_stock_composition_on_split_head_output_across_blocks(reduce):
     y = rng.standard_normal((rows, 2, 9)).astype(np.float32)
     target = rng.standard_normal((rows, 2)).astype(np.float32)
     results = []
-    for fn in (mdn.mdn_nll, mdn_nll):
+    for fn in (stock_mdn_nll, mdn_nll):
         yv = chainer.Variable(y.copy())
         out = fn(*F.split_axis(yv, 3, axis=2), target, reduce=reduce)
         (F.sum(out) if reduce == "no" else out).backward()
@@ -89,7 +88,7 @@ def test_unsupported_dtype_falls_back_to_the_stock_composition():
     target = rng.standard_normal((3, 2)).astype(np.float16)
     out = mdn_nll(*args, target, reduce="no")
     assert not isinstance(out.creator, MDNNegLogLikelihood)
-    np.testing.assert_allclose(out.array, mdn.mdn_nll(*args, target, reduce="no").array, rtol=1e-3)
+    np.testing.assert_allclose(out.array, stock_mdn_nll(*args, target, reduce="no").array, rtol=1e-3)
 
 
 def test_second_backward_on_the_same_graph_is_a_clear_error():
@@ -107,5 +106,5 @@ def test_packed_unsupported_dtype_falls_back_to_the_stock_composition():
     target = rng.standard_normal((3, 2)).astype(np.float16)
     out = mdn_nll_packed(y, target, 2, reduce="no")
     assert not isinstance(out.creator, MDNNegLogLikelihood)
-    np.testing.assert_allclose(out.array, mdn.mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce="no").array,
+    np.testing.assert_allclose(out.array, stock_mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce="no").array,
                                rtol=1e-3)

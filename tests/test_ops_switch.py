@@ -8,8 +8,8 @@ import pytest
 
 from extensions.localize import localize
 from wm_trainer import ops
-from wm_trainer.memory import MDNRNN, SeqLSTM
-from wm_trainer.ops.links import FastConvolution2D, FastDeconvolution2D, FastSequenceLSTM, ReLUConvolution2D
+from wm_trainer.memory import MDNRNN
+from wm_trainer.ops.links import FastConvolution2D, FastDeconvolution2D, FastSequenceLSTM, ReLUConvolution2D, SeqLSTM
 from wm_trainer.vision import ConvVAE
 
 

@@ -1,50 +1,19 @@
 """Real-env rollouts: lockstepped, batched V/M/C give the same episodes as one env at a time, seeds fixed."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import chainer
 import numpy as np
 import pytest
 
-from wm_trainer.config import Config, load_config
 from wm_trainer.controller import Controller
-from wm_trainer.episodes import episode_path, save_episode
 from wm_trainer.memory import build_mdnrnn
 from wm_trainer.rollout import AgentWeights, Job, close_envs, play, run_jobs
 from wm_trainer.storage import RunPaths
 from wm_trainer.vision import ConvVAE
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_doom.yaml"
-
-
-def make_tiny_run(out_dir: Path, *overrides: str) -> tuple[Path, Config]:
-    """A run folder holding (untrained) tiny V and M, three short encoded episodes and their frames."""
-    overrides = (f"experiment.out_dir={out_dir}",) + overrides
-    cfg = load_config(TINY, overrides)
-    p = RunPaths(cfg.run_dir)
-    p.root.mkdir(parents=True, exist_ok=True)
-    np.random.seed(0)
-    chainer.serializers.save_npz(str(p.vae_model), ConvVAE(cfg.vae.z_dim))
-    chainer.serializers.save_npz(str(p.mdnrnn_model), build_mdnrnn(cfg, 1))
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        t = 12
-        dones = np.arange(t) == t - 1
-        p.latents.mkdir(exist_ok=True)
-        np.savez(episode_path(p.latents, i),
-                 mu=rng.normal(size=(t, cfg.vae.z_dim)).astype(np.float32),
-                 logvar=np.full((t, cfg.vae.z_dim), -2.0, np.float32), actions=np.zeros((t, 1), np.float32),
-                 rewards=np.ones(t, np.float32), dones=dones)
-        p.episodes.mkdir(exist_ok=True)
-        save_episode(episode_path(p.episodes, i), frames=rng.integers(0, 255, (t, 64, 64, 3), dtype=np.uint8),
-                     actions=np.zeros((t, 1), np.float32), rewards=np.ones(t, np.float32), dones=dones,
-                     seed=np.int64(i))
-    return TINY, cfg
-
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, make_tiny_run):
     _, cfg = make_tiny_run(tmp_path_factory.mktemp("rollout"))
     p = RunPaths(cfg.run_dir)
     vae = ConvVAE(cfg.vae.z_dim)

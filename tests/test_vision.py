@@ -4,58 +4,13 @@ from __future__ import annotations
 import chainer
 import numpy as np
 import pytest
-import yaml
 
 from wm_trainer import cli
-from wm_trainer.episodes import save_episode
 from wm_trainer.storage import RunPaths
 from wm_trainer.vision import ConvVAE, frames_converter
 
 
-def synthetic_frames(n: int, seed: int) -> np.ndarray:
-    """Frames with a coloured square moving over a plain background: easy structure for a tiny VAE."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros((n, 64, 64, 3), np.uint8)
-    out[:] = rng.integers(0, 80, size=3, dtype=np.uint8)
-    colour = rng.integers(120, 256, size=3, dtype=np.uint8)
-    for t in range(n):
-        x, y = (3 * t + seed * 7) % 48, (2 * t + seed * 11) % 48
-        out[t, y:y + 16, x:x + 16] = colour
-    return out
-
-
-def make_episodes(folder, n_episodes: int = 3, length: int = 20, action_dim: int = 1) -> None:
-    """Tiny collected episodes in the collector's format."""
-    for i in range(n_episodes):
-        rng = np.random.default_rng(i)
-        dones = np.zeros(length, bool)
-        dones[-1] = True
-        save_episode(folder / f"ep_{i:06d}.npz", frames=synthetic_frames(length, i),
-                     actions=rng.uniform(-1, 1, (length, action_dim)).astype(np.float32),
-                     rewards=np.ones(length, np.float32), dones=dones, seed=np.int64(i))
-
-
-def write_config(tmp_path, name: str, **sections) -> str:
-    """A tiny YAML config for a run under tmp_path."""
-    cfg = {
-        "experiment": {"name": name, "out_dir": str(tmp_path), "seed": 3},
-        "vae": {"z_dim": 4, "batch_size": 8, "max_iterations": 4, "snapshot_every": 2, "recon_every": 2,
-                "loader_memory_mb": 1, "lr": 1e-3, "encode_batch": 7},
-        "mdnrnn": {"hidden": 8, "mixtures": 2, "seq_len": 6, "batch_size": 4, "iterations": 3, "snapshot_every": 2},
-    }
-    for k, v in sections.items():
-        cfg.setdefault(k, {}).update(v)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def _weights(path) -> dict[str, np.ndarray]:
-    with np.load(path) as d:
-        return {k: d[k] for k in d.files}
-
-
-def test_paper_vae_has_4348547_parameters():
+def test_paper_vae_has_4348547_parameters(synthetic_frames):
     model = ConvVAE(32)
     assert sum(p.size for p in model.params()) == 4_348_547
     x = frames_converter(synthetic_frames(2, 0))
@@ -64,7 +19,7 @@ def test_paper_vae_has_4348547_parameters():
     assert model.decode(mu).shape == (2, 3, 64, 64)
 
 
-def test_frames_converter_scales_and_follows_the_global_dtype():
+def test_frames_converter_scales_and_follows_the_global_dtype(synthetic_frames):
     frames = synthetic_frames(3, 1)
     x = frames_converter(frames)
     assert x.shape == (3, 3, 64, 64) and x.dtype == np.float32
@@ -73,7 +28,7 @@ def test_frames_converter_scales_and_follows_the_global_dtype():
         assert frames_converter(frames).dtype == np.float64
 
 
-def test_loss_is_reconstruction_plus_free_bits_kl():
+def test_loss_is_reconstruction_plus_free_bits_kl(synthetic_frames):
     np.random.seed(0)
     model = ConvVAE(4, kl_tolerance=0.5)
     x = frames_converter(synthetic_frames(4, 2))
@@ -97,7 +52,7 @@ def test_loss_is_reconstruction_plus_free_bits_kl():
     assert not np.allclose(g_floor, model.logvar.W.grad)
 
 
-def test_vae_loss_decreases_on_a_tiny_set():
+def test_vae_loss_decreases_on_a_tiny_set(synthetic_frames):
     np.random.seed(0)
     model = ConvVAE(8)
     opt = chainer.optimizers.Adam(alpha=1e-3)
@@ -113,7 +68,8 @@ def test_vae_loss_decreases_on_a_tiny_set():
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
 
 
-def test_train_vae_cli_resumes_the_same_run_and_writes_tensorboard(tmp_path, monkeypatch):
+def test_train_vae_cli_resumes_the_same_run_and_writes_tensorboard(tmp_path, monkeypatch, make_episodes, write_config,
+                                                                   npz_arrays):
     from extensions import GradientLoggingUpdater
 
     for name in ("full", "part"):
@@ -126,7 +82,7 @@ def test_train_vae_cli_resumes_the_same_run_and_writes_tensorboard(tmp_path, mon
     monkeypatch.setattr(GradientLoggingUpdater, "compute_loss", lambda self, a: calls.append(1) or original(self, a))
     assert cli.main(["train-vae", "-c", part, "--set", "vae.max_iterations=4"]) == 0
     assert len(calls) == 2  # resumed at iteration 2
-    a, b = _weights(RunPaths(tmp_path / "full").vae_model), _weights(RunPaths(tmp_path / "part").vae_model)
+    a, b = npz_arrays(RunPaths(tmp_path / "full").vae_model), npz_arrays(RunPaths(tmp_path / "part").vae_model)
     assert a.keys() == b.keys() and len(a) == 2 * 11
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
@@ -137,15 +93,15 @@ def test_train_vae_cli_resumes_the_same_run_and_writes_tensorboard(tmp_path, mon
     assert b"vae/reconstruction" in events
 
 
-def test_train_vae_float64_switch(tmp_path):
+def test_train_vae_float64_switch(tmp_path, make_episodes, write_config, npz_arrays):
     make_episodes(RunPaths(tmp_path / "f64").episodes, n_episodes=1, length=8)
     cfg = write_config(tmp_path, "f64", vae={"max_iterations": 1, "recon_every": 0})
     assert cli.main(["train-vae", "-c", cfg, "--float64"]) == 0
-    w = _weights(RunPaths(tmp_path / "f64").vae_model)
+    w = npz_arrays(RunPaths(tmp_path / "f64").vae_model)
     assert all(v.dtype == np.float64 for v in w.values())
 
 
-def test_train_vae_without_episodes_says_run_collect(tmp_path, capsys):
+def test_train_vae_without_episodes_says_run_collect(tmp_path, capsys, write_config):
     assert cli.main(["train-vae", "-c", write_config(tmp_path, "none")]) == 2
     err = capsys.readouterr().err
     assert "wm-trainer collect" in err and len(err.strip().splitlines()) == 1

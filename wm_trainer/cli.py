@@ -16,7 +16,7 @@ from .errors import UserError
 # subcommand -> (module, function, one-line help). Each function takes (cfg, args) and
 # returns an exit code or None; modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "mdn-toy": ("wm_trainer.toy", "main", "train an MSE net and an MDN on the seed's toy problem; plots + metrics"),
+    "mdn-toy": ("wm_trainer.toy", "main", "MSE net vs MDN on the toy x = y + 0.3 sin(2 pi y); plots + metrics"),
     "collect": ("wm_trainer.collect", "main", "collect random-policy episodes (parallel, resumable)"),
     "train-vae": ("wm_trainer.train_vae", "main", "train V, the convolutional VAE, on collected frames"),
     "encode": ("wm_trainer.encode", "main", "encode every episode's frames to (mu, logvar) with V"),

@@ -23,7 +23,9 @@ import numpy as np
 from extensions.serializers import NpzLoadError, SafeNpz
 
 from .errors import UserError
-from .memory import MDNRNN, list_latents
+from .latents import list_latents
+from .memory import MDNRNN
+from .ops.threads import run_chunks
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -90,8 +92,6 @@ def _splitter(size: int, min_chunk: int) -> Callable[[Callable[[int, int], objec
     """Run ``fn(lo, hi)`` over slices of ``range(n)`` on ops' worker threads when the batch pays for the hand-off."""
     if size < 2 * _MIN_AGENTS_PER_THREAD:
         return lambda fn, n: fn(0, n)
-    from .ops.threads import run_chunks
-
     return lambda fn, n: run_chunks(fn, n, min_chunk=min_chunk)
 
 

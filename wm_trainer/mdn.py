@@ -3,7 +3,9 @@
 The NLL sums LOG densities over output dimensions and takes a logsumexp over mixtures
 (never the log of a sum of densities); sampling at temperature tau divides the logits by
 tau and scales sigma = exp(log_std) -- not the variance -- by sqrt(tau). M (memory.py)
-and the toy example share this module.
+and the toy example share this module. The NLL itself (Chainer's composition and the fused
+CPU kernel) lives in the lower layer, :mod:`wm_trainer.ops.mdn_loss`; :func:`mdn_nll` and
+:func:`mdn_nll_packed` here are :mod:`wm_trainer.ops`' switch between the two.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+from .ops import mdn_nll, mdn_nll_packed
+from .ops.mdn_loss import mdn_log_prob
+
+__all__ = ["MDNHead", "mdn_log_prob", "mdn_moments", "mdn_nll", "mdn_nll_packed", "mdn_sample"]
 
 
 class MDNHead(chainer.Chain):
@@ -35,46 +40,6 @@ class MDNHead(chainer.Chain):
         """The mixture parameters unsplit, (N, out_dim, 3K) = [logits | mu | log_std] (for mdn_nll_packed)."""
         y = self.linear(h)
         return F.reshape(y, (y.shape[0], self.out_dim, 3 * self.mixtures))
-
-
-def mdn_log_prob(logits, mu, log_std, target) -> chainer.Variable:
-    """log p(target) per row, summed over output dimensions: shape (N,)."""
-    xp = chainer.backend.get_array_module(target)
-    t = target.array if isinstance(target, chainer.Variable) else target
-    t = xp.asarray(t, dtype=mu.dtype)[:, :, None]
-    t = F.broadcast_to(t, mu.shape)
-    z = (t - mu) * F.exp(-log_std)
-    log_normal = -0.5 * z * z - log_std - LOG_SQRT_2PI
-    log_mix = F.log_softmax(logits, axis=2) + log_normal
-    per_dim = F.logsumexp(log_mix, axis=2)
-    return F.sum(per_dim, axis=1)
-
-
-def mdn_nll(logits, mu, log_std, target, reduce: str = "mean") -> chainer.Variable:
-    """Negative log-likelihood: mean over rows (``reduce='mean'``) or per row (``'no'``).
-
-    With ``experiment.ops: fast`` (the default) on CPU arrays this runs the fused kernel in
-    ``wm_trainer.ops.mdn_loss``; otherwise the composition of Chainer functions below.
-    """
-    from . import ops
-
-    if ops.fast_ops_enabled():
-        return ops.mdn_nll(logits, mu, log_std, target, reduce=reduce)
-    lp = mdn_log_prob(logits, mu, log_std, target)
-    if reduce == "no":
-        return -lp
-    if reduce != "mean":
-        raise ValueError(f"reduce must be 'mean' or 'no', got {reduce!r}")
-    return -F.mean(lp)
-
-
-def mdn_nll_packed(y, target, mixtures: int, reduce: str = "mean") -> chainer.Variable:
-    """:func:`mdn_nll` of ``MDNHead.packed``'s output: no split and, on the fast path, one gradient buffer."""
-    from . import ops
-
-    if ops.fast_ops_enabled():
-        return ops.mdn_nll_packed(y, target, mixtures, reduce=reduce)
-    return mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce=reduce)
 
 
 def _arr(x):

@@ -112,13 +112,6 @@ def atomic_savez(path: str | os.PathLike, compress: bool = False, **arrays: Any)
     return _atomic(Path(path), lambda f: save(f, **arrays))
 
 
-def atomic_save_npz(path: str | os.PathLike, obj: Any) -> Path:
-    """``chainer.serializers.save_npz`` atomically (a Link, Optimizer or Trainer)."""
-    import chainer
-
-    return _atomic(Path(path), lambda f: chainer.serializers.save_npz(f, obj))
-
-
 def load_weights(path: str | os.PathLike, model: Any, *, missing: str, mismatch: str) -> Any:
     """Load ``save_npz`` weights into ``model`` with pickling off; a missing, damaged or mismatched file is a UserError.
 

@@ -1,4 +1,4 @@
-"""The seed's MDN toy: invert x = y + 0.3 sin(2 pi y) + noise, where one x has up to three y.
+"""The Chainer MDN blog post's toy: invert x = y + 0.3 sin(2 pi y) + noise, where one x has up to three y.
 
 An MSE network learns the average of the branches; an MDN learns the distribution. Both
 train under ``chainer.training.Trainer`` through the toolkit, so ``debug:`` and
@@ -174,7 +174,7 @@ def run_toy(cfg: Config) -> dict:
         "mse_nll_test": _gaussian_nll(pred_test - y_test, fit_var),
         "mse_residual_var": fit_var,
         "mixtures": toy.mixtures,
-        "float64": debug.float64,
+        "param_dtypes": sorted({p.dtype.name for net in (mse, mdn) for p in net.params()}),
         **_coverage(mdn, toy, rng, dtype),
         "data_near_branch": data_near_branch(x_test, y_test),
     }

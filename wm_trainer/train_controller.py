@@ -64,16 +64,6 @@ def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = Non
     return returns
 
 
-def dream_fitness(mdnrnn: Any, ctrl: Controller, population: np.ndarray, episodes: int, initial_z: np.ndarray,
-                  temperature: float, max_steps: int, seed: int, done_mode: str = "threshold",
-                  device=None, action_map: Callable | None = None) -> np.ndarray:
-    """Mean steps survived per candidate: all population x episodes agents in one batched dream rollout."""
-    params = np.repeat(np.asarray(population, np.float32), episodes, axis=0)
-    rets = dream_returns(mdnrnn, ctrl, params, initial_z, temperature, max_steps, seed, done_mode, device,
-                         action_map)
-    return rets.reshape(len(population), episodes).mean(axis=1)
-
-
 def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_lengths: np.ndarray,
                       repeat_prob: float, max_steps: int, seed: int) -> dict:
     """The sticky random collection policy in the dream beside its real episodes (both capped at ``max_steps``).
@@ -195,7 +185,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         select_z = initial_pool[select_rng.integers(len(initial_pool), size=cc.select_rollouts)]
         calibration = folder / CALIBRATION_FILE
         if not calibration.is_file():
-            from .memory import latent_lengths
+            from .latents import latent_lengths
 
             cal = dream_calibration(dream, cfg.env.id, select_z, latent_lengths(paths.latents), cfg.collect.repeat_prob,
                                     max_steps, seed=cfg.experiment.seed * 100_003 + 99_989)

@@ -1,6 +1,6 @@
 """``wm-trainer train-mdnrnn``: M on the encoded episodes with the truncated-BPTT updater.
 
-The whole latents set is held in memory with mu/logvar as float16 (see ``memory.LatentSet``).
+The whole latents set is held in memory with mu/logvar as float16 (see ``latents.LatentSet``).
 Adam(mdnrnn.lr) with the toolkit's global-norm GradientClipping(mdnrnn.grad_clip); snapshots
 every ``mdnrnn.snapshot_every`` iterations and at the end, resumed automatically; final
 weights to ``<run>/mdnrnn.npz`` atomically.
@@ -17,7 +17,9 @@ import extensions as ext
 from . import ops
 from .envs import executed_action
 from .errors import UserError
-from .memory import LatentSet, MDNRNNUpdater, SequenceIterator, build_mdnrnn, sequence_converter
+from .latents import LatentSet, SequenceIterator, sequence_converter
+from .mdnrnn_updater import MDNRNNUpdater
+from .memory import build_mdnrnn
 from .storage import RunPaths
 from .train_vae import add_common_extensions, resolve_device, save_weights
 

@@ -80,7 +80,7 @@ class GlobalRNGState(training.Extension):
         else:
             try:
                 keys = serializer("keys", np.zeros(624, np.uint32))
-            except KeyError:  # snapshot from before this extension existed
+            except KeyError:  # a snapshot without the RNG state: the global RNG goes on as seeded
                 return
             state = ("MT19937", keys, serializer("pos", 0), serializer("has_gauss", 0), serializer("cached", 0.0))
             np.random.set_state(state)

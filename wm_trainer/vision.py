@@ -12,40 +12,11 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
+from .ops import conv_layer, deconv_layer, reconstruction_error
+from .storage import load_weights
+
 ENCODER_CHANNELS = (32, 64, 128, 256)
 DECODER_LAYERS = ((128, 5), (64, 5), (32, 6), (3, 6))  # (out channels, kernel), stride 2 each
-
-
-def conv_layer(in_channels: int, out_channels: int, ksize: int, stride: int, relu: bool = False) -> chainer.Link:
-    """The one place a convolution link is built (so faster kernels can be switched in); ``relu``: ReLU'd output."""
-    from .ops import fast_ops_enabled
-    from .ops.links import FastConvolution2D, ReLUConvolution2D
-
-    if fast_ops_enabled():
-        return FastConvolution2D(in_channels, out_channels, ksize=ksize, stride=stride, relu=relu)
-    link = ReLUConvolution2D if relu else L.Convolution2D
-    return link(in_channels, out_channels, ksize=ksize, stride=stride)
-
-
-def deconv_layer(in_channels: int, out_channels: int, ksize: int, stride: int, relu: bool = False) -> chainer.Link:
-    """The one place a transposed-convolution link is built; ``relu``: ReLU'd output (fused in the fast kernel)."""
-    from .ops import fast_ops_enabled
-    from .ops.links import FastDeconvolution2D, ReLUDeconvolution2D
-
-    if fast_ops_enabled():
-        return FastDeconvolution2D(in_channels, out_channels, ksize=ksize, stride=stride, relu=relu)
-    link = ReLUDeconvolution2D if relu else L.Deconvolution2D
-    return link(in_channels, out_channels, ksize=ksize, stride=stride)
-
-
-def reconstruction_error(logits, x) -> chainer.Variable:
-    """sum((sigmoid(logits) - x) ** 2): one fused node with the fast ops, Chainer's three otherwise."""
-    from .ops import fast_ops_enabled
-    from .ops.activation import sigmoid_squared_error
-
-    if fast_ops_enabled():
-        return sigmoid_squared_error(logits, x)
-    return F.sum(F.squared_difference(F.sigmoid(logits), x))
 
 
 class ConvVAE(chainer.Chain):
@@ -131,8 +102,6 @@ def to_uint8_frames(x) -> np.ndarray:
 
 def load_vae(path, z_dim: int, kl_tolerance: float = 0.5) -> ConvVAE:
     """A ConvVAE with weights from ``path`` (RunPaths.vae_model); UserError if missing or mismatched."""
-    from .storage import load_weights
-
     return load_weights(path, ConvVAE(z_dim, kl_tolerance),
                         missing="V's weights are missing; run `wm-trainer train-vae` first",
                         mismatch=f"cannot load V's weights for vae.z_dim={z_dim}")

@@ -1,7 +1,7 @@
 """Adam whose CPU update runs in place, block by block, over threads: the same arithmetic as Chainer's.
 
 Chainer's ``AdamRule.update_core_cpu`` makes about eight full-size temporaries per parameter and runs on one
-core; on the ConvVAE's 4.3 M parameters that was a tenth of a training step. :class:`FastAdam` is a drop-in
+core: on the ConvVAE's 4.3 M parameters, a tenth of a training step. :class:`FastAdam` is a drop-in
 ``chainer.optimizers.Adam`` whose rule does the same float operations in the same order (so results are
 bit-identical) on cache-sized blocks with ``out=`` ufuncs, split over :mod:`wm_trainer.ops.threads`.
 AMSGrad, AdaBound, weight decay, mixed dtypes and GPU arrays take Chainer's own path.
@@ -29,8 +29,8 @@ from extensions import kernels
 from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import run_chunks
 
-BLOCK = 65536  # elements per block: five float32 blocks (1.25 MB) stay in a 2 MB L2; each block is ~15 NumPy
-# calls that hold the GIL against the other thread, so fewer, bigger blocks: V's update 20 -> 10 ms against 16384
+BLOCK = 65536  # elements per block: five float32 blocks (1.25 MB) stay in a 2 MB L2, and the ~15 NumPy calls per
+# block hold the GIL against the other threads, so blocks are as big as the cache allows
 
 
 class FastAdamRule(AdamRule):

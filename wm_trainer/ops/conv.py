@@ -48,16 +48,6 @@ def windows(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow:
     return as_strided(x_nhwc, (n, oh, ow, kh, kw, c), (s0, s1 * sy, s2 * sx, s1, s2, s3), writeable=False)
 
 
-def im2row(x_nhwc: np.ndarray, kh: int, kw: int, sy: int, sx: int, oh: int, ow: int,
-           out: np.ndarray | None = None) -> np.ndarray:
-    """The window matrix (N*oh*ow, kh*kw*C) of a contiguous NHWC array: one strided copy (into ``out``)."""
-    n, c = x_nhwc.shape[0], x_nhwc.shape[3]
-    out = np.empty((n, oh, ow, kh, kw, c), dtype=x_nhwc.dtype) if out is None else out.reshape(n, oh, ow, kh, kw, c)
-    win = windows(x_nhwc, kh, kw, sy, sx, oh, ow)
-    run_chunks(lambda lo, hi: np.copyto(out[lo:hi], win[lo:hi]), n)
-    return out.reshape(n * oh * ow, kh * kw * c)
-
-
 BLOCK_BYTES = 1 << 20  # window rows per block: about an L2 cache's worth
 MIN_BLOCK_ROWS = 512  # but GEMMs of at least this many rows (smaller ones spend their time packing weights)
 

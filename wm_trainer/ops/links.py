@@ -1,8 +1,9 @@
-"""Drop-in links on the fast CPU kernels, with the stock links' parameter names, shapes and initialisers.
+"""The layers the models are built from: drop-in links on the fast CPU kernels and their stock twins.
 
-The convolution links subclass the Chainer links they replace (``W``/``b`` of
-:class:`chainer.links.Convolution2D` and :class:`chainer.links.Deconvolution2D`), and the LSTM has
+The fast convolution links subclass the Chainer links they replace (``W``/``b`` of
+:class:`chainer.links.Convolution2D` and :class:`chainer.links.Deconvolution2D`), and both LSTM layers have
 ``L.LSTM``'s ``upward``/``lateral`` layout, so a model saved with either kind loads into the other.
+Which kind a model gets is chosen in :mod:`wm_trainer.ops` (``experiment.ops``).
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 
-from wm_trainer.memory import SeqLSTM
 from wm_trainer.ops.conv import convolution_2d
 from wm_trainer.ops.deconv import deconvolution_2d
 from wm_trainer.ops.lstm import lstm_sequence
+
+State = tuple  # (h, c): each (B, hidden)
 
 
 class FastConvolution2D(L.Convolution2D):
@@ -71,15 +73,61 @@ class ReLUDeconvolution2D(L.Deconvolution2D):
         return F.relu(super().forward(x))
 
 
+class SeqLSTM(chainer.Chain):
+    """An LSTM whose input projection is one matmul over the whole sequence (the stock path, fastest on CPU).
+
+    Weights as in ``L.LSTM``: ``upward`` (in -> 4H, with bias) and ``lateral`` (H -> 4H);
+    gates interleaved per unit in ``F.lstm``'s order (a, i, f, o); forget-gate bias starts at 1.
+    """
+
+    def __init__(self, in_size: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        with self.init_scope():
+            self.upward = L.Linear(in_size, 4 * hidden)
+            self.lateral = L.Linear(hidden, 4 * hidden, nobias=True)
+        self.upward.b.array.reshape(hidden, 4)[:, 2] = 1.0
+
+    def initial_state(self, batch: int) -> State:
+        """Zero (h, c) for ``batch`` sequences."""
+        z = self.xp.zeros((batch, self.hidden), dtype=self.upward.W.dtype)
+        return z, z.copy()
+
+    def _cell(self, gates_in, state: State | None):
+        if state is None:
+            c = self.xp.zeros((gates_in.shape[0], self.hidden), dtype=gates_in.dtype)
+            gates = gates_in
+        else:
+            h, c = state
+            gates = gates_in + self.lateral(h)
+        c, h = F.lstm(c, gates)
+        return h, (h, c)
+
+    def step(self, x, state: State | None) -> tuple[chainer.Variable, State]:
+        """One step for a batch: x (B, in) -> (h (B, H), new state)."""
+        return self._cell(self.upward(x), state)
+
+    def forward_seq(self, xs, state: State | None = None) -> tuple[chainer.Variable, State]:
+        """A whole batch of sequences: xs (B, T, in) -> (hs (B, T, H), final state)."""
+        b, t, n = xs.shape
+        xt = F.reshape(F.transpose(xs, (1, 0, 2)), (t * b, n))  # time-major: contiguous per-step slices
+        proj = F.reshape(self.upward(xt), (t, b, 4 * self.hidden))
+        hs = []
+        for g in F.separate(proj, axis=0):
+            h, state = self._cell(g, state)
+            hs.append(h)
+        return F.stack(hs, axis=1), state
+
+
 class FastSequenceLSTM(SeqLSTM):
     """An LSTM layer whose ``forward_seq`` runs :func:`wm_trainer.ops.lstm.lstm_sequence` (one FunctionNode).
 
-    Extends ``wm_trainer.memory.SeqLSTM``: the same parameters (``L.LSTM``'s layout), initialisation and
+    Extends :class:`SeqLSTM`: the same parameters (``L.LSTM``'s layout), initialisation and
     ``step`` (Chainer's ``F.lstm``, one step for a batch, e.g. in the dream), so weights saved from either
     load into the other; only the whole-sequence pass is replaced.
     """
 
-    def forward_seq(self, xs, state: tuple | None = None) -> tuple:
+    def forward_seq(self, xs, state: State | None = None) -> tuple[chainer.Variable, State]:
         """A whole batch of sequences: xs (B, T, in) -> (hs (B, T, H), final (h, c))."""
         if state is None:
             state = self.initial_state(xs.shape[0])

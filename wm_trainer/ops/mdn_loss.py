@@ -1,11 +1,11 @@
-"""The MDN negative log-likelihood as one Chainer FunctionNode (CPU), equal to ``wm_trainer.mdn.mdn_nll``.
+"""The MDN negative log-likelihood: Chainer's composition (the stock path) and one fused FunctionNode (CPU).
 
 NLL per row = -sum_dims logsumexp_k(log_softmax(logits)_k + log N(t | mu_k, exp(log_std_k))). Chainer's
 composition of ~15 element-wise functions allocates a (rows, dims, K) temporary per step in forward and
 backward; this kernel works on blocks of rows laid out mixture-major (K, rows, dims) so the reductions over
 K are slab operations, keeps each block in cache, and (when a backward pass will follow) computes the
 gradients in the same sweep.
-GPU arrays go to the stock composition.
+GPU arrays go to the stock composition, :func:`stock_mdn_nll`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,26 @@ from wm_trainer.ops.threads import run_chunks
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 BLOCK_ROWS = 1024
+
+
+def mdn_log_prob(logits, mu, log_std, target) -> chainer.Variable:
+    """log p(target) per row, summed over output dimensions, as Chainer functions: shape (N,)."""
+    xp = chainer.backend.get_array_module(target)
+    t = target.array if isinstance(target, chainer.Variable) else target
+    t = xp.asarray(t, dtype=mu.dtype)[:, :, None]
+    t = F.broadcast_to(t, mu.shape)
+    z = (t - mu) * F.exp(-log_std)
+    log_normal = -0.5 * z * z - log_std - LOG_SQRT_2PI
+    log_mix = F.log_softmax(logits, axis=2) + log_normal
+    per_dim = F.logsumexp(log_mix, axis=2)
+    return F.sum(per_dim, axis=1)
+
+
+def stock_mdn_nll(logits, mu, log_std, target, reduce: str = "mean") -> chainer.Variable:
+    """-:func:`mdn_log_prob`: mean over rows (``'mean'``) or per row (``'no'``); any device, double backprop."""
+    _check_reduce(reduce)
+    nll = -mdn_log_prob(logits, mu, log_std, target)
+    return nll if reduce == "no" else F.mean(nll)
 
 
 def _block_stats(logits, mu, log_std, target) -> tuple:
@@ -56,7 +76,7 @@ def _logsumexp0(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _slab_reduce(ufunc: np.ufunc, a: np.ndarray) -> np.ndarray:
     """``ufunc.reduce(a, axis=0)`` as K - 1 element-wise calls on whole slabs: numpy's own reduction over a
-    short leading axis runs element by element and took most of this kernel's time."""
+    short leading axis runs element by element, slower than the rest of this kernel together."""
     out = ufunc(a[0], a[1]) if len(a) > 1 else a[0].copy()
     for k in range(2, len(a)):
         ufunc(out, a[k], out=out)
@@ -153,31 +173,28 @@ def _check_reduce(reduce: str) -> None:
         raise ValueError(f"reduce must be 'mean' or 'no', got {reduce!r}")
 
 
-def mdn_nll_packed(y, target, mixtures: int, reduce: str = "mean"):
-    """Drop-in for :func:`wm_trainer.mdn.mdn_nll_packed` (y (N, D, 3K) = [logits | mu | log_std])."""
+def mdn_nll_packed(y, target, mixtures: int, reduce: str = "mean") -> chainer.Variable:
+    """:func:`mdn_nll` of ``MDNHead.packed``'s output y (N, D, 3K) = [logits | mu | log_std], in one node."""
     _check_reduce(reduce)
     arr = y.array if isinstance(y, chainer.Variable) else y
     t = target.array if isinstance(target, chainer.Variable) else target
     if not (type(arr) is np.ndarray and type(t) is np.ndarray and arr.dtype in FLOAT_TYPES):
-        return mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce=reduce)  # its fallback: the stock composition
+        return stock_mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce=reduce)
     if not isinstance(target, chainer.Variable):
         target = np.asarray(t, dtype=arr.dtype)
     per_row = MDNNegLogLikelihood(mixtures).apply((y, target))[0]
     return per_row if reduce == "no" else F.mean(per_row)
 
 
-def mdn_nll(logits, mu, log_std, target, reduce: str = "mean"):
-    """Drop-in for :func:`wm_trainer.mdn.mdn_nll`: mean over rows (``'mean'``) or per row (``'no'``)."""
-    from wm_trainer import mdn
-
+def mdn_nll(logits, mu, log_std, target, reduce: str = "mean") -> chainer.Variable:
+    """:func:`stock_mdn_nll` as one node on CPU arrays of one float dtype (the stock composition otherwise)."""
     _check_reduce(reduce)
     arrays = [v.array if isinstance(v, chainer.Variable) else v for v in (logits, mu, log_std)]
     t = target.array if isinstance(target, chainer.Variable) else target
     dtype = arrays[0].dtype
     if not (all(type(a) is np.ndarray and a.dtype == dtype for a in arrays) and type(t) is np.ndarray
             and dtype in FLOAT_TYPES):
-        nll = -mdn.mdn_log_prob(logits, mu, log_std, target)  # the stock composition (no dispatch back here)
-        return nll if reduce == "no" else F.mean(nll)
+        return stock_mdn_nll(logits, mu, log_std, target, reduce=reduce)
     if not isinstance(target, chainer.Variable):
         target = np.asarray(t, dtype=dtype)
     per_row = MDNNegLogLikelihood().apply((logits, mu, log_std, target))[0]

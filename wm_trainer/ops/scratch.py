@@ -1,7 +1,7 @@
 """Reusable buffers for the big temporaries that never leave one forward or backward call.
 
 A fresh multi-megabyte array is mmap'ed, and the kernel zero-fills its pages on first touch and unmaps them on
-free, every training step; on the VAE this page-fault work was a tenth of a step. Buffers here are kept per
+free, every training step; on the VAE this page-fault work is a tenth of a step. Buffers here are kept per
 (name, shape, dtype) and per thread, up to ``LIMIT_BYTES`` in all (past that the cache starts over).
 """
 from __future__ import annotations
