@@ -1,24 +1,43 @@
-"""What Chainer 7.8.1 needs at import time that today's Python lacks: shimmed before the first ``import chainer``.
+"""What Chainer 7.8.1 needs that today's Python, NumPy and setuptools lack: shimmed before the first ``import chainer``.
 
-Chainer's ``_environment_check`` imports ``numpy.distutils.system_info`` (for a macOS-only BLAS warning).
-NumPy has no ``numpy.distutils`` on Python 3.12 and newer, so there ``import chainer`` fails outright;
-:func:`shield_numpy_distutils`, run when this module is imported (``extensions`` imports it first),
-puts a stand-in whose ``get_info`` finds no BLAS information, which turns that one warning off and
-nothing else.
+Chainer 7.8.1 (2020) was written for NumPy 1 and for a setuptools that ships ``pkg_resources``. Each shim
+below changes nothing where the real thing is present; importing this module (``extensions`` imports it
+first) applies them all.
+
+- :func:`shield_numpy_distutils`: ``chainer._environment_check`` imports ``numpy.distutils.system_info``
+  (for a macOS-only BLAS warning). NumPy has no ``numpy.distutils`` on Python 3.12 and newer, nor in
+  NumPy 2; the stand-in's ``get_info`` finds no BLAS information, which turns that one warning off.
+- :func:`shield_pkg_resources`: the same check calls ``pkg_resources.require`` and ``get_distribution``
+  to warn about CuPy/iDeep versions. setuptools 81+ removed ``pkg_resources``; the stand-in answers
+  those two calls from ``importlib.metadata`` with the same exceptions.
+- :func:`restore_numpy1_names`: NumPy 2 removed ``numpy.sctypes``, which
+  ``chainer.functions.array.as_strided`` reads at import time and in ``backward``; it is restored,
+  built from NumPy's own scalar types as NumPy 1 built it.
+- :func:`patch_chainer`, after Chainer is imported (this module imports it last):
+  ``chainer.functions.array.resize_images`` asks for ``numpy.float``, gone since NumPy 1.24, so the one
+  function that does sees a ``numpy`` that also has ``float`` (the Python float, as NumPy 1 had it);
+  and where NEP 50 (NumPy 2's promotion rules) would turn Chainer's float32 results into float64,
+  which Chainer's own checks reject, the affected functions get the NumPy 1 dtype back.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
+import re
 import sys
 import types
+from typing import Any
+
+import numpy
+
+NUMPY2 = int(numpy.__version__.split(".")[0]) >= 2
 
 
 def shield_numpy_distutils() -> bool:
     """Register a stand-in ``numpy.distutils.system_info`` where NumPy has none; True if it did."""
     if "numpy.distutils" in sys.modules or importlib.util.find_spec("numpy.distutils") is not None:
         return False
-    import numpy
-
     package = types.ModuleType("numpy.distutils", "Stand-in (wm-trainer): NumPy has no distutils on this Python.")
     package.__path__ = []
     system_info = types.ModuleType("numpy.distutils.system_info")
@@ -29,4 +48,114 @@ def shield_numpy_distutils() -> bool:
     return True
 
 
+class DistributionNotFound(Exception):
+    """No installed distribution has the requested name (as ``pkg_resources`` raises it)."""
+
+
+class VersionConflict(Exception):
+    """The installed distribution's version is outside the requested specifier."""
+
+
+class _Distribution:
+    """What Chainer reads of ``pkg_resources.get_distribution``: the name and the version."""
+
+    def __init__(self, name: str) -> None:
+        try:
+            self.version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise DistributionNotFound(name) from None
+        self.project_name = self.key = name
+
+
+def _require(requirement: str) -> list[_Distribution]:
+    """``pkg_resources.require`` for one ``name<specifier>`` string, without dependencies."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)", requirement)
+    if match is None:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    name, spec = match.groups()
+    dist = _Distribution(name)
+    if spec.strip():
+        try:
+            from packaging.specifiers import SpecifierSet
+        except ImportError:  # nothing to compare with: the distribution is there, which is what matters
+            return [dist]
+        if not SpecifierSet(spec).contains(dist.version, prereleases=True):
+            raise VersionConflict(f"{name} {dist.version} is not {spec}")
+    return [dist]
+
+
+def shield_pkg_resources() -> bool:
+    """Register a stand-in ``pkg_resources`` where setuptools has none; True if it did."""
+    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        return False
+    module = types.ModuleType("pkg_resources", "Stand-in (wm-trainer): this setuptools has no pkg_resources.")
+    module.DistributionNotFound, module.VersionConflict = DistributionNotFound, VersionConflict
+    module.require, module.get_distribution = _require, _Distribution
+    sys.modules["pkg_resources"] = module
+    return True
+
+
+def numpy1_sctypes() -> dict[str, list[type]]:
+    """``numpy.sctypes`` as NumPy 1 defined it: the scalar types of each kind, narrowest first."""
+    def sized(kind: str) -> list[type]:
+        found = []
+        for size in (1, 2, 4, 8, 16, 32):
+            try:
+                found.append(numpy.dtype(f"{kind}{size}").type)
+            except TypeError:  # no such width on this platform
+                continue
+        return found
+
+    return {"int": sized("i"), "uint": sized("u"), "float": sized("f"), "complex": sized("c"),
+            "others": [bool, object, bytes, str, numpy.void]}
+
+
+def restore_numpy1_names() -> list[str]:
+    """Put back on ``numpy`` the NumPy 1 names Chainer reads and NumPy 2 removed; the names restored."""
+    restored = []
+    if "sctypes" not in vars(numpy):
+        try:
+            numpy.sctypes  # noqa: B018  (NumPy 1 has it; NumPy 2 raises AttributeError)
+        except AttributeError:
+            numpy.sctypes = numpy1_sctypes()
+            restored.append("sctypes")
+    return restored
+
+
+class _NumpyWith(types.ModuleType):
+    """NumPy as one function sees it: every NumPy name plus a few NumPy 1 ones."""
+
+    def __init__(self, extra: dict[str, Any]) -> None:
+        super().__init__("numpy", numpy.__doc__)
+        vars(self).update(extra)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(numpy, name)
+
+
+def with_numpy_names(func: types.FunctionType, **extra: Any) -> types.FunctionType:
+    """``func`` reading a ``numpy`` that also has ``extra``; its module and every other function are untouched."""
+    scope = dict(func.__globals__, numpy=_NumpyWith(extra))
+    patched = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    patched.__kwdefaults__, patched.__doc__, patched.__wrapped__ = func.__kwdefaults__, func.__doc__, func
+    return patched
+
+
+def patch_chainer() -> list[str]:
+    """Fix what Chainer's imported modules do wrong on today's NumPy; the patches applied, by name."""
+    resize_images = importlib.import_module("chainer.functions.array.resize_images")
+    applied = []
+    if not hasattr(numpy, "float") and not hasattr(resize_images.compute_indices_and_weights, "__wrapped__"):
+        # NumPy >= 1.24; a function-wide ``numpy`` keeps the module's ``xp is numpy`` checks true
+        resize_images.compute_indices_and_weights = with_numpy_names(
+            resize_images.compute_indices_and_weights, float=float)
+        applied.append("resize_images.compute_indices_and_weights")
+    return applied
+
+
 shield_numpy_distutils()
+shield_pkg_resources()
+restore_numpy1_names()
+import chainer  # noqa: E402,F401  (after the shims: they are what lets it import)
+
+patch_chainer()
