@@ -22,6 +22,7 @@ first) applies them all.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import re
@@ -34,13 +35,20 @@ import numpy
 NUMPY2 = int(numpy.__version__.split(".")[0]) >= 2
 
 
+def _stand_in(name: str, doc: str) -> types.ModuleType:
+    """An empty module with a spec, so that ``importlib.util.find_spec(name)`` answers rather than raises."""
+    module = types.ModuleType(name, doc)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return module
+
+
 def shield_numpy_distutils() -> bool:
     """Register a stand-in ``numpy.distutils.system_info`` where NumPy has none; True if it did."""
     if "numpy.distutils" in sys.modules or importlib.util.find_spec("numpy.distutils") is not None:
         return False
-    package = types.ModuleType("numpy.distutils", "Stand-in (wm-trainer): NumPy has no distutils on this Python.")
+    package = _stand_in("numpy.distutils", "Stand-in (wm-trainer): NumPy has no distutils on this Python.")
     package.__path__ = []
-    system_info = types.ModuleType("numpy.distutils.system_info")
+    system_info = _stand_in("numpy.distutils.system_info", "Stand-in (wm-trainer): finds no BLAS information.")
     system_info.get_info = lambda name, notfound_action=0: {}
     package.system_info = system_info
     sys.modules["numpy.distutils"], sys.modules["numpy.distutils.system_info"] = package, system_info
@@ -88,7 +96,7 @@ def shield_pkg_resources() -> bool:
     """Register a stand-in ``pkg_resources`` where setuptools has none; True if it did."""
     if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
         return False
-    module = types.ModuleType("pkg_resources", "Stand-in (wm-trainer): this setuptools has no pkg_resources.")
+    module = _stand_in("pkg_resources", "Stand-in (wm-trainer): this setuptools has no pkg_resources.")
     module.DistributionNotFound, module.VersionConflict = DistributionNotFound, VersionConflict
     module.require, module.get_distribution = _require, _Distribution
     sys.modules["pkg_resources"] = module
