@@ -22,6 +22,8 @@ DEMO_CONFIG ?= configs/doom_takecover_small.yaml
 install: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
+	@if [ "$(NUMPY)" = 1 ] && [ "$(PYVER)" != 3.10 ] && [ "$(PYVER)" != 3.11 ] && [ "$(PYVER)" != 3.12 ]; then \
+		echo "NumPy 1.26 has no wheel for Python $(PYVER): use NUMPY=2, or Python 3.10-3.12 with NUMPY=1"; exit 1; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.3" wheel
 	$(PY) -m pip install --quiet -e ".[dev,dask]" "$(NUMPY_SPEC)"
