@@ -16,8 +16,12 @@ first) applies them all.
 - :func:`patch_chainer`, after Chainer is imported (this module imports it last):
   ``chainer.functions.array.resize_images`` asks for ``numpy.float``, gone since NumPy 1.24, so the one
   function that does sees a ``numpy`` that also has ``float`` (the Python float, as NumPy 1 had it);
-  and where NEP 50 (NumPy 2's promotion rules) would turn Chainer's float32 results into float64,
-  which Chainer's own checks reject, the affected functions get the NumPy 1 dtype back.
+  and ``chainer.functions.pad_sequence`` fills integer arrays with a Python int padding: NEP 50 (NumPy
+  2's rules for Python scalars) makes one out of the dtype's range (``-1`` into ``uint8``) an
+  OverflowError, where NumPy 1 wrapped it around (to 255); the padding is wrapped as NumPy 1 did.
+  NEP 50's other change, a NumPy scalar's own dtype winning over a float32 array's, leaves every
+  Chainer function's result dtype as it was: Chainer casts its constants to the input's dtype first
+  (``tests/test_ext_chainer_compat.py`` checks the paths that take such constants).
 """
 from __future__ import annotations
 
@@ -149,15 +153,42 @@ def with_numpy_names(func: types.FunctionType, **extra: Any) -> types.FunctionTy
     return patched
 
 
+def numpy1_int_fill(value: Any, dtype: numpy.dtype) -> Any:
+    """``value`` as NumPy 1 stored it into an integer array: a Python int out of the dtype's range wraps around."""
+    if not isinstance(value, int) or numpy.dtype(dtype).kind not in "iu":
+        return value
+    info = numpy.iinfo(dtype)
+    if info.min <= value <= info.max:
+        return value
+    return numpy.array(value % 2 ** info.bits).astype(dtype)[()]  # the C cast NumPy 1 did
+
+
+def _pad_sequence_forward(forward: Any) -> Any:
+    """``PadSequence.forward`` whose padding is stored as NumPy 1 stored it (NumPy 2 raises OverflowError)."""
+    def forward_numpy1(self: Any, xs: tuple) -> tuple:
+        if xs:
+            self.padding = numpy1_int_fill(self.padding, xs[0].dtype)
+        return forward(self, xs)
+
+    forward_numpy1.__wrapped__ = forward
+    forward_numpy1.__doc__ = forward.__doc__
+    return forward_numpy1
+
+
 def patch_chainer() -> list[str]:
     """Fix what Chainer's imported modules do wrong on today's NumPy; the patches applied, by name."""
     resize_images = importlib.import_module("chainer.functions.array.resize_images")
+    pad_sequence = importlib.import_module("chainer.functions.array.pad_sequence")
     applied = []
     if not hasattr(numpy, "float") and not hasattr(resize_images.compute_indices_and_weights, "__wrapped__"):
         # NumPy >= 1.24; a function-wide ``numpy`` keeps the module's ``xp is numpy`` checks true
         resize_images.compute_indices_and_weights = with_numpy_names(
             resize_images.compute_indices_and_weights, float=float)
         applied.append("resize_images.compute_indices_and_weights")
+    if not hasattr(pad_sequence.PadSequence.forward, "__wrapped__"):
+        # NEP 50: ``y[i, l:] = -1`` on a uint8 array raises on NumPy 2 (NumPy 1.24-1.26 warned and wrapped)
+        pad_sequence.PadSequence.forward = _pad_sequence_forward(pad_sequence.PadSequence.forward)
+        applied.append("PadSequence.forward")
     return applied
 
 

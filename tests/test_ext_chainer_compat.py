@@ -162,3 +162,73 @@ def test_with_numpy_names_scopes_extra_names_to_one_function():
     assert patched() is float and patched.__wrapped__ is reads_float
     assert patched.__globals__["numpy"].zeros is np.zeros
     assert "numpy" not in globals() and not hasattr(np, "float")
+
+
+@pytest.mark.parametrize("dtype,padding,filled", [(np.uint8, -1, 255), (np.uint16, -1, 65535), (np.int8, 128, -128),
+                                                  (np.int32, -1, -1), (np.float32, -1, -1.0)])
+def test_pad_sequence_wraps_out_of_range_padding_as_numpy_1(dtype, padding, filled):
+    xs = [np.zeros((2, 3), dtype=dtype), np.ones((1, 3), dtype=dtype)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy 1.24-1.26 warned here; NumPy 2 raised
+        y = F.pad_sequence(xs, padding=padding).array
+    assert y.dtype == dtype and y.shape == (2, 2, 3)
+    np.testing.assert_array_equal(y[1, 1], np.full(3, filled, dtype=dtype))
+    np.testing.assert_array_equal(y[1, 0], np.ones(3, dtype=dtype))
+
+
+def test_numpy1_int_fill_is_numpys_own_cast():
+    assert chainer_compat.numpy1_int_fill(-1, np.uint8) == np.array(-1).astype(np.uint8)
+    assert chainer_compat.numpy1_int_fill(2**32 + 5, np.uint32) == 5
+    assert chainer_compat.numpy1_int_fill(-1, np.int64) == -1 and chainer_compat.numpy1_int_fill(0.5, np.uint8) == 0.5
+
+
+# NEP 50: a NumPy float64 scalar no longer takes a float32 array's dtype. Chainer casts its constants to the
+# input's dtype (``x.dtype.type(value)``) and its optimizers update in place, so results stay float32.
+F64 = np.float64
+NUMPY_SCALAR_PATHS = {
+    "x * s": lambda x: x * F64(0.5), "s - x": lambda x: F64(2) - x, "x / int64": lambda x: x / np.int64(3),
+    "s / x": lambda x: F64(3) / x, "x ** s": lambda x: x ** F64(2), "s ** x": lambda x: F64(2) ** x,
+    "clip": lambda x: F.clip(x, F64(0.2), F64(0.8)), "leaky_relu": lambda x: F.leaky_relu(x, slope=F64(0.1)),
+    "elu": lambda x: F.elu(x, alpha=F64(1)), "huber_loss": lambda x: F.huber_loss(x, x * 0, delta=F64(1)),
+    "dropout": lambda x: F.dropout(x, ratio=F64(0.5)), "normalize": lambda x: F.normalize(x, eps=F64(1e-5)),
+    "batch_normalization": lambda x: F.batch_normalization(x, np.ones(4, np.float32), np.zeros(4, np.float32),
+                                                           eps=F64(2e-5)),
+    "clipped_relu": lambda x: F.clipped_relu(x, z=F64(0.5)), "softplus": lambda x: F.softplus(x, beta=F64(2)),
+    "contrastive": lambda x: F.contrastive(x, x * 0.5, np.array([0, 1, 1], np.int32), margin=F64(1)),
+    "gaussian_nll": lambda x: F.gaussian_nll(x, x, x), "mean_absolute_error": lambda x: F.mean_absolute_error(x, x * 0),
+}
+
+
+@pytest.mark.parametrize("path", sorted(NUMPY_SCALAR_PATHS))
+def test_numpy_scalar_constants_keep_float32(path):
+    x = chainer.Variable(np.random.default_rng(0).random((3, 4), dtype=np.float32) + 0.1)
+    with chainer.using_config("train", True):
+        y = NUMPY_SCALAR_PATHS[path](x)
+        F.sum(y).backward()  # Chainer rejects a gradient whose dtype is not its variable's
+    assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+@pytest.mark.parametrize("name,make", [
+    ("SGD", lambda: chainer.optimizers.SGD(lr=F64(0.1))),
+    ("MomentumSGD", lambda: chainer.optimizers.MomentumSGD(F64(0.1))),
+    ("Adam", lambda: chainer.optimizers.Adam(alpha=F64(1e-3), eps=F64(1e-8))),
+    ("RMSprop", lambda: chainer.optimizers.RMSprop(lr=F64(0.01))),
+    ("AdaGrad", lambda: chainer.optimizers.AdaGrad(F64(0.01))),
+    ("AdaBound", lambda: chainer.optimizers.AdaBound()), ("MSVAG", lambda: chainer.optimizers.MSVAG()),
+])
+def test_numpy_scalar_hyperparameters_keep_float32(name, make):
+    link = chainer.links.Linear(4, 2)
+    optimizer = make()
+    optimizer.setup(link)
+    hooks = chainer.optimizer_hooks
+    for hook in (hooks.WeightDecay(F64(1e-4)), hooks.GradientClipping(F64(1.0)), hooks.GradientNoise(F64(0.01))):
+        optimizer.add_hook(hook)
+    x = np.random.default_rng(0).random((3, 4), dtype=np.float32)
+    for _ in range(2):
+        link.cleargrads()
+        F.sum(link(x)).backward()
+        optimizer.update()
+    for param in link.params():
+        assert param.array.dtype == np.float32 and param.grad.dtype == np.float32, name
+        states = [v for v in param.update_rule.state.values() if isinstance(v, np.ndarray)]
+        assert all(v.dtype == np.float32 for v in states), name
