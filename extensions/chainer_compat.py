@@ -19,9 +19,10 @@ first) applies them all.
   and ``chainer.functions.pad_sequence`` fills integer arrays with a Python int padding: NEP 50 (NumPy
   2's rules for Python scalars) makes one out of the dtype's range (``-1`` into ``uint8``) an
   OverflowError, where NumPy 1 wrapped it around (to 255); the padding is wrapped as NumPy 1 did.
-  NEP 50's other change, a NumPy scalar's own dtype winning over a float32 array's, leaves every
-  Chainer function's result dtype as it was: Chainer casts its constants to the input's dtype first
-  (``tests/test_ext_chainer_compat.py`` checks the paths that take such constants).
+  NEP 50's other change, a NumPy scalar's own dtype winning over a float32 array's, needs no shim on
+  the paths checked (``tests/test_ext_chainer_compat.py``: arithmetic, activations, losses and
+  normalisation given NumPy-scalar constants, optimizers and their hooks given NumPy-scalar
+  hyperparameters): Chainer casts constants to the input's dtype and updates parameters in place.
 """
 from __future__ import annotations
 
