@@ -16,9 +16,9 @@ setup(
     package_data={"wm_trainer": ["py.typed"], "extensions": ["py.typed"]},
     install_requires=[
         "chainer==7.8.1",
-        "numpy>=1.24,<2",
-        # chainer imports pkg_resources and numpy.distutils at run time
-        "setuptools<74",
+        # NumPy 2 (the default) or 1.26: extensions.chainer_compat restores the NumPy 1 names Chainer reads,
+        # and pkg_resources / numpy.distutils where the installed setuptools / NumPy lack them
+        "numpy>=1.26",
         "gymnasium[box2d]>=1.0,<2",
         "vizdoom>=1.2.3,<2",
         "tensorboardX>=2.6,<3",
@@ -31,18 +31,19 @@ setup(
         "tqdm>=4.66,<5",
         "threadpoolctl>=3.2,<4",  # the fast LSTM pins BLAS to one thread per batch slice
         # one compiled pass for the toolkit's per-iteration gradient statistics, backup and check on small nets
-        "numba>=0.59,<0.63",
+        "numba>=0.59",
     ],
     extras_require={
         "dev": ["pytest>=7.4,<9", "ruff>=0.5", "tensorboard>=2.14,<3", "threadpoolctl>=3.2"],
         "dask": ["dask[distributed]>=2024.1"],
-        # CuPy 14 needs numpy>=2, which Chainer 7.8.1 cannot use; the nvidia wheels stand in for a CUDA toolkit
-        "cuda": ["cupy-cuda12x>=13,<14", "nvidia-cublas-cu12", "nvidia-cuda-nvrtc-cu12",
+        # CuPy 14 (NumPy 2; users who keep NumPy 1 install cupy-cuda12x 13.x, see the README);
+        # the nvidia wheels stand in for a CUDA toolkit
+        "cuda": ["cupy-cuda12x>=14,<15", "numpy>=2", "nvidia-cublas-cu12", "nvidia-cuda-nvrtc-cu12",
                  "nvidia-cuda-runtime-cu12", "nvidia-curand-cu12"],
-        # drivers for CUDA 13: CuPy 13.6's CUDA 13 build (no cuDNN) and the CUDA 13 libraries as wheels
-        "cuda13": ["cupy-cuda13x>=13.6,<14", "nvidia-cublas>=13,<14", "nvidia-cuda-nvrtc>=13,<14",
+        # drivers for CUDA 13: CuPy 14's CUDA 13 build and the CUDA 13 libraries as wheels
+        "cuda13": ["cupy-cuda13x>=14,<15", "numpy>=2", "nvidia-cublas>=13,<14", "nvidia-cuda-nvrtc>=13,<14",
                    "nvidia-cuda-runtime>=13,<14", "nvidia-curand>=10.4,<11", "nvidia-nvjitlink>=13,<14"],
-        # CuPy 13's CUDA 12 build binds cuDNN 8 only
+        # cuDNN for CuPy 13 on NumPy 1 (it binds cuDNN 8 only; CuPy 14 has no cuDNN)
         "cudnn": ["nvidia-cudnn-cu12>=8.9,<9"],
     },
     entry_points={"console_scripts": ["wm-trainer=wm_trainer.cli:main"]},

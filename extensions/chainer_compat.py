@@ -1,28 +1,63 @@
-"""Every private internal of other libraries the toolkit reaches, in one place; and the NumPy shim Chainer 7.8.1 needs.
+"""Chainer 7.8.1 on today's Python, NumPy and setuptools, and every private internal of other libraries we reach.
 
-Chainer's ``_environment_check`` imports ``numpy.distutils.system_info`` (for a macOS-only BLAS warning).
-NumPy has no ``numpy.distutils`` on Python 3.12 and newer, so there ``import chainer`` fails outright;
-:func:`shield_numpy_distutils`, run when this module is imported (``extensions`` imports it first),
-puts a stand-in whose ``get_info`` finds no BLAS information, which turns that one warning off and
-nothing else.
+The shims run before the first ``import chainer``; the accessors (the second half) are the only place the toolkit
+reads another library's private attributes.
+
+Chainer 7.8.1 (2020) was written for NumPy 1 and for a setuptools that ships ``pkg_resources``. Each shim
+below changes nothing where the real thing is present; importing this module (``extensions`` imports it
+first) applies them all.
+
+- :func:`shield_numpy_distutils`: ``chainer._environment_check`` imports ``numpy.distutils.system_info``
+  (for a macOS-only BLAS warning). NumPy has no ``numpy.distutils`` on Python 3.12 and newer, nor in
+  NumPy 2; the stand-in's ``get_info`` finds no BLAS information, which turns that one warning off.
+- :func:`shield_pkg_resources`: the same check calls ``pkg_resources.require`` and ``get_distribution``
+  to warn about CuPy/iDeep versions. setuptools 81+ removed ``pkg_resources``; the stand-in answers
+  those two calls from ``importlib.metadata`` with the same exceptions.
+- :func:`restore_numpy1_names`: NumPy 2 removed ``numpy.sctypes``, which
+  ``chainer.functions.array.as_strided`` reads at import time and in ``backward``; it is restored,
+  built from NumPy's own scalar types as NumPy 1 built it.
+- :func:`patch_chainer`, after Chainer is imported (this module imports it last):
+  ``chainer.functions.array.resize_images`` asks for ``numpy.float``, gone since NumPy 1.24, so the one
+  function that does sees a ``numpy`` that also has ``float`` (the Python float, as NumPy 1 had it);
+  and ``chainer.functions.pad_sequence`` fills integer arrays with a Python int padding: NEP 50 (NumPy
+  2's rules for Python scalars) makes one out of the dtype's range (``-1`` into ``uint8``) an
+  OverflowError, where NumPy 1 wrapped it around (to 255); the padding is wrapped as NumPy 1 did.
+  NEP 50's other change, a NumPy scalar's own dtype winning over a float32 array's, needs no shim on
+  the paths checked (``tests/test_ext_chainer_compat.py``: arithmetic, activations, losses and
+  normalisation given NumPy-scalar constants, optimizers and their hooks given NumPy-scalar
+  hyperparameters): Chainer casts constants to the input's dtype and updates parameters in place.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.metadata
 import importlib.util
 import operator
+import re
 import sys
 import types
+from typing import Any
+
+import numpy
+
+NUMPY2 = int(numpy.__version__.split(".")[0]) >= 2
+
+
+def _stand_in(name: str, doc: str) -> types.ModuleType:
+    """An empty module with a spec, so that ``importlib.util.find_spec(name)`` answers rather than raises."""
+    module = types.ModuleType(name, doc)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return module
 
 
 def shield_numpy_distutils() -> bool:
     """Register a stand-in ``numpy.distutils.system_info`` where NumPy has none; True if it did."""
     if "numpy.distutils" in sys.modules or importlib.util.find_spec("numpy.distutils") is not None:
         return False
-    import numpy
-
-    package = types.ModuleType("numpy.distutils", "Stand-in (wm-trainer): NumPy has no distutils on this Python.")
+    package = _stand_in("numpy.distutils", "Stand-in (wm-trainer): NumPy has no distutils on this Python.")
     package.__path__ = []
-    system_info = types.ModuleType("numpy.distutils.system_info")
+    system_info = _stand_in("numpy.distutils.system_info", "Stand-in (wm-trainer): finds no BLAS information.")
     system_info.get_info = lambda name, notfound_action=0: {}
     package.system_info = system_info
     sys.modules["numpy.distutils"], sys.modules["numpy.distutils.system_info"] = package, system_info
@@ -30,7 +65,144 @@ def shield_numpy_distutils() -> bool:
     return True
 
 
+class DistributionNotFound(Exception):
+    """No installed distribution has the requested name (as ``pkg_resources`` raises it)."""
+
+
+class VersionConflict(Exception):
+    """The installed distribution's version is outside the requested specifier."""
+
+
+class _Distribution:
+    """What Chainer reads of ``pkg_resources.get_distribution``: the name and the version."""
+
+    def __init__(self, name: str) -> None:
+        try:
+            self.version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise DistributionNotFound(name) from None
+        self.project_name = self.key = name
+
+
+def _require(requirement: str) -> list[_Distribution]:
+    """``pkg_resources.require`` for one ``name<specifier>`` string, without dependencies."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)", requirement)
+    if match is None:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    name, spec = match.groups()
+    dist = _Distribution(name)
+    if spec.strip():
+        try:
+            from packaging.specifiers import SpecifierSet
+        except ImportError:  # nothing to compare with: the distribution is there, which is what matters
+            return [dist]
+        if not SpecifierSet(spec).contains(dist.version, prereleases=True):
+            raise VersionConflict(f"{name} {dist.version} is not {spec}")
+    return [dist]
+
+
+def shield_pkg_resources() -> bool:
+    """Register a stand-in ``pkg_resources`` where setuptools has none; True if it did."""
+    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        return False
+    module = _stand_in("pkg_resources", "Stand-in (wm-trainer): this setuptools has no pkg_resources.")
+    module.DistributionNotFound, module.VersionConflict = DistributionNotFound, VersionConflict
+    module.require, module.get_distribution = _require, _Distribution
+    sys.modules["pkg_resources"] = module
+    return True
+
+
+def numpy1_sctypes() -> dict[str, list[type]]:
+    """``numpy.sctypes`` as NumPy 1 defined it: the scalar types of each kind, narrowest first."""
+    def sized(kind: str) -> list[type]:
+        found = []
+        for size in (1, 2, 4, 8, 16, 32):
+            try:
+                found.append(numpy.dtype(f"{kind}{size}").type)
+            except TypeError:  # no such width on this platform
+                continue
+        return found
+
+    return {"int": sized("i"), "uint": sized("u"), "float": sized("f"), "complex": sized("c"),
+            "others": [bool, object, bytes, str, numpy.void]}
+
+
+def restore_numpy1_names() -> list[str]:
+    """Put back on ``numpy`` the NumPy 1 names Chainer reads and NumPy 2 removed; the names restored."""
+    restored = []
+    if "sctypes" not in vars(numpy):
+        try:
+            numpy.sctypes  # noqa: B018  (NumPy 1 has it; NumPy 2 raises AttributeError)
+        except AttributeError:
+            numpy.sctypes = numpy1_sctypes()
+            restored.append("sctypes")
+    return restored
+
+
+class _NumpyWith(types.ModuleType):
+    """NumPy as one function sees it: every NumPy name plus a few NumPy 1 ones."""
+
+    def __init__(self, extra: dict[str, Any]) -> None:
+        super().__init__("numpy", numpy.__doc__)
+        vars(self).update(extra)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(numpy, name)
+
+
+def with_numpy_names(func: types.FunctionType, **extra: Any) -> types.FunctionType:
+    """``func`` reading a ``numpy`` that also has ``extra``; its module and every other function are untouched."""
+    scope = dict(func.__globals__, numpy=_NumpyWith(extra))
+    patched = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    patched.__kwdefaults__, patched.__doc__, patched.__wrapped__ = func.__kwdefaults__, func.__doc__, func
+    return patched
+
+
+def numpy1_int_fill(value: Any, dtype: numpy.dtype) -> Any:
+    """``value`` as NumPy 1 stored it into an integer array: a Python int out of the dtype's range wraps around."""
+    if not isinstance(value, int) or numpy.dtype(dtype).kind not in "iu":
+        return value
+    info = numpy.iinfo(dtype)
+    if info.min <= value <= info.max:
+        return value
+    return numpy.array(value % 2 ** info.bits).astype(dtype)[()]  # the C cast NumPy 1 did
+
+
+def _pad_sequence_forward(forward: Any) -> Any:
+    """``PadSequence.forward`` whose padding is stored as NumPy 1 stored it (NumPy 2 raises OverflowError)."""
+    def forward_numpy1(self: Any, xs: tuple) -> tuple:
+        if xs:
+            self.padding = numpy1_int_fill(self.padding, xs[0].dtype)
+        return forward(self, xs)
+
+    forward_numpy1.__wrapped__ = forward
+    forward_numpy1.__doc__ = forward.__doc__
+    return forward_numpy1
+
+
+def patch_chainer() -> list[str]:
+    """Fix what Chainer's imported modules do wrong on today's NumPy; the patches applied, by name."""
+    resize_images = importlib.import_module("chainer.functions.array.resize_images")
+    pad_sequence = importlib.import_module("chainer.functions.array.pad_sequence")
+    applied = []
+    if not hasattr(numpy, "float") and not hasattr(resize_images.compute_indices_and_weights, "__wrapped__"):
+        # NumPy >= 1.24; a function-wide ``numpy`` keeps the module's ``xp is numpy`` checks true
+        resize_images.compute_indices_and_weights = with_numpy_names(
+            resize_images.compute_indices_and_weights, float=float)
+        applied.append("resize_images.compute_indices_and_weights")
+    if not hasattr(pad_sequence.PadSequence.forward, "__wrapped__"):
+        # NEP 50: ``y[i, l:] = -1`` on a uint8 array raises on NumPy 2 (NumPy 1.24-1.26 warned and wrapped)
+        pad_sequence.PadSequence.forward = _pad_sequence_forward(pad_sequence.PadSequence.forward)
+        applied.append("PadSequence.forward")
+    return applied
+
+
 shield_numpy_distutils()
+shield_pkg_resources()
+restore_numpy1_names()
+import chainer  # noqa: E402  (after the shims: they are what lets it import)
+
+patch_chainer()
 
 
 # -- the private internals of other libraries the toolkit reads, all here --------------------------------------
@@ -41,7 +213,6 @@ KNOWN_VERSIONS = {"chainer": ("7.8.1",)}
 
 def check_versions() -> list[str]:
     """One line per installed library whose version this module was not written against (empty: all known)."""
-    import chainer
 
     found = {"chainer": chainer.__version__}
     return [f"{name} {version} (known: {', '.join(KNOWN_VERSIONS[name])})" for name, version in found.items()

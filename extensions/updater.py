@@ -32,8 +32,8 @@ def _is_device_spec(value: Any) -> bool:
 
 
 def _device_form(args: tuple, kwargs: dict) -> tuple:
-    """StandardUpdater's positional arguments, with the MDN blog post's ``(iterator, optimizer, device)`` form turned into
-    ``device=``; raises TypeError when a device is given both ways."""
+    """StandardUpdater's positional arguments, the MDN blog post's ``(iterator, optimizer, device)`` form turned
+    into ``device=``; raises TypeError when a device is given both ways."""
     if len(args) >= 3 and _is_device_spec(args[2]):
         if len(args) > 3 or "device" in kwargs:
             raise TypeError(f"device given twice: {args[2]!r} as the third positional argument (the converter's "
