@@ -184,7 +184,7 @@ def _convert(value: Any, tp: Any, path: str, source: Source, meta: dict | None =
         (arg,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
             raise source.error(path, f"expected {_type_name(tp)}, got {value!r}")
-        return [_convert(v, arg, f"{path}[{i}]", source) for i, v in enumerate(value)]
+        return [_convert(v, arg, f"{path}[{i}]", source, meta) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise source.error(path, f"expected true or false, got {value!r}")

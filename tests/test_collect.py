@@ -147,3 +147,25 @@ def test_collect_on_dask_localcluster_compressed(tmp_path):
         with zipfile.ZipFile(p) as zf:
             assert zf.getinfo("frames.npy").compress_type == zipfile.ZIP_DEFLATED
     _assert_reproducible(cfg, paths)
+
+
+def test_repeat_probs_cycle_over_episodes(tmp_path, pool):
+    """Episode i plays with repeat_probs[i mod n]: 1.0 never switches, 0.0 switches often; each file is that run."""
+    from wm_trainer.collect import episode_repeat_prob
+
+    cfg = _cfg(tmp_path, "collect.episodes=4", "collect.max_steps=60", "collect.repeat_probs=[1.0, 0.0]")
+    assert [episode_repeat_prob(cfg.collect, i) for i in range(4)] == [1.0, 0.0, 1.0, 0.0]
+    paths = collect_episodes(cfg, pool)
+    switches = [int((np.diff(load_episode(p)["actions"], axis=0) != 0).any(axis=1).sum()) for p in paths]
+    assert switches[0] == switches[2] == 0 and switches[1] > 5 and switches[3] > 5
+    with make_env(cfg.env, cfg.collect.max_steps) as env:
+        for i, path in enumerate(paths):
+            seed = episode_seed(cfg.experiment.seed, i)
+            _assert_same(path, rollout_random(env, seed, episode_repeat_prob(cfg.collect, i)))
+
+
+def test_repeat_probs_out_of_range_is_a_one_line_config_error(tmp_path):
+    from wm_trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"collect.repeat_probs\[1\].*<= 1"):
+        _cfg(tmp_path, "collect.repeat_probs=[0.9, 1.5]")

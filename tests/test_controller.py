@@ -267,3 +267,22 @@ def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_
     cal = json.loads((p.controller_dir / "dream_calibration.json").read_text())
     assert cal["dream_mean"] == 20.0 and cal["real_mean"] == 12.0 and cal["real_episodes"] == 3
     assert cal["dream_over_real"] == pytest.approx(20 / 12)
+
+
+def test_dream_calibration_reports_each_collection_policy_beside_its_own_real_episodes():
+    from wm_trainer.train_controller import dream_calibration
+
+    def dream(policy, initial_z, seed):
+        """A stand-in dream whose 'survival' is how often each agent's policy switched in 60 steps."""
+        acts = np.stack([policy(initial_z, None, None) for _ in range(60)])
+        return (np.diff(acts[..., 0], axis=0) != 0).sum(axis=0).astype(np.float64)
+
+    real = {0: 100, 1: 50, 2: 300, 3: 70, 5: 30}  # episode 4 unreadable; cap 250
+    cal = dream_calibration(dream, "VizdoomTakeCover-v1", np.zeros((64, 4), np.float32), real, [1.0, 0.0], 250, 7)
+    still, jitter = cal["by_repeat_prob"]
+    assert still["repeat_prob"] == 1.0 and still["dream_mean"] == 0.0 and still["dream_rollouts"] == 32
+    assert jitter["repeat_prob"] == 0.0 and jitter["dream_mean"] > 20
+    assert still["real_episodes"] == 2 and still["real_mean"] == (100 + 250) / 2
+    assert jitter["real_episodes"] == 3 and jitter["real_mean"] == (50 + 70 + 30) / 3
+    assert cal["real_episodes"] == 5 and cal["real_mean"] == (100 + 50 + 250 + 70 + 30) / 5
+    assert cal["dream_mean"] == pytest.approx((still["dream_mean"] + jitter["dream_mean"]) / 2)

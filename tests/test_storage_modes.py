@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 import stat
 
-import chainer.links as L
+import numpy as np
 import pytest
 
 from extensions.report import _atomic as report_atomic
 from wm_trainer.controller import Controller
-from wm_trainer.storage import atomic_save_npz, atomic_write_json
+from wm_trainer.storage import atomic_savez, atomic_write_bytes, atomic_write_json
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
@@ -18,7 +18,8 @@ def test_atomic_writes_follow_the_umask(tmp_path, mask):
     try:
         written = [atomic_write_json(tmp_path / "eval.json", {"a": 1}),
                    Controller(2, 3, 1).save(tmp_path / "controller.npz"),
-                   atomic_save_npz(tmp_path / "m.npz", L.Linear(2, 2))]
+                   atomic_savez(tmp_path / "ep.npz", x=np.zeros(3)),
+                   atomic_write_bytes(tmp_path / "agent.gif", b"GIF89a")]
         report_atomic(str(tmp_path / "report.txt"), lambda f: f.write(b"x"))
         written.append(tmp_path / "report.txt")
         with open(tmp_path / "plain", "w"):

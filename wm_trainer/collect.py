@@ -48,6 +48,12 @@ def rollout_random(env: WorldEnv, seed: int, repeat_prob: float) -> dict[str, np
     }
 
 
+def episode_repeat_prob(collect_cfg: Any, index: int) -> float:
+    """The repeat probability of episode ``index``: ``repeat_probs`` cycled over episodes, else ``repeat_prob``."""
+    probs = collect_cfg.repeat_probs
+    return float(probs[index % len(probs)]) if probs else float(collect_cfg.repeat_prob)
+
+
 def collect_one(env_id: str, max_steps: int, repeat_prob: float, index: int, seed: int
                 ) -> tuple[int, dict[str, np.ndarray]]:
     """Worker task: episode ``index`` with ``seed``; returns (index, arrays). Envs are reused per worker.
@@ -105,7 +111,7 @@ def collect_episodes(cfg: Any, executor: Executor | None = None) -> list[Path]:
 
 
 def _run(ex: Executor, cfg: Any, todo: list[int], folder: Path, max_steps: int, total: int, tqdm: Any) -> None:
-    futures = [ex.submit(collect_one, cfg.env.id, max_steps, cfg.collect.repeat_prob, i,
+    futures = [ex.submit(collect_one, cfg.env.id, max_steps, episode_repeat_prob(cfg.collect, i), i,
                          episode_seed(cfg.experiment.seed, i)) for i in todo]
     frames, start = 0, time.perf_counter()
     with tqdm(total=total, initial=total - len(todo), unit="ep", desc="collect", dynamic_ncols=True) as bar:

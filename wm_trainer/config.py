@@ -42,6 +42,9 @@ class CollectConfig:
 
     episodes: int = field(10000, min=1, help="number of random-policy episodes to collect")
     repeat_prob: float = field(0.9, min=0.0, max=1.0, help="probability of repeating the previous action")
+    repeat_probs: list[float] = field(default_factory=list, min=0.0, max=1.0,
+                                      help="per-episode repeat probabilities, episode i takes entry i mod len "
+                                           "(empty = repeat_prob for all): quick switching in M's data too")
     max_steps: int = field(0, min=0, help="cap per collected episode (0 = env.max_steps)")
     compress: bool = field(False, help="zlib-compress episode files: ~3x less disk, slower frame loading")
 

@@ -21,10 +21,11 @@ def list_latents(folder) -> list[Path]:
     return episodes.list_episodes(folder)
 
 
-def latent_lengths(folder) -> np.ndarray:
-    """Steps of each readable encoded episode in ``folder`` (corrupt files skipped, as in training)."""
+def latent_lengths(folder) -> dict[int, int]:
+    """Episode index -> steps of each readable encoded episode in ``folder`` (corrupt ones skipped, as in training)."""
     files = list_latents(folder)
-    return np.array([len(ep["dones"]) for _, ep in episodes.iter_valid_episodes(files, keys=("dones",))], np.int64)
+    return {episodes.episode_index(path): len(ep["dones"])
+            for path, ep in episodes.iter_valid_episodes(files, keys=("dones",))}
 
 
 class LatentSet:

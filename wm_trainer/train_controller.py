@@ -13,7 +13,7 @@ import csv
 import functools
 import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,24 +64,34 @@ def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = Non
     return returns
 
 
-def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_lengths: np.ndarray,
-                      repeat_prob: float, max_steps: int, seed: int) -> dict:
-    """The sticky random collection policy in the dream beside its real episodes (both capped at ``max_steps``).
+def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_lengths: dict[int, int],
+                      repeat_probs: Sequence[float], max_steps: int, seed: int) -> dict:
+    """The random collection policy in the dream beside its real episodes (both capped at ``max_steps``).
 
     M learnt from that policy's episodes, so it should last about as long in the dream as in the game; a
     dream it survives much longer in is easier than the game, and a controller trained there exploits it.
-    ``dream`` is :func:`dream_returns` with M and the dream's settings bound, taking a policy instead of C.
+    Episode i (real, by index, and dreamed) plays with ``repeat_probs[i % len]``; each probability is also
+    reported alone. ``dream`` is :func:`dream_returns` with M and the dream's settings bound, taking a policy.
     """
     from .envs import random_policy
 
-    n = len(initial_z)
-    policies = [random_policy(env_id, np.random.default_rng([seed, i]), repeat_prob) for i in range(n)]
+    n, k = len(initial_z), len(repeat_probs)
+    policies = [random_policy(env_id, np.random.default_rng([seed, i]), repeat_probs[i % k]) for i in range(n)]
     dreamed = dream(policy=lambda z, h, c: np.stack([p() for p in policies]), initial_z=initial_z, seed=seed)
-    real = np.minimum(np.asarray(real_lengths, np.float64), max_steps)
-    return {"policy": f"sticky random, repeat w.p. {repeat_prob}", "cap": max_steps, "dream_rollouts": n,
-            "dream_mean": float(dreamed.mean()), "dream_std": float(dreamed.std()),
-            "real_episodes": int(len(real)), "real_mean": float(real.mean()), "real_std": float(real.std()),
-            "dream_over_real": float(dreamed.mean() / max(real.mean(), 1e-9))}
+    index = np.fromiter(real_lengths, np.int64, len(real_lengths))
+    real = np.minimum(np.fromiter(real_lengths.values(), np.float64, len(real_lengths)), max_steps)
+
+    def summary(d: np.ndarray, r: np.ndarray) -> dict:
+        return {"dream_rollouts": int(len(d)), "dream_mean": float(d.mean()), "dream_std": float(d.std()),
+                "real_episodes": int(len(r)), "real_mean": float(r.mean()) if len(r) else None,
+                "real_std": float(r.std()) if len(r) else None,
+                "dream_over_real": float(d.mean() / max(r.mean(), 1e-9)) if len(r) else None}
+
+    by_policy = [{"repeat_prob": float(repeat_probs[j]),
+                  **summary(dreamed[j::k], real[index % k == j])} for j in range(k)]
+    names = ", ".join(f"{p:g}" for p in repeat_probs)
+    return {"policy": f"random, repeat w.p. {names}" + (" (episode i takes entry i mod n)" if k > 1 else ""),
+            "cap": max_steps, **summary(dreamed, real), "by_repeat_prob": by_policy}
 
 
 class _Log:
@@ -187,7 +197,8 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         if not calibration.is_file():
             from .latents import latent_lengths
 
-            cal = dream_calibration(dream, cfg.env.id, select_z, latent_lengths(paths.latents), cfg.collect.repeat_prob,
+            probs = cfg.collect.repeat_probs or [cfg.collect.repeat_prob]
+            cal = dream_calibration(dream, cfg.env.id, select_z, latent_lengths(paths.latents), probs,
                                     max_steps, seed=cfg.experiment.seed * 100_003 + 99_989)
             atomic_write_json(calibration, cal)
             print(f"dream calibration: the collection policy survives {cal['dream_mean']:.0f} steps in the dream, "
