@@ -16,7 +16,6 @@ from pathlib import Path
 import chainer
 import numpy as np
 from chainer import training
-from chainer.training import extensions as T
 from tqdm import tqdm
 
 import extensions as ext
