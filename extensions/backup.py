@@ -31,26 +31,8 @@ check trusts a True and reads the parameter itself otherwise.
 The backup hands out targets only when the optimizer's and the rules' pre-update hooks are
 Chainer's gradient hooks or the toolkit's clipping (a hook that writes a parameter before
 ``update_core`` would make the saved values differ from those before the update).
-
-A rule may go further with ``update_stays_finite(param, grad_bound) -> bool``: whether its next
-update of ``param`` can only write finite values into it and its state, for gradients with every
-|g| <= ``grad_bound`` (e.g. from bounds it keeps on |p| and its state). When every parameter's rule
-says so, and no hook can make a gradient larger or write a parameter (only gradient clipping
-before the update, nothing after it, no loss scale below 1), the backup copies nothing: it sets
-``check_overwritten = True`` on each rule instead, which then checks what it writes and sets
-``overwritten_finite`` as above. Should the update still leave a non-finite value (a parameter
-written in place outside the optimizer since, so that a rule's bounds no longer held), there is
-nothing to restore, and ``restore`` raises ``UnsavedUpdateError``.
 """
-_SCALE_DOWN_HOOKS = ("chainer.optimizer_hooks.gradient_clipping.GradientClipping",
-                     "extensions.clipping.GradientClipping")  # hooks that only ever make gradients smaller
-
-
 _OWN_HOOK_MODULES = ("extensions.clipping", "extensions.guard")  # the guard's hooks copy first, check after
-
-
-class UnsavedUpdateError(RuntimeError):
-    """An update shown to stay finite (so not saved) left a non-finite value: nothing to roll back to."""
 
 
 def _is_float(v: Any) -> bool:
@@ -100,18 +82,6 @@ def _gradient_hooks_only(hooks: dict[str, Any]) -> bool:
     return True
 
 
-def _scale_down_hooks_only(hookable: Any) -> bool:
-    """Whether ``hookable`` (an optimizer's or a rule's) has no post-update hook and only pre-update hooks that
-    can only make gradients smaller (gradient clipping)."""
-    if hookable is None:
-        return True
-    pre, post = compat.hookable_dicts(hookable)
-    if any(type(h).__module__ != "extensions.guard" for h in post.values()):
-        return False
-    return all(f"{type(h).__module__}.{type(h).__qualname__}" in _SCALE_DOWN_HOOKS or type(h).__module__ ==
-               "extensions.guard" for h in pre.values())
-
-
 class UpdateBackup:
     """Copy of every parameter and float update-rule state array, restorable bit for bit after a failed update.
 
@@ -128,26 +98,19 @@ class UpdateBackup:
         self.delegated: list[tuple[Any, chainer.Parameter]] = []  # (rule, its parameter) given a save target
         self.untouched: set[int] = set()  # ids of delegated rules whose update did not run
         self.verified: set[int] = set()  # ids of parameters whose rule found all it wrote finite
-        self.unsaved = False  # this update was shown to stay finite: no copy was made (see SAVE_PROTOCOL)
         self.n_params = 0  # parameters with an array, as of the last plan
         self.buffers: dict[Any, Any] = {}  # dtype -> the saved values, flat
         self.rules: list[tuple[Any, int, bool]] = []  # (rule, its t, whether it had no state) per rule
         self.optimizer_t = 0
 
-    def finish(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer,
-               grad_bound: float | None = None) -> None:
-        """Save every parameter and float state array (and each rule's ``t``) as they are now; with
-        ``grad_bound`` (no gradient has a larger |value|), save nothing when the update is shown to stay finite."""
+    def finish(self, params: list[chainer.Parameter], optimizer: chainer.Optimizer) -> None:
+        """Save every parameter and float state array (and each rule's ``t``) as they are now."""
         self.optimizer_t = optimizer.t
         arrays, self.rules = _collect(params)
         if len(arrays) != len(self.arrays) or not all([a is b for a, b in zip(arrays, self.arrays)]):
             self._plan(params, arrays)  # first call, or arrays initialised or replaced since the last plan
         self.untouched = set()
         self.verified = set()
-        self.unsaved = False
-        if grad_bound is not None and self.by_rule and self._stays_finite(optimizer, grad_bound):
-            self.unsaved = True
-            return
         self.delegated = self._delegate(optimizer) if self.by_rule else []
         self._copy({id(rule) for rule, _ in self.delegated})
 
@@ -161,8 +124,6 @@ class UpdateBackup:
             elif getattr(rule, "overwritten_finite", None) is True:
                 self.verified.add(id(param))
             rule.overwritten_finite = None
-            if self.unsaved:
-                rule.check_overwritten = False
         self.delegated = []
 
     def params_finite(self, params: list[chainer.Parameter]) -> bool:
@@ -174,12 +135,7 @@ class UpdateBackup:
 
     def restore(self, optimizer: chainer.Optimizer) -> None:
         """Write the saved values back into the same arrays (put back where the update replaced one); forget
-        state the update created. ``UnsavedUpdateError`` if this update was not saved (see SAVE_PROTOCOL)."""
-        if self.unsaved:
-            raise UnsavedUpdateError(
-                "every update rule had shown this update to stay finite, so no copy was made to restore: a "
-                "parameter or optimizer state must have been changed in place outside the optimizer, past its "
-                "rule's bounds")
+        state the update created."""
         for a, place, rule, owner, key in self.entries:
             if id(rule) in self.untouched:
                 continue
@@ -231,26 +187,6 @@ class UpdateBackup:
             self.by_rule = []
         else:
             self.by_rule = [entry for entry in self.by_rule if hasattr(entry[1], "saves_overwritten")]
-
-    def _stays_finite(self, optimizer: chainer.Optimizer, grad_bound: float) -> bool:
-        """Whether every parameter's rule shows its update stays finite (see SAVE_PROTOCOL); if so, set them to
-        check what they write and list them in ``delegated``."""
-        if len(self.by_rule) != self.n_params or not _scale_down_hooks_only(compat.hookable_of(optimizer)) or not (
-                compat.loss_scale(optimizer) is None or compat.loss_scale(optimizer) >= 1):
-            return False
-        shown = True
-        for param, rule, _, _ in self.by_rule:  # every rule is asked: each derives its bounds for this step
-            stays = getattr(rule, "update_stays_finite", None)
-            if (stays is None or not _scale_down_hooks_only(compat.hookable_of(rule))
-                    or not stays(param, grad_bound)):
-                shown = False
-        if shown:
-            self.delegated = []
-            for param, rule, _, _ in self.by_rule:
-                rule.check_overwritten = True
-                rule.overwritten_finite = None
-                self.delegated.append((rule, param))
-        return shown
 
     def _delegate(self, optimizer: chainer.Optimizer) -> list[tuple[Any, chainer.Parameter]]:
         """Hand a save target to every rule that can save what it overwrites (see ``SAVE_PROTOCOL``)."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import chainer_compat as compat
 from .arrays import fast_access, raw_grads
-from .backup import UnsavedUpdateError, UpdateBackup
+from .backup import UpdateBackup
 from .config import DebugConfig
 from .dtype import check_float64
 from .errors import NonFiniteError
@@ -248,8 +248,7 @@ class OptimizerGuard:
             self.session_failure(optimizer, trigger, "forward" if not loss_ok else "backward", loss_value,
                                  summary, {})
             return
-        # |g| <= the global norm: the bound under which rules may show the update stays finite
-        backup.finish(params, optimizer, math.sqrt(total) * (1 + 1e-9))
+        backup.finish(params, optimizer)
         self.sqnorm = (optimizer.t, total)
         self.pending = (names, params, loss_value, total, summary, iteration)
 
@@ -270,11 +269,7 @@ class OptimizerGuard:
         if backup.params_finite(params):
             return
         bad = nonfinite_counts(names, [p.array for p in params])
-        try:
-            backup.restore(optimizer)
-        except UnsavedUpdateError as e:  # nothing to restore: say where, and stop
-            raise UnsavedUpdateError(f"iteration {iteration}: {', '.join(bad)} non-finite after the "
-                                     f"update; {e}") from None
+        backup.restore(optimizer)
         # the gradients as they were before the update (its hooks may have changed them since)
         before = summary or GradSummary(total, tuple(names))
         self.session_failure(optimizer, "parameters after the update", "update", loss_value, before, bad)
