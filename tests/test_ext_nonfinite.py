@@ -404,7 +404,10 @@ def test_rule_that_saves_what_it_overwrites_is_rolled_back_bit_for_bit(tmp_path,
     """FastAdam saves each block before updating it (the toolkit's save protocol) instead of a copy beforehand;
     a failed update comes back bit for bit. A custom pre-update hook turns the protocol off (the copy is
     taken first); a parameter with no gradient is not updated and its values are left as they are."""
+    from extensions import backup
     from wm_trainer.ops.adam import FastAdam, FastAdamRule
+
+    monkeypatch.setattr(backup, "DELEGATE_BYTES", 0)  # the path of big nets
 
     saved = []
     orig = FastAdamRule.update_core_cpu
@@ -443,6 +446,7 @@ def test_post_update_check_trusts_a_rule_that_checked_what_it_wrote(tmp_path, mo
     from extensions import backup
     from wm_trainer.ops.adam import FastAdam
 
+    monkeypatch.setattr(backup, "DELEGATE_BYTES", 0)  # the path of big nets
     model, opt, updater = _wide_skipping(tmp_path, FastAdam(1e-3))
     updater.update()
     updater.update()
