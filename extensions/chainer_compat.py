@@ -151,6 +151,13 @@ def persistent_names(link) -> list:
     return list(link._persistent)
 
 
+def global_random_state():
+    """The ``RandomState`` behind ``numpy.random.*`` (``numpy.random.mtrand._rand``), or None."""
+    import numpy
+
+    return getattr(numpy.random.mtrand, "_rand", None)
+
+
 def bit_generator(random_state):
     """The bit generator behind a ``numpy.random.RandomState`` (``_bit_generator``)."""
     return random_state._bit_generator

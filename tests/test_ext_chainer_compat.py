@@ -107,3 +107,11 @@ def test_snapshot_and_npy_internals(tmp_path):
     version = np.lib.format.read_magic(raw)
     shape, fortran, dtype = chainer_compat.read_npy_header(raw, version)
     assert shape == (2, 3) and not fortran and dtype == np.float32
+
+
+def test_global_random_state_is_what_numpy_random_draws_from():
+    state = chainer_compat.global_random_state()
+    np.random.seed(3)
+    a = np.random.rand()
+    state.seed(3)
+    assert np.random.rand() == a
