@@ -52,9 +52,9 @@ def compare(net: str, kind: str, pairs: int, tmp: str) -> dict:
         tb.append(t2 - t1)
     hist_ns = 0.0
     if kind == "hist":  # histograms every 100 iterations, amortised: one write of them, timed alone, / 100
-        updater = side.trainer.updater
-        names, params = updater._param_table(updater.get_optimizer("main").target)
-        hist_ns = _median_us(lambda: updater._histograms(names, params, 0), 3) * 1e3 / 100
+        guard = side.trainer.updater._ext.guards["main"]
+        _, names, params, _ = guard.param_table(guard.optimizer.target)
+        hist_ns = _median_us(lambda: guard._histograms(names, params, 0), 3) * 1e3 / 100
     plain.close()
     side.close()
     ma, mb = statistics.median(ta), statistics.median(tb) + hist_ns
@@ -71,7 +71,8 @@ def pieces(net: str, tmp: str) -> dict:
     stepper.run(2)
     updater = stepper.trainer.updater
     opt = updater.get_optimizer("main")
-    names, params = updater._param_table(opt.target)
+    guard = updater._ext.guards["main"]
+    _, names, params, _ = guard.param_table(opt.target)
     grads = [p.grad for p in params]
     n = 50 if net == "mdn-toy" else 10
     summary = gradient_summary(names, grads)
@@ -79,7 +80,7 @@ def pieces(net: str, tmp: str) -> dict:
     tags, row = summary.report_array()
     rows = np.stack([row] * 50)
     summ = chainer.reporter.DictSummary()
-    backup = updater._ext.guards["main"].backup  # the updater's own: its plan (flat arena or per-array buffers) is made
+    backup = guard.backup  # the updater's own: its plan is made
     tracker = RngTracker()
     out = {
         "stats": _median_us(lambda: gradient_summary(names, grads), n),
@@ -99,7 +100,7 @@ def pieces(net: str, tmp: str) -> dict:
         from extensions.tensorboard import open_writer
 
         updater.writer = open_writer(os.path.join(tmp, net, "pieces", "tb"))
-    out["histograms"] = _median_us(lambda: updater._histograms(names, params, 0), 3)
+    out["histograms"] = _median_us(lambda: guard._histograms(names, params, 0), 3)
     stepper.close()
     return out
 

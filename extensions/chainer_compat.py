@@ -200,7 +200,6 @@ def patch_chainer() -> list[str]:
 shield_numpy_distutils()
 shield_pkg_resources()
 restore_numpy1_names()
-import chainer  # noqa: E402  (after the shims: they are what lets it import)
 
 patch_chainer()
 
@@ -208,15 +207,27 @@ patch_chainer()
 # -- the private internals of other libraries the toolkit reads, all here --------------------------------------
 # Each function names what it reaches; ``check_versions`` says whether the installed versions are ones these
 # were written against (a test fails on any other, so that a new release is looked at, not trusted).
-KNOWN_VERSIONS = {"chainer": ("7.8.1",)}
+KNOWN_VERSIONS = {"chainer": ("7.8.1",), "tensorboardX": ("2.6.5",),
+                  "numpy": ("1.26", "2.0", "2.1", "2.2", "2.3", "2.4", "2.5")}  # numpy: by release series (X.Y.*)
+
+
+def _known(version: str, known: tuple[str, ...]) -> bool:
+    return any(version == k or version.startswith(k + ".") for k in known)
 
 
 def check_versions() -> list[str]:
     """One line per installed library whose version this module was not written against (empty: all known)."""
+    from importlib import metadata
 
-    found = {"chainer": chainer.__version__}
-    return [f"{name} {version} (known: {', '.join(KNOWN_VERSIONS[name])})" for name, version in found.items()
-            if version not in KNOWN_VERSIONS[name]]
+    out = []
+    for name, known in KNOWN_VERSIONS.items():
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:  # not installed: nothing of it is reached
+            continue
+        if not _known(version, known):
+            out.append(f"{name} {version} (known: {', '.join(known)})")
+    return out
 
 
 def call_converter(converter, batch, device):
@@ -311,6 +322,65 @@ def persistent_names(link) -> list:
     return list(link._persistent)
 
 
+def global_random_state():
+    """The ``RandomState`` behind ``numpy.random.*`` (``numpy.random.mtrand._rand``), or None."""
+    import numpy
+
+    return getattr(numpy.random.mtrand, "_rand", None)
+
+
 def bit_generator(random_state):
     """The bit generator behind a ``numpy.random.RandomState`` (``_bit_generator``)."""
     return random_state._bit_generator
+
+
+# -- Chainer's snapshot extension --------------------------------------------------------------------------------
+def snapshot_base() -> type:
+    """Chainer's snapshot extension class (``chainer.training.extensions._snapshot._Snapshot``)."""
+    from chainer.training.extensions import _snapshot
+
+    return _snapshot._Snapshot
+
+
+def find_latest_snapshot(filename: str, out: str) -> str | None:
+    """The newest snapshot file in ``out`` matching ``filename`` (``_snapshot._find_latest_snapshot``), or None."""
+    from chainer.training.extensions import _snapshot
+
+    return _snapshot._find_latest_snapshot(filename, out)
+
+
+# -- NumPy -------------------------------------------------------------------------------------------------------
+def read_npy_header(raw, version) -> tuple:
+    """(shape, fortran order, dtype) of a ``.npy`` header (``numpy.lib.format._read_array_header``), unpickled
+    nothing: unlike ``read_array_header_1_0/2_0`` it takes any format version."""
+    import numpy
+
+    return numpy.lib.format._read_array_header(raw, version)
+
+
+# -- tensorboardX's event file writer ----------------------------------------------------------------------------
+def file_writer(writer):
+    """The ``FileWriter`` behind a tensorboardX ``SummaryWriter`` (``_get_file_writer()``: opens it if closed)."""
+    return writer._get_file_writer()
+
+
+def events_writer(writer):
+    """tensorboardX's open ``EventsWriter`` behind ``writer`` (``event_writer._ev_writer``, with its lock, counter
+    and open record file), or None when it is closed or laid out otherwise."""
+    events = getattr(file_writer(writer), "event_writer", None)
+    if events is None or getattr(events, "_closed", True):
+        return None
+    ev = getattr(events, "_ev_writer", None)
+    if not all(hasattr(ev, a) for a in ("_lock", "_num_outstanding_events", "_py_recordio_writer")):
+        return None
+    if getattr(ev._py_recordio_writer, "_writer", None) is None:
+        return None
+    return ev
+
+
+def write_records(ev, data: bytes, count: int) -> None:
+    """Append ``count`` framed event records (``data``) to an ``events_writer`` file under its lock, counted as
+    its ``write_event`` counts them (so its flush thread flushes them)."""
+    with ev._lock:
+        ev._num_outstanding_events += count
+        ev._py_recordio_writer._writer.write(data)

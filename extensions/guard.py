@@ -20,14 +20,14 @@ import numpy as np
 
 from . import chainer_compat as compat
 from .arrays import fast_access, raw_grads
-from .backup import UnsavedUpdateError, UpdateBackup
+from .backup import UpdateBackup
 from .config import DebugConfig
 from .dtype import check_float64
 from .errors import NonFiniteError
 from .localize import Birth, localize
 from .replay import RngTracker, replay_float64
 from .report import Failure, update_counts, write_report
-from .stats import GradSummary, HostGradients, gradient_summary, nonfinite_counts
+from .stats import STATS, GradSummary, HostGradients, gradient_summary, nonfinite_counts
 from .tensorboard import add_histograms_safe
 
 logger = logging.getLogger("extensions")
@@ -59,9 +59,10 @@ class Session:
         # (compute_loss, in_arrays, rng) of the updater's own iteration while it runs: what a replay needs
         self.context: tuple[Any, Any, Any] | None = None
         self.loss: float | None = None  # the loss of the update in progress, where the updater saw it
-        # ids of the parameter nodes the loss's graph reaches (the others get no gradient: Chainer's update
-        # gives them zeros before the hooks), found by the updater at statistics iterations; None: unknown
-        self.reached: set[int] | None = None
+        # the loss Variable of a statistics iteration, held until the 'pre' hook: when a gradient is all zeros,
+        # its graph says whether the parameter got no gradient at all (Chainer's update zero-fills those before
+        # the hooks); None: unknown
+        self.loss_var: chainer.Variable | None = None
         self.guard_calls = 0  # 'pre' hook calls so far (an updater that bypasses the optimizer makes none)
 
     def guard(self, name: str, optimizer: chainer.Optimizer) -> OptimizerGuard:
@@ -200,29 +201,31 @@ class OptimizerGuard:
 
         grads_config = debug.gradients
         logged, stats_now = st.stats_due(iteration)
-        reached, st.reached = st.reached, None
+        loss_var, st.loss_var = st.loss_var, None
         own_veto = check and compat.update_vetoed(optimizer)  # dynamic loss scaling found a NaN: its skip
         check = check and not own_veto
-        # a small net's pre-update copy rides along the pass over the gradients (see backup.begin)
-        save = backup.begin(params, optimizer) if check else None
         summary = None
         total = 0.0
         grads = None
         if stats_now or check:
             grads = raw_grads(params) if table[3] else [p.grad for p in params]
-            if reached is not None and stats_now:  # no gradient reached them: Chainer's zeros are not theirs
-                grads = [g if id(p.node) in reached else None for p, g in zip(params, grads)]
             host = self.grad_pass
-            result = host.table(grads, save) if host is not None else None
+            result = host.table(grads) if host is not None else None
             if result is None:
-                summary = gradient_summary(names, grads, stats_now, save)
+                summary = gradient_summary(names, grads, stats_now)
                 self.grad_pass = HostGradients.fitting(names, grads, prefix)
                 total = summary.sqnorm
                 report = summary.report_array(prefix) if summary.has_stats else None
+                row_names, row = summary.names, summary.row
             else:
                 total = result[0]
                 report = (host.keys, result[1])
-            if stats_now and report is not None:
+                row_names, row = host.names, result[1]
+            if stats_now and report is not None and (logged or st.tb_report is not None):
+                missing = _unreached(names, params, row_names, row, loss_var) if loss_var is not None else None
+                if missing:  # Chainer's zeros are not theirs: report them missing
+                    summary = gradient_summary(names, [None if n in missing else g for n, g in zip(names, grads)])
+                    report = summary.report_array(prefix)
                 if logged:
                     _report(dict(zip(report[0], report[1].tolist())))
                 elif st.tb_report is not None:
@@ -245,8 +248,7 @@ class OptimizerGuard:
             self.session_failure(optimizer, trigger, "forward" if not loss_ok else "backward", loss_value,
                                  summary, {})
             return
-        if save is None:  # |g| <= the global norm: the bound under which rules may show the update stays finite
-            backup.finish(params, optimizer, math.sqrt(total) * (1 + 1e-9))
+        backup.finish(params, optimizer)
         self.sqnorm = (optimizer.t, total)
         self.pending = (names, params, loss_value, total, summary, iteration)
 
@@ -267,11 +269,7 @@ class OptimizerGuard:
         if backup.params_finite(params):
             return
         bad = nonfinite_counts(names, [p.array for p in params])
-        try:
-            backup.restore(optimizer)
-        except UnsavedUpdateError as e:  # nothing to restore: say where, and stop
-            raise UnsavedUpdateError(f"iteration {iteration}: {', '.join(bad)} non-finite after the "
-                                     f"update; {e}") from None
+        backup.restore(optimizer)
         # the gradients as they were before the update (its hooks may have changed them since)
         before = summary or GradSummary(total, tuple(names))
         self.session_failure(optimizer, "parameters after the update", "update", loss_value, before, bad)
@@ -343,6 +341,21 @@ def guard_optimizers(updater: Any, session: Session) -> Session:
         if getattr(optimizer, "target", None) is not None:  # one not set up yet is guarded at its first update
             session.guard(name, optimizer)
     return session
+
+
+_ZERO_FRAC = 1 + STATS.index("zero_frac")
+
+
+def _unreached(names: list[str], params: list[chainer.Parameter], row_names: tuple[str, ...], row: np.ndarray,
+               loss: chainer.Variable) -> set[str]:
+    """Names of the parameters ``loss``'s graph does not reach; only those whose gradient in ``row`` is all zeros
+    are candidates, so the graph is walked only when one is (Chainer zero-fills a gradient no backward gave)."""
+    zero = row[_ZERO_FRAC:1 + len(STATS) * len(row_names):len(STATS)] == 1.0
+    if not zero.any():
+        return set()
+    candidates = {row_names[i] for i in np.flatnonzero(zero).tolist()}
+    reached = reached_params(loss)
+    return {n for n, p in zip(names, params) if n in candidates and id(p.node) not in reached}
 
 
 def reached_params(loss: chainer.Variable) -> set[int]:

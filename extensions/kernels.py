@@ -61,9 +61,7 @@ def _segment_stats(values, row, s):  # pragma: no cover - compiled by numba (the
     return sq
 
 
-def _segment_table(work, offsets, row, src, dst):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
-    for i in range(src.size):  # the pre-update copy, when asked for (else both are empty)
-        dst[i] = src[i]
+def _segment_table(work, offsets, row):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
     total = 0.0
     for s in range(offsets.size - 1):
         total += _segment_stats(work[offsets[s]:offsets[s + 1]], row, s)
@@ -74,10 +72,8 @@ def _segment_table(work, offsets, row, src, dst):  # pragma: no cover - compiled
 _unroll = None  # numba.literal_unroll, set by ``_compile`` (only compiled code calls it)
 
 
-def _tuple_table(arrays, row, src, dst):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
+def _tuple_table(arrays, row):  # pragma: no cover - compiled by numba (the NumPy twin is tested)
     # ``_segment_table`` with each segment an array of the tuple ``arrays``, read where it is (no gather)
-    for i in range(src.size):
-        dst[i] = src[i]
     total = 0.0
     s = 0
     for values in _unroll(arrays):
@@ -205,8 +201,8 @@ def _warm_up(compiled: dict[str, Any]) -> None:
     bounds = np.array([0, 2], dtype=np.int64)
     for dtype in _COMPILED_DTYPES:
         work = np.zeros(2, dtype)
-        compiled["table"](work, bounds, np.empty(8), work[:0], work[:0])
-        compiled["tuple"]((work,), np.empty(8), work[:0], work[:0])  # each tuple of shapes compiles on first use
+        compiled["table"](work, bounds, np.empty(8))
+        compiled["tuple"]((work,), np.empty(8))  # each tuple of shapes compiles on first use
         compiled["finite"](work)
         compiled["big"](work, work.view(_BITS[dtype][0]), _BITS[dtype][1])
     edges = np.array([-1.0, 0.0, 1.0])
@@ -227,7 +223,7 @@ def use(compiled: bool) -> None:
 
 
 def tuple_table_for(dtype: Any) -> Callable[..., float]:
-    """``f(arrays, row, src, dst) -> total``: the statistics of ``segment_table`` with each array of the tuple
+    """``f(arrays, row) -> total``: the statistics of ``segment_table`` with each array of the tuple
     ``arrays`` (of ``dtype``, any shapes and layouts) a segment, read in place. Compiled once per tuple of
     array types (about a second, then cached on disk)."""
     kernels = _compile()
@@ -236,37 +232,23 @@ def tuple_table_for(dtype: Any) -> Callable[..., float]:
     return numpy_tuple_table
 
 
-def numpy_tuple_table(arrays: tuple[np.ndarray, ...], row: np.ndarray, src: np.ndarray, dst: np.ndarray) -> float:
+def numpy_tuple_table(arrays: tuple[np.ndarray, ...], row: np.ndarray) -> float:
     """``tuple_table``'s NumPy twin (any dtype)."""
     offsets = np.concatenate(([0], np.cumsum([a.size for a in arrays]))).astype(np.int64)
-    return _numpy_segment_table(np.concatenate(arrays, axis=None), offsets, row, src, dst)
+    return _numpy_segment_table(np.concatenate(arrays, axis=None), offsets, row)
 
 
-def segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray,
-                  save: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+def segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray) -> float:
     """The gradient statistics of each segment ``work[offsets[s]:offsets[s+1]]`` in one pass: into ``row[1 + 7s:]``
     its L2 norm, mean, std, max |x| (NaN if any), fraction of zeros, NaN count and Inf count (the order of
     ``stats.STATS``), and into ``row[0]`` the L2 norm of all; returns the total sum of squares, accumulated in
-    float64. ``save=(src, dst)`` also copies ``src`` into ``dst`` in the same call."""
+    float64."""
     kernels = _compile()
     table = kernels["table"] if kernels is not None and work.dtype in _COMPILED_DTYPES else _numpy_segment_table
-    return table(work, offsets, row, *save_pair(work, save))
+    return table(work, offsets, row)
 
 
-def save_pair(work: np.ndarray, save: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-    """The (src, dst) the table kernel copies along its pass over ``work``: ``save``, or two empty arrays when
-    there is nothing to copy, or when ``src`` is of another dtype than ``work`` (then copied here)."""
-    if save is not None and save[0].dtype == work.dtype:
-        return save
-    if save is not None:
-        np.copyto(save[1], save[0])
-    return work[:0], work[:0]
-
-
-def _numpy_segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray, src: np.ndarray,
-                         dst: np.ndarray) -> float:
-    if src.size:
-        np.copyto(dst, src)
+def _numpy_segment_table(work: np.ndarray, offsets: np.ndarray, row: np.ndarray) -> float:
     starts, n = offsets[:-1], np.diff(offsets).astype(np.float64)
     x = work.astype(np.float64)
     sq = np.add.reduceat(x * x, starts)

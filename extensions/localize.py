@@ -11,8 +11,8 @@ in ``allow_inf_in`` (e.g. attention masks) are intended and skipped.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,7 +85,8 @@ def _kinds(arrays: Sequence[Any]) -> tuple[bool, bool]:
 
 def user_source(skip: tuple[str, ...] = _SKIP_DIRS) -> str | None:
     """The innermost stack frame outside chainer, numpy and this toolkit, as ``file:line in func: code``."""
-    frame = sys._getframe(1)
+    frame = inspect.currentframe()
+    frame = frame.f_back if frame is not None else None  # the caller's
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
         if not filename.startswith(skip) and not filename.startswith("<"):

@@ -176,7 +176,7 @@ class RngTracker:
 
     def capture(self, xp: Any = np, seeder: np.random.Generator | None = None) -> RngState:
         """The random state now, as ``RngState.capture(xp, seeder)`` would save it."""
-        random_state = getattr(np.random.mtrand, "_rand", None)
+        random_state = compat.global_random_state()
         if random_state is not self._random_state:
             self._random_state, self._last = random_state, None
             self._reader = _RawReader.create(random_state) if random_state is not None else None

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from chainer.serializers import npz as chainer_npz
 
+from . import chainer_compat as compat
+
 # What numpy's pickle of ``numpy.asarray(None)`` names, and nothing else.
 _NONE_ARRAY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -84,7 +86,7 @@ class SafeNpz:
             with self._npz.zip.open(key + ".npy") as f:
                 raw = io.BytesIO(f.read())
             version = np.lib.format.read_magic(raw)
-            shape, _, dtype = np.lib.format._read_array_header(raw, version)
+            shape, _, dtype = compat.read_npy_header(raw, version)
             if shape != () or not dtype.hasobject:
                 raise pickle.UnpicklingError("not a single None")
             value = _NoneOnlyUnpickler(raw).load()

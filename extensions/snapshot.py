@@ -4,18 +4,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from chainer.training.extensions import _snapshot, snapshot_writers
+from chainer.training.extensions import snapshot_writers
 
+from . import chainer_compat as compat
 from .serializers import load_npz
 
 
-class Snapshot(_snapshot._Snapshot):
+class Snapshot(compat.snapshot_base()):  # type: ignore[misc]
     """As Chainer's snapshot extension; resuming (``autoload``) never unpickles."""
 
     def initialize(self, trainer: Any) -> None:
         """Load the newest snapshot safely (when ``autoload``), then set up Chainer's clean-up of old ones."""
         if self.autoload:
-            latest = _snapshot._find_latest_snapshot(self.filename, trainer.out)
+            latest = compat.find_latest_snapshot(self.filename, trainer.out)
             if latest is not None:
                 load_npz(os.path.join(trainer.out, latest), trainer if self._target is None else self._target)
         autoload, self.autoload = self.autoload, False

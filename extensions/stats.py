@@ -212,34 +212,28 @@ def _big_stats(a: np.ndarray) -> tuple[float, float, float, float]:
     return total, sq, hi if hi != hi else max(hi, -lo), zeros
 
 
-def _small_table(layout: _Layout, arrays: Sequence[Any], save: tuple[np.ndarray, np.ndarray] | None = None
-                 ) -> tuple[np.ndarray, float]:
+def _small_table(layout: _Layout, arrays: Sequence[Any]) -> tuple[np.ndarray, float]:
     """(row, total sum of squares) of the small arrays: ``kernels.segment_table``'s row (their global norm, then
     ``STATS`` per array) from one gather and one call (a compiled loop, or NumPy's ``reduceat``), whatever their
-    number; ``save`` is its pre-update copy."""
+    number."""
     row = np.empty(1 + len(STATS) * len(arrays))
-    total = kernels.segment_table(layout.gather(arrays), layout.bounds, row, save)
+    total = kernels.segment_table(layout.gather(arrays), layout.bounds, row)
     return row, total
 
 
-def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, ...] | None = None,
-                   save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary:
+def _numpy_summary(names, arrays, missing, with_stats: bool, sizes: tuple[int, ...] | None = None) -> GradSummary:
     if not arrays:
-        if save is not None:
-            np.copyto(save[1], save[0])
         return GradSummary(0.0, (), np.zeros(1) if with_stats else None, missing)
     layout = _layout(arrays, sizes)
     if not layout.big:  # all gathered: the kernel's row is the summary's
-        row, total = _small_table(layout, arrays, save)
+        row, total = _small_table(layout, arrays)
         nonfinite = {} if math.isfinite(total) else nonfinite_counts(names, arrays)
         return GradSummary(total, tuple(names), row if with_stats else None, missing, nonfinite)
     total, k = 0.0, len(STATS)
     small_rows = None
     if layout.small:
-        small_row, total = _small_table(layout, [arrays[i] for i in layout.small], save)
+        small_row, total = _small_table(layout, [arrays[i] for i in layout.small])
         small_rows = small_row[1:].reshape(-1, k)
-    elif save is not None:
-        np.copyto(save[1], save[0])
     big = []
     for i in layout.big:
         a = arrays[i].ravel()
@@ -303,23 +297,18 @@ def _device_summary(xp, names, arrays, missing, with_stats: bool) -> GradSummary
 _size = operator.attrgetter("size")
 
 
-def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: bool = True,
-                     save: tuple[np.ndarray, np.ndarray] | None = None) -> GradSummary:
+def gradient_summary(names: Sequence[str], grads: Sequence[Any], with_stats: bool = True) -> GradSummary:
     """Global squared norm of ``grads`` and, if ``with_stats``, per-parameter statistics.
 
     ``grads`` holds one array (or None for a parameter that got no gradient) per name.
-    ``save=(src, dst)`` also copies host array ``src`` into ``dst`` (a small net's pre-update
-    backup), inside the same compiled pass over the gradients when there is one.
     """
     if set(map(type, grads)) == _HOST_ONLY:  # the common case: every gradient there, on the host
         sizes = tuple(map(_size, grads))
         if 0 not in sizes:
-            return _numpy_summary(names, grads, [], with_stats, sizes, save)
+            return _numpy_summary(names, grads, [], with_stats, sizes)
     present_names, present, missing = _split(names, grads)
     if not present or all(type(a) is np.ndarray for a in present):
-        return _numpy_summary(present_names, present, missing, with_stats, save=save)
-    if save is not None:
-        np.copyto(save[1], save[0])
+        return _numpy_summary(present_names, present, missing, with_stats)
     xp = chainer.backend.get_array_module(*present)
     return _device_summary(xp, present_names, present, missing, with_stats)
 
@@ -334,9 +323,9 @@ class HostGradients:
     """The updater's gradient pass for a net whose gradients are small host arrays of one float dtype.
 
     One ``kernels.tuple_table`` call reads every gradient where it is (no gather) and computes the
-    statistics, with the optional pre-update copy on the way; the only check before it is one
-    C-level pass over the gradients' types (a missing one or one on a device takes the general
-    path). Made by ``HostGradients.fitting``, for up to ``MAX_ARRAYS`` arrays under ``BIG`` elements.
+    statistics; the only check before it is one C-level pass over the gradients' types (a missing one
+    or one on a device takes the general path). Made by ``HostGradients.fitting``, for up to ``MAX_ARRAYS``
+    arrays under ``BIG`` elements.
     """
 
     def __init__(self, names: Sequence[str], dtype: Any, prefix: str = "grad"):
@@ -345,8 +334,6 @@ class HostGradients:
         self.kernel = kernels.tuple_table_for(dtype)
         self.types = (np.ndarray,) * len(self.names)
         self.keys = _report_keys(prefix, self.names)  # the reporter keys of a row, in its order
-        self.empty = np.empty(0, dtype)
-        self._save: Any = ()  # the last ``save`` handed to the kernel as it is (never None)
 
     @classmethod
     def fitting(cls, names: Sequence[str], grads: Sequence[Any], prefix: str = "grad") -> HostGradients | None:
@@ -358,28 +345,22 @@ class HostGradients:
             return None
         return cls(names, grads[0].dtype, prefix)
 
-    def table(self, grads: Sequence[Any], save: tuple[np.ndarray, np.ndarray] | None = None
-              ) -> tuple[float, np.ndarray] | None:
-        """(total squared norm, ``row`` as in ``GradSummary``) of ``grads``, copying ``save=(src, dst)`` on the
-        way; or None (nothing done) if ``grads`` are not all host arrays."""
+    def table(self, grads: Sequence[Any]) -> tuple[float, np.ndarray] | None:
+        """(total squared norm, ``row`` as in ``GradSummary``) of ``grads``; or None (nothing done) if ``grads``
+        are not all host arrays."""
         grads = tuple(grads)
         if tuple(map(type, grads)) != self.types:
             return None
         row = np.empty(self.row_size)
-        pair = save
-        if save is not self._save:
-            pair = kernels.save_pair(self.empty, save)
-            if pair is save:  # a pair the kernel copies itself: checked once
-                self._save = save
         try:
-            return self.kernel(grads, row, *pair), row
+            return self.kernel(grads, row), row
         except Exception as e:  # arrays numba cannot compile for (a dtype it lacks): NumPy from now on
             if self.kernel is kernels.numpy_tuple_table:
                 raise
             warnings.warn(f"extensions: gradient statistics in NumPy from now on ({type(e).__name__})",
                           RuntimeWarning, stacklevel=2)
             self.kernel = kernels.numpy_tuple_table
-            return self.kernel(grads, row, *pair), row
+            return self.kernel(grads, row), row
 
 
 def nonfinite_counts(names: Sequence[str], arrays: Sequence[Any]) -> dict[str, tuple[int, int]]:

@@ -21,6 +21,7 @@ import chainer
 import numpy as np
 from chainer import training
 
+from . import chainer_compat as compat
 from . import kernels
 
 if TYPE_CHECKING:
@@ -176,20 +177,6 @@ def encode_event(summary: bytes, step: int, walltime: float) -> bytes:
     return time_field + step_field + b"\x2a" + _varint(len(summary)) + summary
 
 
-def _events_writer(writer: SummaryWriter) -> Any:
-    """tensorboardX's ``EventsWriter`` behind ``writer`` (its lock, record writer and open file), or None."""
-    file_writer = writer._get_file_writer()
-    events = getattr(file_writer, "event_writer", None)
-    if events is None or getattr(events, "_closed", True):
-        return None
-    ev = getattr(events, "_ev_writer", None)
-    if not all(hasattr(ev, a) for a in ("_lock", "_num_outstanding_events", "_py_recordio_writer")):
-        return None
-    if getattr(ev._py_recordio_writer, "_writer", None) is None:
-        return None
-    return ev
-
-
 def tf_records(payloads: list[bytes]) -> bytes:
     """TFRecord framing of each payload (length, its masked CRC-32C, the payload, its masked CRC-32C), joined:
     the bytes tensorboardX's ``RecordWriter.write`` writes for each, in one piece."""
@@ -204,16 +191,14 @@ def write_encoded(writer: SummaryWriter, events: list[tuple[bytes, int, float]])
     """Write (serialised summary, step, walltime) events into ``writer``'s event file, in order, in one write."""
     if not events:
         return
-    ev = _events_writer(writer)
+    ev = compat.events_writer(writer)
     if ev is None:  # another tensorboardX layout: through its public API
-        file_writer = writer._get_file_writer()
+        file_writer = compat.file_writer(writer)
         for summary, step, walltime in events:
             file_writer.add_summary(_pb().Summary.FromString(summary), step, walltime)
         return
     data = tf_records([encode_event(summary, step, walltime) for summary, step, walltime in events])
-    with ev._lock:
-        ev._num_outstanding_events += len(events)
-        ev._py_recordio_writer._writer.write(data)
+    compat.write_records(ev, data, len(events))
 
 
 def _tensorflow_bins() -> np.ndarray:
@@ -322,7 +307,7 @@ def add_histograms_safe(writer: SummaryWriter, arrays: dict[str, Any], step: int
         values, counts[tag] = done[tag] if tag in done else histogram_values(tag, array)
         summary.value.extend(values)
     if summary.value:
-        writer._get_file_writer().add_summary(summary, step)
+        compat.file_writer(writer).add_summary(summary, step)
     return counts
 
 

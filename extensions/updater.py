@@ -22,7 +22,7 @@ from chainer.training.updaters import StandardUpdater
 from . import chainer_compat as compat
 from .config import DebugConfig
 from .dtype import check_float64, float64_converter
-from .guard import POST_HOOK, PRE_HOOK, Session, guard_optimizers, reached_params
+from .guard import POST_HOOK, PRE_HOOK, Session, guard_optimizers
 from .report import Failure
 
 
@@ -180,7 +180,7 @@ class GradientLoggingMixin:
         lossfun = self.loss_func or target
         st.context = (self.compute_loss, in_arrays, rng)
         st.loss = None
-        st.reached = None
+        st.loss_var = None
         probe = None
         if own:
             lossfun = _Recorded(st, lambda *args, **kwargs: self.compute_loss(in_arrays)) if check else (
@@ -203,7 +203,7 @@ class GradientLoggingMixin:
                 lossfun.delete_hook(_LossProbe.name)
             st.context = None
             st.loss = None
-            st.reached = None
+            st.loss_var = None
 
     def serialize(self, serializer: Any) -> None:
         """Serialise the updater as StandardUpdater does, plus the toolkit's skip counters (under ``ext_nonfinite``)."""
@@ -245,11 +245,12 @@ class _Recorded:
 
 
 def _record(session: Session, loss: Any) -> None:
-    """Hand the loss's value (and, at statistics iterations, the parameters its graph reaches) to the guard."""
+    """Hand the loss's value (and, at statistics iterations, the loss Variable itself) to the guard."""
     if isinstance(loss, chainer.Variable):
         session.loss = _host_scalar(loss.array)
-        if session.stats_due(session.updater.iteration + 1)[1]:
-            session.reached = reached_params(loss)
+        logged, computed = session.stats_due(session.updater.iteration + 1)
+        if computed and (logged or session.tb_report is not None):  # statistics that are reported
+            session.loss_var = loss
     else:
         session.loss = _host_scalar(loss)
 

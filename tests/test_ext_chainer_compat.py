@@ -256,3 +256,56 @@ def test_numpy_scalar_hyperparameters_keep_float32(name, make):
         assert param.array.dtype == np.float32 and param.grad.dtype == np.float32, name
         states = [v for v in param.update_rule.state.values() if isinstance(v, np.ndarray)]
         assert all(v.dtype == np.float32 for v in states), name
+
+
+def test_an_unknown_version_is_named(monkeypatch):
+    """A release the module was not checked against fails loudly, by name; a known series passes."""
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "99.0" if name == "tensorboardX" else real(name))
+    assert chainer_compat.check_versions() == [
+        f"tensorboardX 99.0 (known: {', '.join(chainer_compat.KNOWN_VERSIONS['tensorboardX'])})"]
+    assert chainer_compat._known("2.1.3", ("2.1",)) and not chainer_compat._known("2.10.0", ("2.1",))
+
+
+def test_tensorboardx_internals_write_records_the_public_reader_reads(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from extensions import tensorboard as tb
+
+    writer = tb.open_writer(str(tmp_path))
+    ev = chainer_compat.events_writer(writer)
+    assert ev is not None and chainer_compat.file_writer(writer) is chainer_compat.file_writer(writer)
+    summary = tb._pb().Summary(value=[tb._pb().Summary.Value(tag="x", simple_value=2.5)]).SerializeToString()
+    chainer_compat.write_records(ev, tb.tf_records([tb.encode_event(summary, 7, 1.0)]), 1)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("x")] == [(7, 2.5)]
+
+
+def test_snapshot_and_npy_internals(tmp_path):
+    import io
+
+    import chainer
+
+    assert issubclass(chainer_compat.snapshot_base(), chainer.training.Extension)
+    for name in ("snapshot_iter_10", "snapshot_iter_30", "other"):
+        (tmp_path / name).write_bytes(b"")
+    assert chainer_compat.find_latest_snapshot("snapshot_iter_{.updater.iteration}", str(tmp_path)) == \
+        "snapshot_iter_30"
+    raw = io.BytesIO()
+    np.save(raw, np.zeros((2, 3), np.float32))
+    raw.seek(0)
+    version = np.lib.format.read_magic(raw)
+    shape, fortran, dtype = chainer_compat.read_npy_header(raw, version)
+    assert shape == (2, 3) and not fortran and dtype == np.float32
+
+
+def test_global_random_state_is_what_numpy_random_draws_from():
+    state = chainer_compat.global_random_state()
+    np.random.seed(3)
+    a = np.random.rand()
+    state.seed(3)
+    assert np.random.rand() == a
