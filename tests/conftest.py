@@ -180,3 +180,44 @@ def latents_run():
 def npz_arrays():
     """``path -> {key: array}``: every array of an .npz file."""
     return _npz_arrays
+
+
+class _Plant:
+    """Unpickling this creates ``marker``: the proof that a loader ran code from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _poison(path, marker, keys) -> None:
+    """An npz whose every key holds a pickled object (0-d and 1-d object arrays by turns)."""
+    arrays = {}
+    for i, key in enumerate(keys):
+        a = np.empty(() if i % 2 == 0 else (1,), dtype=object)
+        a[...] = _Plant(marker)
+        arrays[key] = a
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.fixture(scope="session")
+def poison():
+    """``(path, marker, keys)``: write an npz whose keys hold objects that create ``marker`` when unpickled."""
+    return _poison
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory) -> Path:
+    """A tiny Doom run with every stage done (V, M, C, snapshots, CMA-ES state), run once through the CLI."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("trained")
+    done = subprocess.run([sys.executable, "-m", "wm_trainer.cli", "pipeline", "-c", "configs/tiny_doom.yaml",
+                           "--set", f"experiment.out_dir={out}"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return out

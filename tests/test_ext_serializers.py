@@ -11,27 +11,6 @@ import pytest
 from extensions import NpzLoadError, load_npz, snapshot
 
 
-class Plant:
-    """Unpickling this creates ``marker``: the proof that a loader ran code from a file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
-def poison(path, marker, keys) -> None:
-    """An npz whose every key holds a pickled object (0-d and 1-d object arrays)."""
-    arrays = {}
-    for i, key in enumerate(keys):
-        a = np.empty(() if i % 2 == 0 else (1,), dtype=object)
-        a[...] = Plant(marker)
-        arrays[key] = a
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
 def test_round_trip_matches_chainer_and_reads_chainers_none(tmp_path):
     m = L.Linear(3, 2)
     chainer.serializers.save_npz(tmp_path / "m.npz", m)
@@ -78,7 +57,7 @@ def test_dtype_must_cast_within_its_kind(tmp_path, dtype):
         load_npz(str(path), L.Linear(3, 2))
 
 
-def test_poisoned_and_truncated_files_run_nothing(tmp_path):
+def test_poisoned_and_truncated_files_run_nothing(tmp_path, poison):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.npz"
     poison(path, marker, ["W"])  # 0-d object array; a one-parameter link, so W is the first key read
@@ -97,7 +76,7 @@ def test_poisoned_and_truncated_files_run_nothing(tmp_path):
             load_npz(str(good), L.Linear(3, 2))
 
 
-def test_snapshot_autoload_refuses_a_poisoned_snapshot(tmp_path):
+def test_snapshot_autoload_refuses_a_poisoned_snapshot(tmp_path, poison):
     from chainer import training
 
     model = L.Classifier(L.Linear(3, 2))

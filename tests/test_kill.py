@@ -109,25 +109,16 @@ def test_sigterm_and_ctrl_c_of_collect_say_it_resumes_and_leave_no_process(tmp_p
     _assert_all_end(tree)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny Doom run with every stage done (V, M, C), to start the later stages from."""
-    out = tmp_path_factory.mktemp("trained")
-    done = subprocess.run([sys.executable, "-m", "wm_trainer.cli", "pipeline", "-c", "configs/tiny_doom.yaml",
-                           "--set", f"experiment.out_dir={out}"], cwd=ROOT, capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    return out
-
 
 @pytest.mark.parametrize("stage, overrides, games", [
     ("evaluate", ["evaluate.episodes=400"], 2),
     ("render", ["evaluate.gif_steps=100000"], 1),  # the agent GIF's game runs in the main process
     ("train-controller", ["controller.mode=real", "controller.generations=50"], 2),
 ])
-def test_sigkill_of_a_later_stage_leaves_no_process(trained, tmp_path, stage, overrides, games):
+def test_sigkill_of_a_later_stage_leaves_no_process(trained_tiny_run, tmp_path, stage, overrides, games):
     import shutil
 
-    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(trained_tiny_run, tmp_path, dirs_exist_ok=True)
     if stage == "train-controller":
         shutil.rmtree(tmp_path / "tiny_doom" / "controller")
         (tmp_path / "tiny_doom" / "controller.npz").unlink()

@@ -2,27 +2,14 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ext_serializers import poison
 
 from wm_trainer import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny Doom run with every stage done, snapshots and CMA-ES state included."""
-    out = tmp_path_factory.mktemp("trained")
-    done = subprocess.run([sys.executable, "-m", "wm_trainer.cli", "pipeline", "-c", "configs/tiny_doom.yaml",
-                           "--set", f"experiment.out_dir={out}"], cwd=ROOT, capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    return out
 
 
 # load point: (files under the run, the stage that loads them, its overrides)
@@ -52,9 +39,9 @@ def _copy(trained, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("point", list(LOAD_POINTS))
-def test_poisoned_file_is_one_line_and_runs_nothing(trained, tmp_path, capsys, point):
+def test_poisoned_file_is_one_line_and_runs_nothing(trained_tiny_run, tmp_path, capsys, point, poison):
     files, stage, overrides = LOAD_POINTS[point]
-    run = _copy(trained, tmp_path)
+    run = _copy(trained_tiny_run, tmp_path)
     marker = tmp_path / "marker"
     if point == "CMA-ES state":
         (run / "controller.npz").unlink()  # so the stage resumes from its state
@@ -70,9 +57,9 @@ def test_poisoned_file_is_one_line_and_runs_nothing(trained, tmp_path, capsys, p
 
 
 @pytest.mark.parametrize("point", list(LOAD_POINTS))
-def test_truncated_file_is_one_line(trained, tmp_path, capsys, point):
+def test_truncated_file_is_one_line(trained_tiny_run, tmp_path, capsys, point):
     files, stage, overrides = LOAD_POINTS[point]
-    run = _copy(trained, tmp_path)
+    run = _copy(trained_tiny_run, tmp_path)
     if point == "CMA-ES state":
         (run / "controller.npz").unlink()
     for name in files:
@@ -84,8 +71,8 @@ def test_truncated_file_is_one_line(trained, tmp_path, capsys, point):
 
 
 @pytest.mark.parametrize("damage", ["poison", "truncate"])
-def test_bad_episode_is_named_skipped_and_runs_nothing(trained, tmp_path, capsys, damage):
-    run = _copy(trained, tmp_path)
+def test_bad_episode_is_named_skipped_and_runs_nothing(trained_tiny_run, tmp_path, capsys, damage, poison):
+    run = _copy(trained_tiny_run, tmp_path)
     marker = tmp_path / "marker"
     bad = run / "episodes" / "ep_000001.npz"
     if damage == "poison":
