@@ -355,7 +355,10 @@ def read_npy_header(raw, version) -> tuple:
     nothing: unlike ``read_array_header_1_0/2_0`` it takes any format version."""
     import numpy
 
-    return numpy.lib.format._read_array_header(raw, version)
+    reader = getattr(numpy.lib.format, "_read_array_header", None)
+    if reader is None:  # NumPy 2.4+: numpy.lib.format re-exports the public names of numpy.lib._format_impl only
+        reader = importlib.import_module("numpy.lib._format_impl")._read_array_header
+    return reader(raw, version)
 
 
 # -- tensorboardX's event file writer ----------------------------------------------------------------------------
