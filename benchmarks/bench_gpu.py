@@ -2,11 +2,11 @@
 
 Run as ``python -m benchmarks.bench_gpu [--repeats 5] [--seq 100] [--population 64 --episodes 16]``. Prints
 "no GPU" (and why) and exits 0 when CuPy or a CUDA device is missing; PyTorch is imported only on a GPU run.
-The Chainer side is the project's own code on CuPy (``wm_trainer.vision.ConvVAE``, ``wm_trainer.memory.MDNRNN``,
-and the dream as ``train-controller --device 0`` runs it: ``DreamEnv`` and the per-agent controllers on
-the GPU); the PyTorch side is the same network (``benchmarks.bench_ops``) on the same GPU. Paper scale:
-CarRacing V (z 32) at batch 100; M with LSTM 256 over [z 32, a 3], K 5, batch 100; the dream for the whole
-CMA-ES generation (population x episodes agents) with Doom's M (z 64, LSTM 512). Every step ends with a
+The Chainer side is the project's own code on CuPy (``wm_trainer.models.vision.ConvVAE``,
+``wm_trainer.models.memory.MDNRNN``, and the dream as ``train-controller --device 0`` runs it: ``DreamEnv`` and the
+per-agent controllers on the GPU); the PyTorch side is the same network (``benchmarks.bench_ops``) on the same GPU.
+Paper scale: CarRacing V (z 32) at batch 100; M with LSTM 256 over [z 32, a 3], K 5, batch 100; the dream for the
+whole CMA-ES generation (population x episodes agents) with Doom's M (z 64, LSTM 512). Every step ends with a
 device->host read of its result, so times include the GPU work. Results go to ``benchmarks/results/gpu.json``.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.harness import Comparison, Figure, compare_rates, machine_info, time_call
-from wm_trainer import gpu_compat
-from wm_trainer.errors import UserError
+from wm_trainer.base import gpu_compat
+from wm_trainer.base.errors import UserError
 
 VAE_BATCH, VAE_Z = 100, 32
 M_BATCH, M_Z, M_ACTION, M_HIDDEN, M_MIXTURES = 100, 32, 3, 256, 5
@@ -74,7 +74,7 @@ def chainer_vae_step(device, use_cudnn: str = "auto") -> Callable[[], float]:
     import chainer
     import numpy as np
 
-    from wm_trainer.vision import ConvVAE
+    from wm_trainer.models.vision import ConvVAE
 
     model = ConvVAE(z_dim=VAE_Z).to_device(device)
     opt = chainer.optimizers.Adam(alpha=1e-4)
@@ -116,7 +116,7 @@ def chainer_mdnrnn_step(device, seq: int) -> Callable[[], float]:
     import chainer
     import numpy as np
 
-    from wm_trainer.memory import MDNRNN
+    from wm_trainer.models.memory import MDNRNN
 
     model = MDNRNN(M_Z, M_ACTION, hidden=M_HIDDEN, mixtures=M_MIXTURES, done_head=False).to_device(device)
     opt = chainer.optimizers.Adam(alpha=1e-3)
@@ -167,9 +167,9 @@ def dream_env_step(device, agents: int, steps: int) -> Callable[[], float]:
     NumPy) for the whole generation, with each agent's own controller (``act_batch``) on the same device."""
     import numpy as np
 
-    from wm_trainer.controller import Controller
-    from wm_trainer.dream import DreamEnv
-    from wm_trainer.memory import MDNRNN
+    from wm_trainer.models.controller import Controller
+    from wm_trainer.models.memory import MDNRNN
+    from wm_trainer.sim.dream import DreamEnv
 
     m = MDNRNN(DREAM_Z, DREAM_ACTION, hidden=DREAM_HIDDEN, mixtures=5, done_head=True)
     env = DreamEnv(m, temperature=DREAM_TAU, max_steps=10 ** 9, seed=0, device=device, host_outputs=False)
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
     print(_line(rows[-1]), flush=True)
     result = {"machine": info, "settings": vars(args) | {"out": str(args.out), "agents": agents},
               "comparisons": [r.to_dict() for r in rows]}
-    from wm_trainer.storage import atomic_write_json
+    from wm_trainer.base.storage import atomic_write_json
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)

@@ -30,9 +30,9 @@ BATCH, Z, ACTION, HIDDEN, MIXTURES, SEQ = 100, 32, 3, 256, 5, 1000
 
 
 def build_chainer_vae(fast: bool, z: int = Z) -> chainer.Chain:
-    """The package's own ConvVAE (``wm_trainer.vision``) with fast (fused) or stock Chainer layers."""
+    """The package's own ConvVAE (``wm_trainer.models.vision``) with fast (fused) or stock Chainer layers."""
     from wm_trainer import ops
-    from wm_trainer.vision import ConvVAE
+    from wm_trainer.models.vision import ConvVAE
 
     before = getattr(chainer.global_config, "wm_ops", "fast")
     ops.select("fast" if fast else "chainer")
@@ -146,7 +146,7 @@ class ChainerMDNRNN(chainer.Chain):
     def __init__(self, z: int = Z, action: int = ACTION, hidden: int = HIDDEN, mixtures: int = MIXTURES,
                  fast: bool = True):
         super().__init__()
-        from wm_trainer.mdn import MDNHead
+        from wm_trainer.models.mdn import MDNHead
 
         self.fast, self.hidden = fast, hidden
         with self.init_scope():
@@ -163,7 +163,7 @@ class ChainerMDNRNN(chainer.Chain):
         run = lstm_sequence if self.fast else lstm_sequence_reference
         hs, _, _ = run(x, h0, h0.copy(), self.rnn.upward.W, self.rnn.lateral.W, self.rnn.upward.b)
         hs = F.reshape(hs, (n * t, self.hidden))
-        if self.fast:  # as wm_trainer.memory.MDNRNN.loss: the head's packed output, no split
+        if self.fast:  # as wm_trainer.models.memory.MDNRNN.loss: the head's packed output, no split
             return mdn_loss.mdn_nll_packed(self.mdn.packed(hs), target.reshape(n * t, -1), self.mdn.mixtures)
         return mdn_loss.stock_mdn_nll(*self.mdn(hs), target.reshape(n * t, -1))
 

@@ -30,18 +30,18 @@ def _raw_worker(seconds: float, seed: int, start: Any, out: Any) -> None:
     """Step the raw env with the random policy for ``seconds`` after ``start`` fires; put (steps, wall)."""
     import gymnasium as gym
 
-    from wm_trainer import envs
+    from wm_trainer.games import real, spec
 
-    envs._import_backend(ENV_ID)
-    env = gym.make(ENV_ID, screen_resolution=envs.DOOM_SCREEN_RESOLUTION)
-    policy = envs.random_policy(ENV_ID, np.random.default_rng(seed))
+    real._import_backend(ENV_ID)
+    env = gym.make(ENV_ID, screen_resolution=real.DOOM_SCREEN_RESOLUTION)
+    policy = real.random_policy(ENV_ID, np.random.default_rng(seed))
     env.reset(seed=seed)
     for _ in range(50):  # warm-up
-        env.step(envs.native_action(ENV_ID, policy()))
+        env.step(spec.native_action(ENV_ID, policy()))
     start.wait()
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        _, _, term, trunc, _ = env.step(envs.native_action(ENV_ID, policy()))
+        _, _, term, trunc, _ = env.step(spec.native_action(ENV_ID, policy()))
         steps += 1
         if term or trunc:
             env.reset()
@@ -69,10 +69,10 @@ def _weights(seed: int, population: int) -> Any:
     """Untrained Doom-sized V (z 64), M (hidden 512, done head) and ``population`` random controllers."""
     import chainer
 
-    from wm_trainer.controller import Controller
-    from wm_trainer.memory import MDNRNN
-    from wm_trainer.rollout import AgentWeights
-    from wm_trainer.vision import ConvVAE
+    from wm_trainer.models.controller import Controller
+    from wm_trainer.models.memory import MDNRNN
+    from wm_trainer.models.vision import ConvVAE
+    from wm_trainer.sim.rollout import AgentWeights
 
     np.random.seed(seed)
     chainer.global_config.dtype = np.dtype(np.float32)
@@ -94,7 +94,7 @@ def _eval_once(executor: Any, weights: Any, cfg: Any, episodes: int, first_seed:
 
     TakeCover pays +1 per step survived, so an episode's return is its length in env steps.
     """
-    from wm_trainer.rollout import Job, play
+    from wm_trainer.sim.rollout import Job, play
 
     jobs = [Job(i % len(weights.params), first_seed + i) for i in range(episodes)]
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def _summary(values: list[float]) -> dict:
 
 def measure(quick: bool) -> dict:
     """Raw vs evaluation throughput (1 and 2 workers, lockstep batched vs one env at a time), as plain data."""
-    from wm_trainer.parallel import LocalExecutor
+    from wm_trainer.base.parallel import LocalExecutor
 
     repeats = 2 if quick else 3
     seconds = 2.0 if quick else 5.0

@@ -40,7 +40,7 @@ def _toy_side(out: str, debug: dict | None, dtype=np.float32):
 
 def _vae_side(out: str, debug: dict | None, dtype=np.float32):
     """The paper's ConvVAE (z 32), batch 100 of random frames."""
-    from wm_trainer.vision import ConvVAE, frames_converter
+    from wm_trainer.models.vision import ConvVAE, frames_converter
 
     frames = np.random.default_rng(0).integers(0, 256, size=(1000, 64, 64, 3), dtype=np.uint8)
     it = chainer.iterators.SerialIterator(frames, 100)
@@ -50,8 +50,8 @@ def _vae_side(out: str, debug: dict | None, dtype=np.float32):
 
 def _mdnrnn_side(out: str, debug: dict | None, dtype=np.float32):
     """M (LSTM 256, z 32, a 3, K 5), batch 100 windows of 100 steps from synthetic latents."""
-    from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
-    from wm_trainer.memory import MDNRNN
+    from wm_trainer.data.latents import LatentSet, SequenceIterator, sequence_converter
+    from wm_trainer.models.memory import MDNRNN
 
     rng = np.random.default_rng(0)
     eps = [{"mu": rng.standard_normal((300, 32)).astype(np.float32),
@@ -70,7 +70,7 @@ def _make_stepper(net: str, kind: str, out: str, float64: bool = False) -> Train
     """A stepper for ``net``: ``plain`` StandardUpdater, ``stats`` (guard + per-param stats every iteration,
     no histograms) or ``hist`` (the same + histograms every 100)."""
     import extensions as ext
-    from wm_trainer.mdnrnn_updater import MDNRNNUpdater
+    from wm_trainer.training.mdnrnn_updater import MDNRNNUpdater
 
     ext.set_float64(float64)
     np.random.seed(0)
@@ -196,8 +196,8 @@ def bench_torch(quick: bool, tmp: str) -> list[Comparison]:
         raise RuntimeError("torch not available")
     import torch
 
-    from wm_trainer.memory import MDNRNN
-    from wm_trainer.vision import ConvVAE
+    from wm_trainer.models.memory import MDNRNN
+    from wm_trainer.models.vision import ConvVAE
 
     reps = 3 if quick else 9
     out = []
@@ -244,8 +244,8 @@ def bench_torch(quick: bool, tmp: str) -> list[Comparison]:
 
 def bench_dream(quick: bool, tmp: str) -> list[Comparison]:
     """Dream throughput: 64 x 16 agents batched vs a per-agent loop over the same model."""
-    from wm_trainer.dream import DreamEnv
-    from wm_trainer.memory import MDNRNN
+    from wm_trainer.models.memory import MDNRNN
+    from wm_trainer.sim.dream import DreamEnv
 
     out = []
     for hidden, z_dim in ((256, 32), (512, 64)):
@@ -295,7 +295,7 @@ def _vm_kb(field: str) -> int:
 
 
 def _loader_child(folder: str, budget_mb: float, batches: int, q) -> None:
-    from wm_trainer.frames import FrameLoader
+    from wm_trainer.data.frames import FrameLoader
 
     base = _vm_kb("VmRSS")
     loader = FrameLoader(folder, 100, memory_mb=budget_mb, seed=0)
@@ -314,7 +314,7 @@ def bench_loader(quick: bool, tmp: str) -> dict:
     """Frame-loader throughput and peak memory over an episode store larger than the loader's budget."""
     import multiprocessing as mp
 
-    from wm_trainer.storage import atomic_savez
+    from wm_trainer.base.storage import atomic_savez
 
     folder = Path(tmp) / "episodes"
     rng = np.random.default_rng(0)

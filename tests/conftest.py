@@ -45,7 +45,7 @@ def _synthetic_frames(n: int, seed: int) -> np.ndarray:
 
 def _make_episodes(folder, n_episodes: int = 3, length: int = 20, action_dim: int = 1) -> None:
     """Tiny collected episodes of synthetic frames in the collector's format."""
-    from wm_trainer.episodes import save_episode
+    from wm_trainer.data.episodes import save_episode
 
     for i in range(n_episodes):
         rng = np.random.default_rng(i)
@@ -73,11 +73,11 @@ def _write_config(tmp_path, name: str, **sections) -> str:
 
 def _make_tiny_run(out_dir: Path, *overrides: str):
     """A run folder holding (untrained) tiny V and M, three short encoded episodes and their frames."""
+    from wm_trainer.base.storage import RunPaths
     from wm_trainer.config import load_config
-    from wm_trainer.episodes import episode_path, save_episode
-    from wm_trainer.memory import build_mdnrnn
-    from wm_trainer.storage import RunPaths
-    from wm_trainer.vision import ConvVAE
+    from wm_trainer.data.episodes import episode_path, save_episode
+    from wm_trainer.models.memory import build_mdnrnn
+    from wm_trainer.models.vision import ConvVAE
 
     overrides = (f"experiment.out_dir={out_dir}",) + overrides
     cfg = load_config(TINY_DOOM, overrides)
@@ -117,7 +117,7 @@ def _two_mode_episodes(n: int, length: int, z_dim: int, seed: int) -> list[dict]
 
 def _latents_run(tmp_path, iterations: int, name: str = "run") -> str:
     """A config (path) for a run whose latents folder holds three two-mode episodes (z_dim 4), for M's stage."""
-    from wm_trainer.storage import RunPaths, atomic_savez
+    from wm_trainer.base.storage import RunPaths, atomic_savez
 
     paths = RunPaths(tmp_path / name)
     for i, ep in enumerate(_two_mode_episodes(3, 20, 4, seed=0)):

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from wm_trainer.cmaes import CMAES
-from wm_trainer.errors import UserError
+from wm_trainer.base.errors import UserError
+from wm_trainer.training.cmaes import CMAES
 
 
 def sphere(X: np.ndarray) -> np.ndarray:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from wm_trainer import cli
+from wm_trainer.base.parallel import LocalExecutor
 from wm_trainer.collect import collect_episodes, episode_seed, rollout_random
 from wm_trainer.config import load_config
-from wm_trainer.envs import make_env
-from wm_trainer.episodes import EPISODE_KEYS, episode_path, list_episodes, load_episode
-from wm_trainer.parallel import LocalExecutor
+from wm_trainer.data.episodes import EPISODE_KEYS, episode_path, list_episodes, load_episode
+from wm_trainer.games.real import make_env
 
 
 def _cfg(tmp_path, *overrides: str):

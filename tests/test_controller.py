@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from wm_trainer.controller import Controller
-from wm_trainer.errors import UserError
+from wm_trainer.base.errors import UserError
+from wm_trainer.models.controller import Controller
 
 
 def test_flat_vector_round_trips_through_w_and_b():
@@ -46,24 +46,24 @@ def test_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("env_id", ["VizdoomTakeCover-v1", "CarRacing-v3"])
 def test_controller_outputs_map_to_each_envs_native_actions(env_id):
-    from wm_trainer import envs
+    from wm_trainer.games import spec
 
-    adim = envs.action_dim(env_id)
+    adim = spec.action_dim(env_id)
     c = Controller(z_dim=3, hidden=4, action_dim=adim)
     rng = np.random.default_rng(0)
     a = c.act_batch(rng.normal(scale=5.0, size=(200, c.n_params)), rng.normal(size=(200, 3)), rng.normal(size=(200, 4)))
     assert a.shape == (200, adim) and np.all(np.abs(a) <= 1)
-    native = [envs.native_action(env_id, x) for x in a]
-    if env_id == envs.DOOM_ID:
-        assert set(native) == {envs.DOOM_LEFT, envs.DOOM_NOOP, envs.DOOM_RIGHT}
-        assert envs.native_action(env_id, np.array([-0.9])) == envs.DOOM_LEFT
-        assert envs.native_action(env_id, np.array([0.9])) == envs.DOOM_RIGHT
+    native = [spec.native_action(env_id, x) for x in a]
+    if env_id == spec.DOOM_ID:
+        assert set(native) == {spec.DOOM_LEFT, spec.DOOM_NOOP, spec.DOOM_RIGHT}
+        assert spec.native_action(env_id, np.array([-0.9])) == spec.DOOM_LEFT
+        assert spec.native_action(env_id, np.array([0.9])) == spec.DOOM_RIGHT
     else:
         n = np.stack(native)
         assert np.all((n[:, 0] >= -1) & (n[:, 0] <= 1))  # steer
         assert np.all((n[:, 1] >= 0) & (n[:, 1] <= 1))  # gas = (a + 1) / 2
         assert np.all((n[:, 2] >= 0) & (n[:, 2] <= 1))  # brake = clip(a, 0, 1)
-        np.testing.assert_allclose(envs.native_action(env_id, np.array([0.5, -1.0, -0.3])), [0.5, 0.0, 0.0])
+        np.testing.assert_allclose(spec.native_action(env_id, np.array([0.5, -1.0, -0.3])), [0.5, 0.0, 0.0])
 
 
 def _train(cfg_path, out, *sets):
@@ -79,7 +79,7 @@ def _train(cfg_path, out, *sets):
 def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path, make_tiny_run):
     import json
 
-    from wm_trainer.storage import RunPaths
+    from wm_trainer.base.storage import RunPaths
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cfg_path, cfg = make_tiny_run(straight)
@@ -117,7 +117,7 @@ def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys, ma
 def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path, make_tiny_run):
     import json
 
-    from wm_trainer.storage import RunPaths
+    from wm_trainer.base.storage import RunPaths
 
     cfg_path, cfg = make_tiny_run(tmp_path)
     _train(cfg_path, tmp_path, "controller.mode=real", "controller.generations=1",
@@ -127,7 +127,7 @@ def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path, make_t
 
 
 def test_dream_done_threshold_versus_the_corrected_bernoulli_hazard():
-    from wm_trainer.memory import MDNRNN
+    from wm_trainer.models.memory import MDNRNN
     from wm_trainer.train_controller import dream_returns
 
     m = MDNRNN(z_dim=3, action_dim=1, hidden=6, mixtures=2, done_head=True, done_weight=10.0)
@@ -163,8 +163,8 @@ def test_paper_controller_parameter_counts(config, count, inputs, bias):
     from pathlib import Path
 
     from wm_trainer.config import load_config
-    from wm_trainer.controller import build_controller
-    from wm_trainer.envs import action_dim
+    from wm_trainer.games.spec import action_dim
+    from wm_trainer.models.controller import build_controller
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / config)
     ctrl = build_controller(cfg, action_dim(cfg.env.id))
@@ -190,16 +190,16 @@ def test_zch_controller_reads_z_c_h_in_that_order_and_round_trips(tmp_path):
 def _rows(run_dir):
     import json
 
-    from wm_trainer.storage import RunPaths
+    from wm_trainer.base.storage import RunPaths
 
     return json.loads((RunPaths(run_dir).controller_dir / "log.json").read_text())
 
 
 def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_chooses(tmp_path, monkeypatch,
                                                                                    make_tiny_run):
-    import wm_trainer.rollout
-    from wm_trainer.cmaes import CMAES
-    from wm_trainer.storage import RunPaths
+    import wm_trainer.sim.rollout
+    from wm_trainer.base.storage import RunPaths
+    from wm_trainer.training.cmaes import CMAES
 
     means = {}
     original_tell = CMAES.tell
@@ -210,13 +210,13 @@ def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_choo
 
     monkeypatch.setattr(CMAES, "tell", tell)
     played = []
-    original_play = wm_trainer.rollout.play
+    original_play = wm_trainer.sim.rollout.play
 
     def spy_play(executor, weights, jobs, cfg, **kw):
         played.append(np.array(weights.params))
         return original_play(executor, weights, jobs, cfg, **kw)
 
-    monkeypatch.setattr(wm_trainer.rollout, "play", spy_play)
+    monkeypatch.setattr(wm_trainer.sim.rollout, "play", spy_play)
     runs = {}
     for name, every in (("quiet", "0"), ("watched", "1")):
         cfg_path, cfg = make_tiny_run(tmp_path / name)
@@ -247,7 +247,7 @@ def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_choo
 
 
 def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_run):
-    from wm_trainer.storage import RunPaths
+    from wm_trainer.base.storage import RunPaths
 
     cfg_path, cfg = make_tiny_run(tmp_path)
     # an M whose done head never fires: every dream reaches the cap, so the first scored mean ends training

@@ -5,11 +5,18 @@ import chainer
 import numpy as np
 import pytest
 
-from wm_trainer.dream import DreamEnv, agent_keys, counter_uniform, counter_uniform32, decode_frames, initial_latents
-from wm_trainer.mdn import mdn_moments
-from wm_trainer.memory import MDNRNN
-from wm_trainer.storage import atomic_savez
-from wm_trainer.vision import ConvVAE
+from wm_trainer.base.storage import atomic_savez
+from wm_trainer.models.mdn import mdn_moments
+from wm_trainer.models.memory import MDNRNN
+from wm_trainer.models.vision import ConvVAE
+from wm_trainer.sim.dream import (
+    DreamEnv,
+    agent_keys,
+    counter_uniform,
+    counter_uniform32,
+    decode_frames,
+    initial_latents,
+)
 
 Z, A, H, K = 6, 2, 24, 3
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from wm_trainer import cli
+from wm_trainer.base.storage import RunPaths
 from wm_trainer.config import load_config
-from wm_trainer.dream import DreamEnv, decode_frames, initial_latents
 from wm_trainer.encode import encode_frames
-from wm_trainer.memory import load_mdnrnn
-from wm_trainer.storage import RunPaths
-from wm_trainer.vision import load_vae
+from wm_trainer.models.memory import load_mdnrnn
+from wm_trainer.models.vision import load_vae
+from wm_trainer.sim.dream import DreamEnv, decode_frames, initial_latents
 
 
 @pytest.fixture(scope="module")

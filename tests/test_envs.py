@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from wm_trainer import cli
+from wm_trainer.base.errors import UserError
 from wm_trainer.config import EnvConfig
-from wm_trainer.envs import (
+from wm_trainer.games.real import make_env, random_policy
+from wm_trainer.games.spec import (
     CARRACING_ID,
     DOOM_ID,
     DOOM_LEFT,
@@ -17,11 +19,8 @@ from wm_trainer.envs import (
     action_dim,
     carracing_action,
     doom_action,
-    make_env,
     native_action,
-    random_policy,
 )
-from wm_trainer.errors import UserError
 
 
 def test_doom_mapping_thresholds():

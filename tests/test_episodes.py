@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wm_trainer.episodes import (
+from wm_trainer.base.errors import UserError
+from wm_trainer.data.episodes import (
     EPISODE_KEYS,
     CorruptEpisode,
     episode_index,
@@ -15,7 +16,6 @@ from wm_trainer.episodes import (
     save_episode,
     scan_episode,
 )
-from wm_trainer.errors import UserError
 
 
 def _episode(t: int, seed: int = 0) -> dict[str, np.ndarray]:

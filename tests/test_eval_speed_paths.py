@@ -6,8 +6,9 @@ import pickle
 import numpy as np
 
 from wm_trainer.config import load_config
-from wm_trainer.envs import DOOM_ID, make_env
-from wm_trainer.rollout import Job, close_envs, play, run_jobs
+from wm_trainer.games.real import make_env
+from wm_trainer.games.spec import DOOM_ID
+from wm_trainer.sim.rollout import Job, close_envs, play, run_jobs
 
 
 class _RecordingExecutor:

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 
+from wm_trainer.base.storage import RunPaths
 from wm_trainer.cli import main
-from wm_trainer.controller import Controller
-from wm_trainer.storage import RunPaths
+from wm_trainer.models.controller import Controller
 
 
 def test_evaluate_writes_json_and_prints_both_scores_then_render_writes_media(tmp_path, capsys, make_tiny_run):
@@ -91,7 +91,7 @@ def test_random_baselines_sticky_vs_iid(tmp_path, capsys, make_tiny_run):
 
 def test_random_policy_repeat_probability_zero_changes_action_every_step_at_random():
     """repeat_prob=0 draws a fresh uniform action each step (about 2/3 of steps change); 0.9 rarely changes."""
-    from wm_trainer.envs import random_policy
+    from wm_trainer.games.real import random_policy
 
     def change_rate(repeat_prob: float) -> tuple[float, np.ndarray]:
         pol = random_policy("VizdoomTakeCover-v1", np.random.default_rng(0), repeat_prob)

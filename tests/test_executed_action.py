@@ -5,22 +5,22 @@ import functools
 
 import numpy as np
 
-from wm_trainer import envs
 from wm_trainer.config import EnvConfig
-from wm_trainer.dream import DreamEnv
-from wm_trainer.envs import CARRACING_ID, DOOM_ID, executed_action
-from wm_trainer.memory import MDNRNN
+from wm_trainer.games import real, spec
+from wm_trainer.games.spec import CARRACING_ID, DOOM_ID, executed_action
+from wm_trainer.models.memory import MDNRNN
+from wm_trainer.sim.dream import DreamEnv
 
 GRID = np.linspace(-1.0, 1.0, 61, dtype=np.float32)[:, None]  # controller outputs, including in-between values
 
 
 def test_doom_executed_action_is_what_the_game_presses():
-    value_of = {envs.DOOM_LEFT: -1.0, envs.DOOM_NOOP: 0.0, envs.DOOM_RIGHT: 1.0}
+    value_of = {spec.DOOM_LEFT: -1.0, spec.DOOM_NOOP: 0.0, spec.DOOM_RIGHT: 1.0}
     mapped = executed_action(DOOM_ID, GRID)
     assert set(np.unique(mapped)) == {-1.0, 0.0, 1.0}
     for a, m in zip(GRID, mapped):
-        assert m[0] == value_of[envs.native_action(DOOM_ID, a)], a
-        assert envs.native_action(DOOM_ID, m) == envs.native_action(DOOM_ID, a)  # same button pressed
+        assert m[0] == value_of[spec.native_action(DOOM_ID, a)], a
+        assert spec.native_action(DOOM_ID, m) == spec.native_action(DOOM_ID, a)  # same button pressed
     np.testing.assert_array_equal(executed_action(DOOM_ID, mapped), mapped)  # recorded actions map to themselves
 
 
@@ -29,7 +29,7 @@ def test_carracing_executed_action_is_the_native_action_in_controller_space():
     a = rng.uniform(-1.5, 1.5, size=(200, 3)).astype(np.float32)
     mapped = executed_action(CARRACING_ID, a)
     for raw, m in zip(a, mapped):
-        np.testing.assert_allclose(envs.native_action(CARRACING_ID, m), envs.native_action(CARRACING_ID, raw))
+        np.testing.assert_allclose(spec.native_action(CARRACING_ID, m), spec.native_action(CARRACING_ID, raw))
     assert (mapped[:, 2] >= 0).all()
     np.testing.assert_array_equal(executed_action(CARRACING_ID, mapped), mapped)
 
@@ -37,7 +37,7 @@ def test_carracing_executed_action_is_the_native_action_in_controller_space():
 def test_the_game_cannot_tell_in_between_outputs_from_their_executed_action():
     """0.2 plays exactly as 0 and 0.6 as 1: M could learn nothing else from the game for them."""
     def play(actions):
-        with envs.make_env(EnvConfig(id=DOOM_ID, max_steps=40)) as env:
+        with real.make_env(EnvConfig(id=DOOM_ID, max_steps=40)) as env:
             frames = [env.reset(seed=3)]
             for a in actions:
                 frames.append(env.step(np.array([a], np.float32))[0])
@@ -67,11 +67,11 @@ def test_the_dream_feeds_m_the_executed_action():
 def test_the_real_rollout_feeds_m_the_executed_action_and_a_sampled_z(tmp_path, make_tiny_run):
     """The real rollout steps M with what the game executes (not C's raw output), on z ~ N(mu, sigma)."""
 
-    from wm_trainer.controller import build_controller
-    from wm_trainer.memory import load_mdnrnn
-    from wm_trainer.rollout import AgentWeights, Job, close_envs, run_jobs
-    from wm_trainer.storage import RunPaths
-    from wm_trainer.vision import load_vae
+    from wm_trainer.base.storage import RunPaths
+    from wm_trainer.models.controller import build_controller
+    from wm_trainer.models.memory import load_mdnrnn
+    from wm_trainer.models.vision import load_vae
+    from wm_trainer.sim.rollout import AgentWeights, Job, close_envs, run_jobs
 
     _, cfg = make_tiny_run(tmp_path)
     p = RunPaths(cfg.run_dir)

@@ -8,9 +8,9 @@ import chainer
 import numpy as np
 import pytest
 
-from wm_trainer.episodes import episode_path, save_episode
-from wm_trainer.errors import UserError
-from wm_trainer.frames import FrameLoader, count_frames
+from wm_trainer.base.errors import UserError
+from wm_trainer.data.episodes import episode_path, save_episode
+from wm_trainer.data.frames import FrameLoader, count_frames
 
 FRAME_MB = 64 * 64 * 3 / 2**20
 THREAD_MB = 0.25  # what the loader counts for its reader thread

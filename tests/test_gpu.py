@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 import extensions as ext
-from wm_trainer import gpu_compat
-from wm_trainer.dream import DreamEnv
-from wm_trainer.errors import UserError
-from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
-from wm_trainer.mdn import mdn_sample
-from wm_trainer.mdnrnn_updater import MDNRNNUpdater
-from wm_trainer.memory import MDNRNN
-from wm_trainer.vision import ConvVAE, frames_converter
+from wm_trainer.base import gpu_compat
+from wm_trainer.base.errors import UserError
+from wm_trainer.data.latents import LatentSet, SequenceIterator, sequence_converter
+from wm_trainer.models.mdn import mdn_sample
+from wm_trainer.models.memory import MDNRNN
+from wm_trainer.models.vision import ConvVAE, frames_converter
+from wm_trainer.sim.dream import DreamEnv
+from wm_trainer.training.mdnrnn_updater import MDNRNNUpdater
 
 
 def _no_gpu_reason() -> str | None:
@@ -246,7 +246,7 @@ def test_dream_on_gpu_matches_the_cpu_dream(gpu):
         np.testing.assert_array_equal(r_g, r_c)
 
     # train-controller's dream: DreamEnv and the per-agent controllers on the GPU, the same fitness as on the CPU
-    from wm_trainer.controller import Controller
+    from wm_trainer.models.controller import Controller
     from wm_trainer.train_controller import dream_returns
 
     ctrl = Controller(8, 32, 3)
@@ -275,9 +275,9 @@ def test_dream_on_gpu_matches_the_cpu_dream(gpu):
 def test_cli_stages_with_device_0_train_on_the_gpu(tmp_path, make_episodes, write_config):
     """`--device 0` on train-vae, encode, train-mdnrnn and train-controller: the user's way onto the GPU."""
     from wm_trainer import cli
+    from wm_trainer.base.storage import RunPaths
     from wm_trainer.encode import encode_frames
-    from wm_trainer.storage import RunPaths
-    from wm_trainer.vision import load_vae
+    from wm_trainer.models.vision import load_vae
 
     paths = RunPaths(tmp_path / "gpu")
     make_episodes(paths.episodes, n_episodes=3, length=20, action_dim=1)  # Doom's one action

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from chainer.backends import cuda
 
-from wm_trainer import gpu_compat
-from wm_trainer.errors import UserError
+from wm_trainer.base import gpu_compat
+from wm_trainer.base.errors import UserError
 
 # CuPy 13's own text (cupy/_environment.py, _preload_warning) for a missing optional library.
 CUPY_CUDNN_WARNING = """
@@ -85,7 +85,7 @@ def test_importing_wm_trainer_applies_the_cuda_shims_before_chainer_is_imported(
         class Spy(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name == "chainer" and not seen:
-                    gc = sys.modules.get("wm_trainer.gpu_compat")
+                    gc = sys.modules.get("wm_trainer.base.gpu_compat")
                     seen.append(gc is not None and (gc._state["enabled"] or importlib.util.find_spec("cupy") is None))
                 return None
         sys.meta_path.insert(0, Spy())

@@ -1,4 +1,5 @@
-"""Every module of both packages imports on its own, and no import cycle hides behind a function-level import."""
+"""Every module of both packages imports on its own, no import cycle hides behind a function-level import, and
+every import follows the layers: a module imports only from its own package and from lower layers."""
 from __future__ import annotations
 
 import ast
@@ -95,16 +96,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_every_module_is_found():
-    assert {"wm_trainer", "wm_trainer.ops", "wm_trainer.ops.links", "wm_trainer.mdn", "extensions",
+    assert {"wm_trainer", "wm_trainer.ops", "wm_trainer.ops.links", "wm_trainer.models.mdn", "extensions",
             "extensions.updater"} <= set(MODULES)
 
 
 def test_finder_sees_function_level_imports(tmp_path):
-    src = "import os\n\ndef f():\n    from .ops import links\n    from . import mdn\n"
+    src = "import os\n\ndef f():\n    from ..ops import links\n    from . import mdn\n    from .. import ops\n"
     tree = ast.parse(src)
     nodes = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    resolved = {_resolve("wm_trainer.vision", n) for n in nodes}
-    assert resolved == {"wm_trainer.ops", "wm_trainer"}
+    resolved = {_resolve("wm_trainer.models.vision", n) for n in nodes}
+    assert resolved == {"wm_trainer.ops", "wm_trainer.models", "wm_trainer"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -142,3 +143,49 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     failed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not failed, "\n".join(f"import {name}:\n{tb}" for name, tb in failed.items())
+
+
+# The layers (issue 21): a module imports only from its own package and from packages of a lower layer.
+LAYERS = {
+    "extensions": 0,
+    "wm_trainer.base": 1, "wm_trainer.ops": 1,
+    "wm_trainer.data": 2, "wm_trainer.games": 2,
+    "wm_trainer.models": 3,
+    "wm_trainer.sim": 4, "wm_trainer.training": 4,
+    "wm_trainer": 5,  # the stage modules, config and cli at the top of the package
+}
+
+
+def package_of(module: str) -> str:
+    """The layered package ``module`` belongs to: its longest prefix in ``LAYERS``."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in LAYERS:
+            return ".".join(parts[:n])
+    raise AssertionError(f"{module} belongs to no layered package; add it to LAYERS")
+
+
+def allowed(importer: str, imported: str) -> bool:
+    """Whether module ``importer`` may import module ``imported``."""
+    if imported == "wm_trainer":  # the package's __init__ (the CuPy shim, then the toolkit) runs before any of it
+        return True
+    if importer in LAYERS and MODULES[importer].name == "__init__.py" and imported.startswith(importer + "."):
+        return True  # a package's __init__ importing its own modules
+    src, dst = package_of(importer), package_of(imported)
+    return src == dst or LAYERS[dst] < LAYERS[src]
+
+
+def test_layer_table_covers_every_package():
+    packages = {name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0] for name in MODULES}
+    assert packages <= set(LAYERS), f"packages missing from LAYERS: {sorted(packages - set(LAYERS))}"
+    assert allowed("wm_trainer.models.controller", "wm_trainer.games.spec")
+    assert not allowed("wm_trainer.games.spec", "wm_trainer.models.controller")
+    assert not allowed("wm_trainer.sim.rollout", "wm_trainer.training.cmaes")  # same layer, other package
+    assert not allowed("extensions.updater", "wm_trainer.base.errors")
+
+
+def test_every_import_follows_the_layers():
+    bad = [f"{name} -> {dep} ({package_of(name)} is layer {LAYERS[package_of(name)]}, "
+           f"{package_of(dep)} layer {LAYERS[package_of(dep)]})"
+           for name, deps in sorted(import_graph().items()) for dep in sorted(deps) if not allowed(name, dep)]
+    assert not bad, "imports against the layers:\n" + "\n".join(bad)

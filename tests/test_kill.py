@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wm_trainer.reaper import _start_time, children
+from wm_trainer.base.reaper import _start_time, children
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")

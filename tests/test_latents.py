@@ -4,7 +4,7 @@ from __future__ import annotations
 import chainer
 import numpy as np
 
-from wm_trainer.latents import LatentSet, SequenceIterator
+from wm_trainer.data.latents import LatentSet, SequenceIterator
 
 
 def test_lanes_read_each_episode_from_its_start_in_consecutive_windows_with_padding_masked(two_mode_episodes):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from chainer import gradient_check
 
-from wm_trainer.mdn import MDNHead, mdn_moments, mdn_nll, mdn_sample
+from wm_trainer.models.mdn import MDNHead, mdn_moments, mdn_nll, mdn_sample
 
 
 def brute_force_nll(logits, mu, log_std, target):

@@ -5,10 +5,10 @@ import chainer
 import chainer.functions as F
 import numpy as np
 
-from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
-from wm_trainer.mdnrnn_updater import MDNRNNUpdater
-from wm_trainer.memory import MDNRNN
-from wm_trainer.storage import RunPaths
+from wm_trainer.base.storage import RunPaths
+from wm_trainer.data.latents import LatentSet, SequenceIterator, sequence_converter
+from wm_trainer.models.memory import MDNRNN
+from wm_trainer.training.mdnrnn_updater import MDNRNNUpdater
 
 
 def test_updater_starts_each_window_from_the_state_its_episode_reached(two_mode_episodes):

@@ -6,8 +6,8 @@ import chainer.functions as F
 import numpy as np
 import pytest
 
-from wm_trainer.latents import LatentSet, SequenceIterator, sequence_converter
-from wm_trainer.memory import MDNRNN, weighted_sigmoid_bce
+from wm_trainer.data.latents import LatentSet, SequenceIterator, sequence_converter
+from wm_trainer.models.memory import MDNRNN, weighted_sigmoid_bce
 
 
 def _train(model: MDNRNN, it: SequenceIterator, iterations: int) -> list[float]:

@@ -8,12 +8,12 @@ import pytest
 from chainer import gradient_check
 
 from wm_trainer import ops
+from wm_trainer.models.vision import ConvVAE
 from wm_trainer.ops import convolution_2d, deconvolution_2d
 from wm_trainer.ops.activation import SigmoidSquaredError, sigmoid_squared_error
 from wm_trainer.ops.adam import FastAdam
 from wm_trainer.ops.conv import Convolution2DFast
 from wm_trainer.ops.deconv import Deconvolution2DFast
-from wm_trainer.vision import ConvVAE
 
 FUSED_CASES = [("conv", (2, 3, 9, 8), (4, 3, 4, 4), 2), ("deconv", (2, 3, 4, 5), (3, 4, 5, 4), 2),
                ("deconv", (3, 5, 1, 1), (5, 4, 5, 5), 2), ("deconv", (2, 2, 3, 4), (2, 3, 6, 6), 2)]

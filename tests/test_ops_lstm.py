@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from chainer import gradient_check
 
-from wm_trainer.mdn import MDNHead
+from wm_trainer.models.mdn import MDNHead
 from wm_trainer.ops import lstm_sequence
 from wm_trainer.ops.links import FastSequenceLSTM
 from wm_trainer.ops.lstm import LSTMSequence, lstm_sequence_reference

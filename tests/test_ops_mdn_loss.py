@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from chainer import gradient_check
 
-from wm_trainer import mdn
+from wm_trainer.models import mdn
 from wm_trainer.ops.mdn_loss import BLOCK_ROWS, MDNNegLogLikelihood, mdn_nll, mdn_nll_packed, stock_mdn_nll
 
 

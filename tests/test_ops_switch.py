@@ -8,9 +8,9 @@ import pytest
 
 from extensions.localize import localize
 from wm_trainer import ops
-from wm_trainer.memory import MDNRNN
+from wm_trainer.models.memory import MDNRNN
+from wm_trainer.models.vision import ConvVAE
 from wm_trainer.ops.links import FastConvolution2D, FastDeconvolution2D, FastSequenceLSTM, ReLUConvolution2D, SeqLSTM
-from wm_trainer.vision import ConvVAE
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from unittest.mock import Mock
 
 import pytest
 
-from wm_trainer import parallel
-from wm_trainer.parallel import Broadcast, LocalExecutor, make_executor, resolve
+from wm_trainer.base import parallel
+from wm_trainer.base.parallel import Broadcast, LocalExecutor, make_executor, resolve
 
 
 def square(x: int) -> int:
@@ -219,7 +219,7 @@ def test_shutdown_with_cancel_resolves_every_future():
 
 def test_dask_shutdown_with_cancel_leaves_the_runs_futures_cancelled():
     pytest.importorskip("distributed")
-    from wm_trainer.parallel import DaskExecutor
+    from wm_trainer.base.parallel import DaskExecutor
 
     ex = DaskExecutor(workers=1)
     futures = [ex.submit(time.sleep, 30) for _ in range(3)]

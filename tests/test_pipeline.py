@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from wm_trainer.base.storage import RunPaths
 from wm_trainer.cli import main
-from wm_trainer.storage import RunPaths
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_doom.yaml"
 STAGES = ["collect", "train-vae", "encode", "train-mdnrnn", "train-controller", "evaluate", "render"]

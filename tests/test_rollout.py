@@ -5,11 +5,11 @@ import chainer
 import numpy as np
 import pytest
 
-from wm_trainer.controller import Controller
-from wm_trainer.memory import build_mdnrnn
-from wm_trainer.rollout import AgentWeights, Job, close_envs, play, run_jobs
-from wm_trainer.storage import RunPaths
-from wm_trainer.vision import ConvVAE
+from wm_trainer.base.storage import RunPaths
+from wm_trainer.models.controller import Controller
+from wm_trainer.models.memory import build_mdnrnn
+from wm_trainer.models.vision import ConvVAE
+from wm_trainer.sim.rollout import AgentWeights, Job, close_envs, play, run_jobs
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_recorded_episode_has_a_frame_per_step(tiny):
 
 
 def test_play_on_the_process_pool_matches_in_process_and_random_policy_runs(tiny):
-    from wm_trainer.parallel import LocalExecutor
+    from wm_trainer.base.parallel import LocalExecutor
 
     cfg, weights = tiny
     jobs = [Job(row, seed) for row in (0, 2) for seed in (3, 4, 5)]
@@ -77,14 +77,14 @@ class _InProcess:
 
 
 def test_a_crashed_emulator_costs_a_replay_not_the_generation(tiny, monkeypatch):
-    from wm_trainer import envs
+    from wm_trainer.games import real
 
     cfg, weights = tiny
     jobs = [Job(0, 21), Job(1, 22), Job(2, 23)]
     close_envs()
     expected = play(_InProcess(), weights, jobs, cfg)
     close_envs()
-    real_make, crashes = envs.make_env, []
+    real_make, crashes = real.make_env, []
 
     def flaky_make(env_cfg, max_steps=None):
         env = real_make(env_cfg, max_steps)
@@ -101,7 +101,7 @@ def test_a_crashed_emulator_costs_a_replay_not_the_generation(tiny, monkeypatch)
             env.step = step
         return env
 
-    monkeypatch.setattr(envs, "make_env", flaky_make)
+    monkeypatch.setattr(real, "make_env", flaky_make)
     got = play(_InProcess(), weights, jobs, cfg)
     assert crashes == [1]
     np.testing.assert_array_equal(got, expected)

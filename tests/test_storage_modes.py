@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from extensions.report import _atomic as report_atomic
-from wm_trainer.controller import Controller
-from wm_trainer.storage import atomic_savez, atomic_write_bytes, atomic_write_json
+from wm_trainer.base.storage import atomic_savez, atomic_write_bytes, atomic_write_json
+from wm_trainer.models.controller import Controller
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])

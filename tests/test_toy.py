@@ -34,8 +34,8 @@ def test_mdn_toy_float64(tmp_path):
 def test_ops_switch_reaches_the_models(tmp_path):
     import chainer
 
+    from wm_trainer.models.vision import ConvVAE
     from wm_trainer.ops import fast_ops_enabled
-    from wm_trainer.vision import ConvVAE
 
     argv = ["mdn-toy", "-c", "configs/mdn_toy.yaml", "--set", "experiment.ops=chainer",
             "--set", f"experiment.out_dir={tmp_path}", "--set", "toy.iterations=5", "--set", "toy.samples=50"]

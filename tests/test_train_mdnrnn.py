@@ -5,8 +5,8 @@ import numpy as np
 import yaml
 
 from wm_trainer import cli
-from wm_trainer.mdnrnn_updater import MDNRNNUpdater
-from wm_trainer.storage import RunPaths
+from wm_trainer.base.storage import RunPaths
+from wm_trainer.training.mdnrnn_updater import MDNRNNUpdater
 
 
 def test_train_mdnrnn_cli_resumes_the_same_run(tmp_path, monkeypatch, latents_run, npz_arrays):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wm_trainer.vae_check import fireball_check, fireball_mask, frames_with_fireballs
+from wm_trainer.models.vae_check import fireball_check, fireball_mask, frames_with_fireballs
 
 
 class _StubVAE:

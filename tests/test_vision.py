@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from wm_trainer import cli
-from wm_trainer.storage import RunPaths
-from wm_trainer.vision import ConvVAE, frames_converter
+from wm_trainer.base.storage import RunPaths
+from wm_trainer.models.vision import ConvVAE, frames_converter
 
 
 def test_paper_vae_has_4348547_parameters(synthetic_frames):

@@ -1,5 +1,5 @@
 """wm-trainer: World Models (Ha & Schmidhuber 2018) on Chainer, built with the ``extensions`` toolkit."""
-from . import gpu_compat
+from .base import gpu_compat
 
 # CuPy's CUDA libraries must be loadable before chainer imports cupy; a no-op without CuPy.
 gpu_compat.enable_if_installed()

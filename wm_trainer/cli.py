@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 
 from extensions.schema import ConfigError, describe
 
+from .base.errors import UserError
 from .config import Config, dump_config, load_config, write_resolved
-from .errors import UserError
 
 # subcommand -> (module, function, one-line help). Each function takes (cfg, args) and
 # returns an exit code or None; modules are imported only when their command runs.

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .envs import WorldEnv, cached_env, make_env, random_policy
-from .episodes import EPISODE_KEYS, CorruptEpisode, episode_path, save_episode, scan_episode, warn_corrupt
-from .parallel import Executor, make_executor
-from .storage import RunPaths
+from .base.parallel import Executor, make_executor
+from .base.storage import RunPaths
+from .data.episodes import EPISODE_KEYS, CorruptEpisode, episode_path, save_episode, scan_episode, warn_corrupt
+from .games.real import WorldEnv, cached_env, make_env, random_policy
 
 log = logging.getLogger(__name__)
 

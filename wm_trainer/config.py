@@ -187,7 +187,7 @@ def dump_config(cfg: Config) -> str:
 
 def write_resolved(cfg: Config, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config next to a run's outputs (atomically)."""
-    from .storage import atomic_write_text
+    from .base.storage import atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,10 @@ import chainer
 import numpy as np
 from tqdm import tqdm
 
-from . import episodes
-from .errors import UserError
-from .storage import RunPaths, atomic_savez
-from .vision import ConvVAE, frames_converter, load_vae
+from .base.errors import UserError
+from .base.storage import RunPaths, atomic_savez
+from .data import episodes
+from .models.vision import ConvVAE, frames_converter, load_vae
 
 
 def encode_frames(vae: ConvVAE, frames: np.ndarray, batch: int, device=None) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +52,7 @@ def _encoded_by(path: Path, fingerprint: str) -> bool:
 
 def encode_episodes(cfg) -> list[Path]:
     """Encode every readable collected episode not yet encoded; returns every latents file now present."""
-    from .train_vae import resolve_device
+    from .training.trainer import resolve_device
 
     paths = RunPaths(cfg.run_dir)
     sources = episodes.list_episodes(paths.episodes)

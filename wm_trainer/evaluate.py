@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from .base.storage import RunPaths, atomic_write_json
 from .config import Config
-from .envs import action_dim as env_action_dim
-from .storage import RunPaths, atomic_write_json
+from .games.spec import action_dim as env_action_dim
 
 
 def margin(agent: np.ndarray, baseline: np.ndarray) -> dict:
@@ -50,10 +50,10 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> 
     """N real episodes each for the agent and both random baselines; writes and returns eval.json's content."""
     from tqdm import tqdm
 
-    from .controller import Controller
-    from .memory import load_mdnrnn
-    from .rollout import AgentWeights, Job, eval_seeds, play
-    from .vision import load_vae
+    from .models.controller import Controller
+    from .models.memory import load_mdnrnn
+    from .models.vision import load_vae
+    from .sim.rollout import AgentWeights, Job, eval_seeds, play
 
     n = int(episodes or cfg.evaluate.episodes)
     paths = RunPaths(cfg.run_dir)
@@ -66,7 +66,7 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> 
     jobs = [Job(0, s) for s in seeds]
     own = None
     if executor is None:
-        from .parallel import make_executor
+        from .base.parallel import make_executor
 
         executor = own = make_executor(cfg.parallel)
     try:

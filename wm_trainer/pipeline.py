@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .base.storage import RunPaths
 from .config import Config
-from .storage import RunPaths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +69,13 @@ def _render(cfg: Config) -> object:
 
 
 def _episodes(cfg: Config, p: RunPaths) -> list[Path]:
-    from .episodes import list_episodes
+    from .data.episodes import list_episodes
 
     return list_episodes(p.episodes)
 
 
 def _latents(cfg: Config, p: RunPaths) -> list[Path]:
-    from .episodes import list_episodes
+    from .data.episodes import list_episodes
 
     return list_episodes(p.latents)
 

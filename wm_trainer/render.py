@@ -6,16 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .base.errors import UserError
+from .base.storage import RunPaths, atomic_write_bytes, atomic_write_json
 from .config import Config
-from .envs import DOOM_ID
-from .envs import action_dim as env_action_dim
-from .errors import UserError
-from .storage import RunPaths, atomic_write_bytes, atomic_write_json
+from .games.spec import DOOM_ID
+from .games.spec import action_dim as env_action_dim
 
 AGENT_GIF = "agent.gif"
 DREAM_GIF = "dream.gif"
 RECON_PNG = "vae_reconstructions.png"
-VAE_CHECK = "vae_check.json"  # Doom: how much of the fireballs V keeps (wm_trainer.vae_check)
+VAE_CHECK = "vae_check.json"  # Doom: how much of the fireballs V keeps (wm_trainer.models.vae_check)
 MEDIA_FILES = (AGENT_GIF, DREAM_GIF, RECON_PNG)
 
 
@@ -40,7 +40,7 @@ def _upscale(frames: np.ndarray, k: int = 2) -> np.ndarray:
 
 def agent_frames(cfg: Config, weights, steps: int, seed: int) -> tuple[list[np.ndarray], float]:
     """Frames and return of one real episode of the agent, at most ``steps`` steps."""
-    from .rollout import Job, run_jobs
+    from .sim.rollout import Job, run_jobs
 
     (res,) = run_jobs(weights, [Job(0, seed)], cfg.env, steps, 1, record=True)
     return res.frames, res.ret
@@ -50,8 +50,8 @@ def dream_frames(vae, mdnrnn, ctrl, initial_z: np.ndarray, cfg: Config, steps: i
     """One dream of the agent (batch of 1) decoded by V, at most ``steps`` frames, up to M's predicted end."""
     import functools
 
-    from .dream import DreamEnv, decode_frames
-    from .envs import executed_action
+    from .games.spec import executed_action
+    from .sim.dream import DreamEnv, decode_frames
 
     env = DreamEnv(mdnrnn, temperature=cfg.controller.temperature, max_steps=steps, seed=seed,
                    action_map=functools.partial(executed_action, cfg.env.id), done_mode=cfg.controller.dream_done)
@@ -67,7 +67,7 @@ def dream_frames(vae, mdnrnn, ctrl, initial_z: np.ndarray, cfg: Config, steps: i
 
 def reconstruction_grid(vae, frames: np.ndarray) -> np.ndarray:
     """Originals over their reconstructions (V's mean latents), one column per frame."""
-    from .vae_check import reconstruct
+    from .models.vae_check import reconstruct
 
     recon = reconstruct(vae, frames)
     rows = [np.concatenate(list(frames), axis=1), np.concatenate(list(recon), axis=1)]
@@ -76,7 +76,7 @@ def reconstruction_grid(vae, frames: np.ndarray) -> np.ndarray:
 
 def _sample_frames(folder: Path, n: int, rng: np.random.Generator, per_episode: int = 1) -> np.ndarray:
     """``n`` episodes' worth of random frames (``per_episode`` from each), from the collected episodes."""
-    from .episodes import list_episodes, load_episode
+    from .data.episodes import list_episodes, load_episode
 
     files = list_episodes(folder)
     if not files:
@@ -90,7 +90,7 @@ def _sample_frames(folder: Path, n: int, rng: np.random.Generator, per_episode: 
 
 def _grid_frames(frames: np.ndarray, env_id: str, n: int = 8) -> np.ndarray:
     """``n`` frames for the reconstruction grid; in Doom half of them, where there are any, hold fireballs."""
-    from .vae_check import frames_with_fireballs
+    from .models.vae_check import frames_with_fireballs
 
     fire = frames_with_fireballs(frames)[: n // 2] if env_id == DOOM_ID else np.zeros(0, np.int64)
     rest = np.setdiff1d(np.arange(len(frames)), fire)[: n - len(fire)]
@@ -99,11 +99,11 @@ def _grid_frames(frames: np.ndarray, env_id: str, n: int = 8) -> np.ndarray:
 
 def render(cfg: Config) -> list[Path]:
     """Write the agent GIF, the dream GIF and the reconstruction grid to RunPaths.media."""
-    from .controller import Controller
-    from .dream import initial_latents
-    from .memory import load_mdnrnn
-    from .rollout import AgentWeights, eval_seeds
-    from .vision import load_vae
+    from .models.controller import Controller
+    from .models.memory import load_mdnrnn
+    from .models.vision import load_vae
+    from .sim.dream import initial_latents
+    from .sim.rollout import AgentWeights, eval_seeds
 
     paths = RunPaths(cfg.run_dir)
     adim = env_action_dim(cfg.env.id)
@@ -123,7 +123,7 @@ def render(cfg: Config) -> list[Path]:
     grid = reconstruction_grid(vae, _grid_frames(frames, cfg.env.id))
     written.append(write_png(media / RECON_PNG, _upscale(grid)))
     if cfg.env.id == DOOM_ID:
-        from .vae_check import fireball_check
+        from .models.vae_check import fireball_check
 
         written.append(atomic_write_json(media / VAE_CHECK, fireball_check(vae, frames)))
     return written

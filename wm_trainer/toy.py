@@ -17,9 +17,9 @@ import numpy as np
 
 import extensions as ext
 
+from .base.storage import atomic_write_json
 from .config import Config, ToyConfig
-from .mdn import MDNHead, mdn_nll, mdn_sample
-from .storage import atomic_write_json
+from .models.mdn import MDNHead, mdn_nll, mdn_sample
 
 BRANCH_TOLERANCE = 0.1
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .cmaes import CMAES, read_state
+from .base.errors import UserError
+from .base.storage import RunPaths, atomic_write_json, atomic_write_text
 from .config import Config
-from .controller import Controller, build_controller
-from .envs import action_dim as env_action_dim
-from .errors import UserError
-from .storage import RunPaths, atomic_write_json, atomic_write_text
+from .games.spec import action_dim as env_action_dim
+from .models.controller import Controller, build_controller
+from .training.cmaes import CMAES, read_state
 
 STATE_FILE = "cmaes.npz"
 CALIBRATION_FILE = "dream_calibration.json"
@@ -39,10 +39,10 @@ def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = Non
 
     The dream runs on ``device`` (a Chainer device; None: where M's weights are), and so do the controllers:
     on a GPU only the done flags come to the host each step. ``action_map`` turns C's outputs into the
-    actions the game executes before M sees them; ``done_mode`` is :class:`~wm_trainer.dream.DreamEnv`'s.
+    actions the game executes before M sees them; ``done_mode`` is :class:`~wm_trainer.sim.dream.DreamEnv`'s.
     ``policy(z, h, c) -> actions`` (host arrays), given instead of ``params``, plays in C's place.
     """
-    from .dream import DreamEnv
+    from .sim.dream import DreamEnv
 
     n = len(initial_z) if params is None else len(params)
     env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed, device=device,
@@ -73,7 +73,7 @@ def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_
     Episode i (real, by index, and dreamed) plays with ``repeat_probs[i % len]``; each probability is also
     reported alone. ``dream`` is :func:`dream_returns` with M and the dream's settings bound, taking a policy.
     """
-    from .envs import random_policy
+    from .games.real import random_policy
 
     n, k = len(initial_z), len(repeat_probs)
     policies = [random_policy(env_id, np.random.default_rng([seed, i]), repeat_probs[i % k]) for i in range(n)]
@@ -154,9 +154,9 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     """
     from tqdm import tqdm
 
-    from .envs import executed_action
-    from .memory import load_mdnrnn
-    from .vision import load_vae
+    from .games.spec import executed_action
+    from .models.memory import load_mdnrnn
+    from .models.vision import load_vae
 
     cc = cfg.controller
     paths = RunPaths(cfg.run_dir)
@@ -180,12 +180,12 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     own_executor = None
     if cc.mode == "real" or cc.eval_every:
         if executor is None:
-            from .parallel import make_executor
+            from .base.parallel import make_executor
 
             executor = own_executor = make_executor(cfg.parallel)
     dream = None
     if cc.mode == "dream":
-        from .train_vae import resolve_device
+        from .training.trainer import resolve_device
 
         initial_pool = _initial_latents(paths, cfg)
         dream = functools.partial(dream_returns, mdnrnn, ctrl, temperature=cc.temperature, max_steps=max_steps,
@@ -195,7 +195,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         select_z = initial_pool[select_rng.integers(len(initial_pool), size=cc.select_rollouts)]
         calibration = folder / CALIBRATION_FILE
         if not calibration.is_file():
-            from .latents import latent_lengths
+            from .data.latents import latent_lengths
 
             probs = cfg.collect.repeat_probs or [cfg.collect.repeat_prob]
             cal = dream_calibration(dream, cfg.env.id, select_z, latent_lengths(paths.latents), probs,
@@ -204,7 +204,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
             print(f"dream calibration: the collection policy survives {cal['dream_mean']:.0f} steps in the dream, "
                   f"{cal['real_mean']:.0f} in the game (x{cal['dream_over_real']:.2f}; cap {max_steps})",
                   file=sys.stderr)
-    from .rollout import AgentWeights, Job, fitness_seeds, play
+    from .sim.rollout import AgentWeights, Job, fitness_seeds, play
 
     weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32), ctrl)
     bar = tqdm(total=cc.generations, initial=min(opt.generation, cc.generations), desc="train-controller",
@@ -284,7 +284,7 @@ class _Kept:
 
 
 def _initial_latents(paths: RunPaths, cfg: Config) -> np.ndarray:
-    from .dream import initial_latents
+    from .sim.dream import initial_latents
 
     cc = cfg.controller
     n = max(1000, cc.population * cc.episodes_per_candidate, cc.select_rollouts)

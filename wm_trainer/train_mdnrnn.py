@@ -15,13 +15,13 @@ from chainer import training
 import extensions as ext
 
 from . import ops
-from .envs import executed_action
-from .errors import UserError
-from .latents import LatentSet, SequenceIterator, sequence_converter
-from .mdnrnn_updater import MDNRNNUpdater
-from .memory import build_mdnrnn
-from .storage import RunPaths
-from .train_vae import add_common_extensions, resolve_device, save_weights
+from .base.errors import UserError
+from .base.storage import RunPaths
+from .data.latents import LatentSet, SequenceIterator, sequence_converter
+from .games.spec import executed_action
+from .models.memory import build_mdnrnn
+from .training.mdnrnn_updater import MDNRNNUpdater
+from .training.trainer import add_common_extensions, resolve_device, save_weights
 
 
 def train_mdnrnn(cfg) -> Path:

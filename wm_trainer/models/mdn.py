@@ -16,8 +16,8 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from .ops import mdn_nll, mdn_nll_packed
-from .ops.mdn_loss import mdn_log_prob
+from ..ops import mdn_nll, mdn_nll_packed
+from ..ops.mdn_loss import mdn_log_prob
 
 __all__ = ["MDNHead", "mdn_log_prob", "mdn_moments", "mdn_nll", "mdn_nll_packed", "mdn_sample"]
 

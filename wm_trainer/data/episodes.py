@@ -20,8 +20,8 @@ import numpy as np
 
 from extensions.serializers import NpzLoadError, SafeNpz
 
-from .errors import UserError
-from .storage import atomic_savez
+from ..base.errors import UserError
+from ..base.storage import atomic_savez
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import chainer
 import numpy as np
 
-from .controller import Controller
+from ..models.controller import Controller
 
 _MODEL_CACHE: dict[str, tuple[Any, Any]] = {}  # bundle token -> (vae, mdnrnn), per worker process
 _ENV_CACHE: dict[tuple, list] = {}  # (env id, max steps) -> idle envs, per worker process
@@ -60,8 +60,8 @@ class AgentWeights:
         """(V, M) rebuilt from the arrays; built once per worker process for each token."""
         key = self.token
         if key not in _MODEL_CACHE:
-            from .memory import MDNRNN
-            from .vision import ConvVAE
+            from ..models.memory import MDNRNN
+            from ..models.vision import ConvVAE
 
             vae = ConvVAE(self.z_dim)
             _load_arrays(vae, self.vae)
@@ -106,7 +106,7 @@ def _env_id(env: Any) -> str:
 
 
 def _take_env(env_cfg: Any, max_steps: int):
-    from .envs import make_env
+    from ..games.real import make_env
 
     if not _ENV_CACHE:  # first env of this process: close them all when it exits (pool workers included)
         multiprocessing.util.Finalize(None, close_envs, exitpriority=100)
@@ -130,7 +130,7 @@ class _AgentBrain:
     """V + M + C for a batch of slots: actions from frames, then M's state advanced with (z, executed action).
 
     z is sampled from V's posterior, z = mu + sigma eps, as in the dream and in M's training data; M sees the
-    action the env executes (``envs.executed_action``), as it does in the dream.
+    action the env executes (``games.spec.executed_action``), as it does in the dream.
     """
 
     def __init__(self, weights: AgentWeights, env_id: str):
@@ -147,8 +147,8 @@ class _AgentBrain:
     def act(self, frames: np.ndarray, rows: np.ndarray, state: tuple[np.ndarray, np.ndarray],
             rngs: Sequence[np.random.Generator]):
         """Actions (n, A) for the slots' frames (slot i's noise from ``rngs[i]``) and the advanced state."""
-        from .envs import executed_action
-        from .vision import frames_converter
+        from ..games.spec import executed_action
+        from ..models.vision import frames_converter
 
         with chainer.using_config("train", False), chainer.no_backprop_mode():
             mu, logvar = self.vae.encode(frames_converter(frames))
@@ -166,7 +166,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
 
     ``env_cfg`` is the env id or an object with an ``id`` (``cfg.env``).
     """
-    from .envs import random_policy
+    from ..games.real import random_policy
 
     jobs = list(jobs)
     brain = _AgentBrain(weights, _env_id(env_cfg)) if weights is not None else None

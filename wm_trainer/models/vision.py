@@ -12,8 +12,8 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from .ops import conv_layer, deconv_layer, reconstruction_error
-from .storage import load_weights
+from ..base.storage import load_weights
+from ..ops import conv_layer, deconv_layer, reconstruction_error
 
 ENCODER_CHANNELS = (32, 64, 128, 256)
 DECODER_LAYERS = ((128, 5), (64, 5), (32, 6), (3, 6))  # (out channels, kernel), stride 2 each

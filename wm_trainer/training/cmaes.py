@@ -16,8 +16,8 @@ import numpy as np
 
 from extensions.serializers import NpzLoadError, SafeNpz
 
-from .errors import UserError
-from .storage import atomic_savez
+from ..base.errors import UserError
+from ..base.storage import atomic_savez
 
 # pycma objects whose data attributes make up the optimiser's state (the rest is rebuilt
 # from the options): attribute path on the strategy -> attribute names never to copy.

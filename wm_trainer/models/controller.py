@@ -15,8 +15,8 @@ import numpy as np
 
 from extensions.serializers import NpzLoadError, SafeNpz
 
-from .errors import UserError
-from .storage import atomic_savez
+from ..base.errors import UserError
+from ..base.storage import atomic_savez
 
 Inputs = Literal["zh", "zch"]
 
@@ -128,7 +128,7 @@ class Controller:
 
 def paper_layout(env_id: str) -> tuple[Inputs, bool]:
     """The paper's controller for ``env_id``: Doom [z, c, h] without a bias, CarRacing [z, h] with one."""
-    from .envs import DOOM_ID
+    from ..games.spec import DOOM_ID
 
     return ("zch", False) if env_id == DOOM_ID else ("zh", True)
 

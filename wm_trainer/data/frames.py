@@ -18,8 +18,8 @@ from typing import Any
 import chainer
 import numpy as np
 
+from ..base.errors import UserError
 from .episodes import CorruptEpisode, list_episodes, load_episode, scan_episode, warn_corrupt
-from .errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 import chainer
 import numpy as np
 
+from ..base.errors import UserError
 from . import episodes
-from .errors import UserError
 
 
 def list_latents(folder) -> list[Path]:

@@ -1,8 +1,8 @@
 """M: the MDN-RNN (LSTM over [z_t, a_t] -> mixture over z_{t+1}, plus an optional done head).
 
-M trains on windows of encoded episodes (:mod:`wm_trainer.latents`) from the state the previous window
-ended in (:mod:`wm_trainer.mdnrnn_updater`). M's input action is the action the env executes
-(``envs.executed_action``). Losses: the MDN negative log-likelihood (sum of log densities over z dims,
+M trains on windows of encoded episodes (:mod:`wm_trainer.data.latents`) from the state the previous window
+ended in (:mod:`wm_trainer.training.mdnrnn_updater`). M's input action is the action the env executes
+(``games.spec.executed_action``). Losses: the MDN negative log-likelihood (sum of log densities over z dims,
 logsumexp over mixtures) averaged over valid steps AND divided by z_dim -- the per-dimension
 scale the paper's lr 1e-3 and clip 1.0 were tuned for -- plus, with ``done_head``, a
 sigmoid cross-entropy whose positives are weighted by ``done_weight``.
@@ -13,10 +13,10 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 
+from ..base.storage import load_weights
+from ..ops import lstm_layer
+from ..ops.links import State
 from .mdn import MDNHead, mdn_nll_packed
-from .ops import lstm_layer
-from .ops.links import State
-from .storage import load_weights
 
 
 def weighted_sigmoid_bce(logit, target, weight_pos: float, mask):

@@ -1,4 +1,4 @@
-"""The dream's elementwise work as two CUDA kernels (CuPy), for :class:`~wm_trainer.dream.DreamEnv` on a GPU.
+"""The dream's elementwise work as two CUDA kernels (CuPy), for :class:`~wm_trainer.sim.dream.DreamEnv` on a GPU.
 
 On the CPU, DreamEnv's step between and after its two matmuls is some sixty NumPy calls over worker
 threads; on a GPU each would be a kernel launch of its own, and the launches, not the arithmetic, would

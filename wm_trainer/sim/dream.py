@@ -22,10 +22,10 @@ import numpy as np
 
 from extensions.serializers import NpzLoadError, SafeNpz
 
-from .errors import UserError
-from .latents import list_latents
-from .memory import MDNRNN
-from .ops.threads import run_chunks
+from ..base.errors import UserError
+from ..data.latents import list_latents
+from ..models.memory import MDNRNN
+from ..ops.threads import run_chunks
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -67,7 +67,7 @@ def counter_uniform32(keys: np.ndarray, step: int, pairs: int) -> tuple[np.ndarr
 
     Hash (key_b, step, i) gives 64 bits; its low and high 32-bit halves give one uniform each (24 bits:
     all a float32 in (0, 1] can hold). Like :func:`counter_uniform`, column b depends on key b alone.
-    ``wm_trainer.dream_cuda`` computes the same bits on a GPU.
+    ``wm_trainer.sim.dream_cuda`` computes the same bits on a GPU.
     """
     counter = np.uint64(step) * np.uint64(pairs) + np.arange(pairs, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -402,7 +402,7 @@ def initial_latents(latents_folder, n: int, rng: np.random.Generator) -> np.ndar
 
 def decode_frames(vae, z: np.ndarray, batch: int = 256) -> np.ndarray:
     """Decode latents (N, z) with V into uint8 frames (N, 64, 64, 3), e.g. for dream GIFs."""
-    from .vision import to_uint8_frames
+    from ..models.vision import to_uint8_frames
 
     z = np.asarray(z, dtype=chainer.get_dtype())
     out = []

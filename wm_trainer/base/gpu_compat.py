@@ -16,7 +16,7 @@ Chainer 7.8.1 was written for CuPy 7. What goes wrong with CuPy 13, and the shim
   ``cupy`` 13 install; :func:`relax_version_check` turns that check off.
 - ``chainer.backends.cuda`` decides ``available`` once, at import: a CuPy that imports but has no
   driver or no device only fails later, deep inside a kernel launch. :func:`use_device` probes the
-  device and turns every such failure into one :class:`~wm_trainer.errors.UserError`.
+  device and turns every such failure into one :class:`~wm_trainer.base.errors.UserError`.
 
 This module's own code imports neither Chainer nor CuPy; :func:`enable` (or :func:`enable_if_installed`)
 must run before the first ``import chainer`` for the preloading to help. The ``wm_trainer`` package

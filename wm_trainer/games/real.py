@@ -1,6 +1,6 @@
 """The two environments behind one small interface: 64x64 uint8 frames in, controller actions out.
 
-Controller space is what C emits, tanh outputs in [-1, 1]; the pure functions here map it to
+Controller space is what C emits, tanh outputs in [-1, 1]; :mod:`wm_trainer.games.spec` maps it to
 each environment's native action, and ``random_policy`` is the paper's collection policy.
 """
 from __future__ import annotations
@@ -12,88 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..base.errors import UserError
+from .spec import (
+    CARRACING_ID,
+    DOOM_BUTTONS,
+    DOOM_ID,
+    ENVS,
+    _check_id,
+    action_dim,
+    carracing_action,
+    native_action,
+    resize_frame,
+)
 
-DOOM_ID = "VizdoomTakeCover-v1"
-CARRACING_ID = "CarRacing-v3"
-FRAME_SIZE = 64
 # ViZDoom renders at 160x120 rather than take_cover.cfg's 320x240: ~3x the raw step rate and half the resize
 # cost, and the 64x64 frames differ from the 320x240 ones by ~2.5/255 per pixel on average (same scene)
 DOOM_SCREEN_RESOLUTION = "RES_160X120"
-
-# env id -> (action_dim, module to import for registration, what to pip install)
-ENVS: dict[str, tuple[int, str, str]] = {
-    DOOM_ID: (1, "vizdoom.gymnasium_wrapper", "vizdoom"),
-    CARRACING_ID: (3, "Box2D", "gymnasium[box2d]"),
-}
-
-# Indices of vizdoom's Discrete(3) for take_cover.cfg (buttons MOVE_LEFT, MOVE_RIGHT, at most one pressed):
-# its button_map is [(0, 0), (0, 1), (1, 0)], so 1 presses MOVE_RIGHT and 2 presses MOVE_LEFT.
-DOOM_NOOP, DOOM_RIGHT, DOOM_LEFT = 0, 1, 2
-DOOM_BUTTONS = {DOOM_NOOP: (0, 0), DOOM_RIGHT: (0, 1), DOOM_LEFT: (1, 0)}
-
-
-def action_dim(env_id: str) -> int:
-    """Controller outputs for ``env_id`` (Doom 1, CarRacing 3); UserError for an unknown id."""
-    _check_id(env_id)
-    return ENVS[env_id][0]
-
-
-def _check_id(env_id: str) -> None:
-    if env_id not in ENVS:
-        raise UserError(f"env.id: unknown environment {env_id!r}; supported: {', '.join(ENVS)}")
-
-
-def doom_action(action: np.ndarray) -> int:
-    """Controller action (1,) -> Discrete index: < -1/3 left, > 1/3 right, otherwise no move."""
-    a = float(np.asarray(action).reshape(-1)[0])
-    if a < -1.0 / 3.0:
-        return DOOM_LEFT
-    if a > 1.0 / 3.0:
-        return DOOM_RIGHT
-    return DOOM_NOOP
-
-
-def carracing_action(action: np.ndarray) -> np.ndarray:
-    """Controller action (3,) -> native (steer, gas, brake) = (a0, (a1+1)/2, clip(a2, 0, 1))."""
-    a = np.clip(np.asarray(action, dtype=np.float32).reshape(3), -1.0, 1.0)
-    return np.array([a[0], (a[1] + 1.0) / 2.0, max(a[2], 0.0)], dtype=np.float32)
-
-
-def executed_action(env_id: str, actions: Any) -> Any:
-    """Controller actions (..., A) -> the controller-space actions the env really executes: what M must see.
-
-    Doom: -1, 0 or +1 by :func:`doom_action`'s thresholds; CarRacing: clipped to [-1, 1], brake below 0 as 0.
-    NumPy or CuPy arrays (the dream's device); idempotent, so recorded actions map to themselves.
-    """
-    import chainer
-
-    _check_id(env_id)
-    xp = chainer.backend.get_array_module(actions)
-    a = xp.asarray(actions)
-    dtype = a.dtype if a.dtype.kind == "f" else np.float32
-    if env_id == DOOM_ID:
-        wide = a.astype(np.float64)  # compared in float64, as doom_action does: -0.33333334f is left
-        return (wide > 1.0 / 3.0).astype(dtype) - (wide < -1.0 / 3.0).astype(dtype)
-    out = xp.clip(a.astype(dtype, copy=True), -1.0, 1.0)
-    out[..., 2] = xp.maximum(out[..., 2], 0.0)
-    return out
-
-
-def native_action(env_id: str, action: np.ndarray) -> Any:
-    """Controller action -> the native action ``env_id``'s gymnasium env takes."""
-    _check_id(env_id)
-    return doom_action(action) if env_id == DOOM_ID else carracing_action(action)
-
-
-def resize_frame(image: np.ndarray, crop_rows: int | None = None) -> np.ndarray:
-    """Crop the top ``crop_rows`` rows (if given) and resize to 64x64x3 uint8 (PIL bilinear, antialiased)."""
-    from PIL import Image
-
-    if crop_rows is not None:
-        image = image[:crop_rows]
-    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-    return np.asarray(img.resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR), dtype=np.uint8)
 
 
 class WorldEnv:
@@ -116,7 +50,7 @@ class WorldEnv:
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Start an episode (deterministic for a given seed) and return its first frame."""
         if self.env_id == DOOM_ID and not self._game_started:
-            from .reaper import track_new_children
+            from ..base.reaper import track_new_children
 
             with track_new_children():  # the first reset starts the game process; it must not outlive the run
                 obs, _ = self.gym_env.reset(seed=None if seed is None else int(seed))
