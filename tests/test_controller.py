@@ -272,7 +272,7 @@ def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_
 def test_dream_calibration_reports_each_collection_policy_beside_its_own_real_episodes():
     from wm_trainer.train_controller import dream_calibration
 
-    def dream(policy, initial_z, seed):
+    def dream(policy, initial_z, seed, done_bias=0.0):
         """A stand-in dream whose 'survival' is how often each agent's policy switched in 60 steps."""
         acts = np.stack([policy(initial_z, None, None) for _ in range(60)])
         return (np.diff(acts[..., 0], axis=0) != 0).sum(axis=0).astype(np.float64)
@@ -286,3 +286,55 @@ def test_dream_calibration_reports_each_collection_policy_beside_its_own_real_ep
     assert jitter["real_episodes"] == 3 and jitter["real_mean"] == (50 + 70 + 30) / 3
     assert cal["real_episodes"] == 5 and cal["real_mean"] == (100 + 50 + 250 + 70 + 30) / 5
     assert cal["dream_mean"] == pytest.approx((still["dream_mean"] + jitter["dream_mean"]) / 2)
+
+
+def test_calibrate_done_bias_finds_the_bias_that_matches_the_real_survival():
+    from wm_trainer.train_controller import calibrate_done_bias
+
+    calls = []
+
+    def survival(bias):
+        calls.append(bias)
+        return float(np.clip(600.0 - 150.0 * bias, 1.0, 1000.0))  # non-increasing in the bias, like a dream
+
+    bias, got = calibrate_done_bias(survival, 360.0)
+    assert got == pytest.approx(360.0, rel=0.01) and bias == pytest.approx(1.6, abs=0.03)
+    assert calls[0] == 0.0 and len(calls) <= 16
+    # a dream harder than the game is made easier
+    bias, got = calibrate_done_bias(survival, 900.0)
+    assert bias < 0 and got == pytest.approx(900.0, rel=0.01)
+    # already calibrated: one dream, no shift
+    calls.clear()
+    assert calibrate_done_bias(survival, 603.0) == (0.0, 600.0) and calls == [0.0]
+    # out of reach within the limit: the end that comes closest
+    bias, got = calibrate_done_bias(lambda b: 1000.0 if b < 40 else 1.0, 300.0, limit=16.0)
+    assert bias == 16.0 and got == 1000.0
+
+
+def test_train_controller_calibrates_the_dream_to_the_game_and_resumes_with_that_bias(tmp_path, make_tiny_run):
+    import json
+
+    from wm_trainer.base.storage import RunPaths
+
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    p = RunPaths(cfg.run_dir)
+    # a done head with a constant small hazard: every dream outlives the 12-step real episodes at bias 0
+    with np.load(p.mdnrnn_model) as f:
+        arrays = dict(f)
+    arrays["done/W"][...] = 0.0
+    arrays["done/b"][...] = -4.0
+    np.savez(p.mdnrnn_model, **arrays)
+    sets = ("controller.dream_calibrate=true", "controller.dream_done=sample", "controller.select_every=1",
+            "controller.select_rollouts=256", "controller.max_steps=40")
+    _train(cfg_path, tmp_path, "controller.generations=1", *sets)
+    cal = json.loads(p.dream_calibration.read_text())
+    assert cal["real_mean"] == 12.0 and cal["uncalibrated"]["dream_mean"] > 30
+    assert cal["done_bias"] > 0 and cal["dream_mean"] == pytest.approx(12.0, rel=0.05)
+    assert cal["calibration_dreams"]["0"] == cal["uncalibrated"]["dream_mean"]
+    # C trained in the calibrated dream: the first mean's dream score is near the game's, not the cap's
+    assert _rows(p.root)[0]["select_score"] < 25
+    # a resumed run trains with the bias on file (here one that ends every dream at its first step)
+    cal["done_bias"] = 60.0
+    p.dream_calibration.write_text(json.dumps(cal))
+    _train(cfg_path, tmp_path, "controller.generations=2", *sets)
+    assert [r["select_score"] for r in _rows(p.root)][1] == 1.0

@@ -140,6 +140,47 @@ def test_done_agents_stay_done_with_zero_reward_and_max_steps():
     assert not dones[0].any() and not dones[1].any() and dones[2].all()
 
 
+def _lifetimes(env: DreamEnv, z0: np.ndarray, steps: int) -> np.ndarray:
+    env.reset(z0, seeds=np.arange(len(z0)))
+    alive = np.zeros(len(z0), np.int64)
+    for _ in range(steps):
+        alive += ~env.step(np.zeros((len(z0), A), np.float32))[3]
+    return alive
+
+
+@pytest.mark.parametrize("mode", ["threshold", "sample"])
+def test_done_bias_shifts_the_done_logit_and_only_moves_where_each_dream_ends(mode):
+    m = _model()
+    z0 = np.random.default_rng(0).standard_normal((64, Z)).astype(np.float32)
+    build = lambda bias: DreamEnv(m, temperature=1.0, max_steps=30, seed=0, done_mode=mode, done_bias=bias)  # noqa: E731
+    lives = {b: _lifetimes(build(b), z0, 30) for b in (-50.0, -1.0, 0.0, 1.0, 50.0)}
+    assert (lives[-50.0] == 29).all() and (lives[50.0] == 0).all()  # never / at once (the cap ends step 30)
+    # the same dreams, ended no later as the bias grows (agent by agent), and a bias that matters
+    assert (lives[-1.0] >= lives[0.0]).all() and (lives[0.0] >= lives[1.0]).all()
+    assert lives[-1.0].sum() > lives[1.0].sum()
+    # a zero bias is M as trained
+    np.testing.assert_array_equal(lives[0.0], _lifetimes(DreamEnv(m, temperature=1.0, max_steps=30, seed=0,
+                                                                  done_mode=mode), z0, 30))
+
+
+def test_calibrated_done_bias_reads_the_calibration_file(tmp_path):
+    import json
+
+    from wm_trainer.base.errors import UserError
+    from wm_trainer.sim.dream import calibrated_done_bias
+
+    path = tmp_path / "dream_calibration.json"
+    assert calibrated_done_bias(path) == 0.0  # not calibrated: M as trained
+    path.write_text(json.dumps({"dream_mean": 5.0}))
+    assert calibrated_done_bias(path) == 0.0  # a calibration written before the bias existed
+    path.write_text(json.dumps({"done_bias": 1.25}))
+    assert calibrated_done_bias(path) == 1.25
+    for bad in ("{", '{"done_bias": "x"}', '{"done_bias": NaN}', "[1]"):
+        path.write_text(bad)
+        with pytest.raises(UserError, match="dream_calibration.json"):
+            calibrated_done_bias(path)
+
+
 def test_initial_latents_and_decode_frames(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(3):

@@ -44,6 +44,12 @@ def test_evaluate_writes_json_and_prints_both_scores_then_render_writes_media(tm
     assert 1 <= len(dream) <= cfg.evaluate.gif_steps and dream.shape[1:3] == (128, 128)
     assert grid.shape[:2] == (2 * 128, 8 * 128)
 
+    # the dream GIF is the dream C trained in: with train-controller's calibrated done bias on file
+    p.dream_calibration.parent.mkdir(parents=True, exist_ok=True)
+    p.dream_calibration.write_text(json.dumps({"done_bias": 60.0}))  # ends the dream at its first step
+    assert main(["render", *base]) == 0
+    assert len(iio.imread(p.media / "dream.gif", index=None)) == 2
+
 
 def test_evaluate_without_a_controller_is_one_line_error(tmp_path, capsys, make_tiny_run):
     cfg_path, _ = make_tiny_run(tmp_path)

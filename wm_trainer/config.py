@@ -104,6 +104,9 @@ class ControllerConfig:
     dream_done: Literal["threshold", "sample"] = field(
         "threshold", help="dream episode end: done logit > 0 (paper), or drawn each step from the done head's "
                           "probability with its positive weighting undone")
+    dream_calibrate: bool = field(
+        False, help="before C trains, shift M's done logit until the collection policy lives as long in the dream "
+                    "as in its real episodes (a dream easier than the game is exploited); dream mode only")
     inputs: Literal["auto", "zh", "zch"] = field(
         "auto", help="what C reads: [z, h], or [z, c, h] (auto = the paper's: Doom zch, CarRacing zh)")
     bias: Literal["auto", "yes", "no"] = field(

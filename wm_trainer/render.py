@@ -46,15 +46,20 @@ def agent_frames(cfg: Config, weights, steps: int, seed: int) -> tuple[list[np.n
     return res.frames, res.ret
 
 
-def dream_frames(vae, mdnrnn, ctrl, initial_z: np.ndarray, cfg: Config, steps: int, seed: int) -> list[np.ndarray]:
-    """One dream of the agent (batch of 1) decoded by V, at most ``steps`` frames, up to M's predicted end."""
+def dream_frames(vae, mdnrnn, ctrl, initial_z: np.ndarray, cfg: Config, steps: int, seed: int,
+                 done_bias: float = 0.0) -> list[np.ndarray]:
+    """One dream of the agent (batch of 1) decoded by V, at most ``steps`` frames, up to M's predicted end.
+
+    ``done_bias``: the calibrated shift of M's done logit that C trained with (``train-controller``).
+    """
     import functools
 
     from .games.spec import executed_action
     from .sim.dream import DreamEnv, decode_frames
 
     env = DreamEnv(mdnrnn, temperature=cfg.controller.temperature, max_steps=steps, seed=seed,
-                   action_map=functools.partial(executed_action, cfg.env.id), done_mode=cfg.controller.dream_done)
+                   action_map=functools.partial(executed_action, cfg.env.id), done_mode=cfg.controller.dream_done,
+                   done_bias=done_bias)
     z, h = env.reset(initial_z[None].astype(np.float32))
     zs = [np.asarray(z)]
     for _ in range(steps - 1):
@@ -102,7 +107,7 @@ def render(cfg: Config) -> list[Path]:
     from .models.controller import Controller
     from .models.memory import load_mdnrnn
     from .models.vision import load_vae
-    from .sim.dream import initial_latents
+    from .sim.dream import calibrated_done_bias, initial_latents
     from .sim.rollout import AgentWeights, eval_seeds
 
     paths = RunPaths(cfg.run_dir)
@@ -117,7 +122,8 @@ def render(cfg: Config) -> list[Path]:
                              eval_seeds(cfg.experiment.seed, 1)[0])
     written = [write_gif(media / AGENT_GIF, [_upscale(f) for f in frames])]
     z0 = np.asarray(initial_latents(paths.latents, 1, rng), np.float32)[0]
-    dream = dream_frames(vae, mdnrnn, ctrl, z0, cfg, steps, seed=cfg.experiment.seed)
+    dream = dream_frames(vae, mdnrnn, ctrl, z0, cfg, steps, seed=cfg.experiment.seed,
+                         done_bias=calibrated_done_bias(paths.dream_calibration))
     written.append(write_gif(media / DREAM_GIF, [_upscale(f) for f in dream]))
     frames = _sample_frames(paths.episodes, 50, rng, per_episode=20)
     grid = reconstruction_grid(vae, _grid_frames(frames, cfg.env.id))

@@ -27,26 +27,28 @@ from .models.controller import Controller, build_controller
 from .training.cmaes import CMAES, read_state
 
 STATE_FILE = "cmaes.npz"
-CALIBRATION_FILE = "dream_calibration.json"
 LOG_FIELDS = ("generation", "mean", "best", "worst", "sigma", "select_score", "select_std", "kept_generation",
               "eval_mean", "eval_std")
 
 
 def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = None, initial_z: np.ndarray | None = None,
                   temperature: float = 1.0, max_steps: int = 2100, seed: int = 0, done_mode: str = "threshold",
-                  device=None, action_map: Callable | None = None, policy: Callable | None = None) -> np.ndarray:
+                  device=None, action_map: Callable | None = None, policy: Callable | None = None,
+                  done_bias: float = 0.0) -> np.ndarray:
     """Steps survived (n,) by n dreamed agents, agent i with controller row ``params[i]``, in one batched rollout.
 
     The dream runs on ``device`` (a Chainer device; None: where M's weights are), and so do the controllers:
     on a GPU only the done flags come to the host each step. ``action_map`` turns C's outputs into the
-    actions the game executes before M sees them; ``done_mode`` is :class:`~wm_trainer.sim.dream.DreamEnv`'s.
+    actions the game executes before M sees them; ``done_mode`` and ``done_bias`` are
+    :class:`~wm_trainer.sim.dream.DreamEnv`'s.
     ``policy(z, h, c) -> actions`` (host arrays), given instead of ``params``, plays in C's place.
     """
     from .sim.dream import DreamEnv
 
     n = len(initial_z) if params is None else len(params)
     env = DreamEnv(mdnrnn, temperature=temperature, max_steps=max_steps, seed=seed, device=device,
-                   host_outputs=policy is not None, action_map=action_map, done_mode=done_mode)
+                   host_outputs=policy is not None, action_map=action_map, done_mode=done_mode,
+                   done_bias=done_bias)
     if policy is None:
         params = env.device.send(np.asarray(params, np.float32))
         policy = functools.partial(ctrl.act_batch, params)
@@ -64,8 +66,23 @@ def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = Non
     return returns
 
 
+def collection_policy_dream(dream: Callable, env_id: str, initial_z: np.ndarray, repeat_probs: Sequence[float],
+                            seed: int, **dream_kwargs) -> np.ndarray:
+    """Steps survived in the dream by the random collection policy, agent i repeating w.p. ``repeat_probs[i % n]``.
+
+    The policies' draws depend on ``seed`` alone, not on what M dreams, so two calls with the same seed play
+    the same action sequences (a change of ``done_bias`` then only moves where each dream ends).
+    """
+    from .games.real import random_policy
+
+    n, k = len(initial_z), len(repeat_probs)
+    policies = [random_policy(env_id, np.random.default_rng([seed, i]), repeat_probs[i % k]) for i in range(n)]
+    return dream(policy=lambda z, h, c: np.stack([p() for p in policies]), initial_z=initial_z, seed=seed,
+                 **dream_kwargs)
+
+
 def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_lengths: dict[int, int],
-                      repeat_probs: Sequence[float], max_steps: int, seed: int) -> dict:
+                      repeat_probs: Sequence[float], max_steps: int, seed: int, done_bias: float = 0.0) -> dict:
     """The random collection policy in the dream beside its real episodes (both capped at ``max_steps``).
 
     M learnt from that policy's episodes, so it should last about as long in the dream as in the game; a
@@ -73,11 +90,8 @@ def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_
     Episode i (real, by index, and dreamed) plays with ``repeat_probs[i % len]``; each probability is also
     reported alone. ``dream`` is :func:`dream_returns` with M and the dream's settings bound, taking a policy.
     """
-    from .games.real import random_policy
-
-    n, k = len(initial_z), len(repeat_probs)
-    policies = [random_policy(env_id, np.random.default_rng([seed, i]), repeat_probs[i % k]) for i in range(n)]
-    dreamed = dream(policy=lambda z, h, c: np.stack([p() for p in policies]), initial_z=initial_z, seed=seed)
+    k = len(repeat_probs)
+    dreamed = collection_policy_dream(dream, env_id, initial_z, repeat_probs, seed, done_bias=done_bias)
     index = np.fromiter(real_lengths, np.int64, len(real_lengths))
     real = np.minimum(np.fromiter(real_lengths.values(), np.float64, len(real_lengths)), max_steps)
 
@@ -91,7 +105,43 @@ def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_
                   **summary(dreamed[j::k], real[index % k == j])} for j in range(k)]
     names = ", ".join(f"{p:g}" for p in repeat_probs)
     return {"policy": f"random, repeat w.p. {names}" + (" (episode i takes entry i mod n)" if k > 1 else ""),
-            "cap": max_steps, **summary(dreamed, real), "by_repeat_prob": by_policy}
+            "cap": max_steps, "done_bias": float(done_bias), **summary(dreamed, real), "by_repeat_prob": by_policy}
+
+
+def calibrate_done_bias(survival: Callable[[float], float], target: float, *, rel_tol: float = 0.01,
+                        max_evals: int = 16, limit: float = 16.0) -> tuple[float, float]:
+    """The done-logit bias b at which ``survival(b)`` (mean dreamed steps, non-increasing in b) meets ``target``.
+
+    Brackets from b = 0 by doubling steps (at most +-``limit``), then bisects until the survival is within
+    ``rel_tol`` of the target or ``max_evals`` dreams have run. Returns (b, survival(b)); at a bracket's end
+    that cannot reach the target, that end.
+    """
+    tol = rel_tol * max(target, 1.0)
+    evals = {0.0: survival(0.0)}
+    if abs(evals[0.0] - target) <= tol:
+        return 0.0, evals[0.0]
+    sign = 1.0 if evals[0.0] > target else -1.0  # too easy: raise the logit; too hard: lower it
+    near, far = 0.0, sign
+    while True:
+        evals[far] = survival(far)
+        if abs(evals[far] - target) <= tol:
+            return far, evals[far]
+        if (evals[far] - target) * sign < 0 or abs(far) >= limit or len(evals) >= max_evals:
+            break
+        near, far = far, far * 2.0
+    if (evals[far] - target) * sign > 0:  # the bracket's end still misses: the closest reachable
+        return far, evals[far]
+    while len(evals) < max_evals:
+        mid = 0.5 * (near + far)
+        evals[mid] = survival(mid)
+        if abs(evals[mid] - target) <= tol:
+            return mid, evals[mid]
+        if (evals[mid] - target) * sign > 0:
+            near = mid
+        else:
+            far = mid
+    best = min((near, far), key=lambda b: abs(evals[b] - target))
+    return best, evals[best]
 
 
 class _Log:
@@ -193,17 +243,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                                   action_map=functools.partial(executed_action, cfg.env.id))
         select_rng = np.random.default_rng([cfg.experiment.seed, 2])
         select_z = initial_pool[select_rng.integers(len(initial_pool), size=cc.select_rollouts)]
-        calibration = folder / CALIBRATION_FILE
-        if not calibration.is_file():
-            from .data.latents import latent_lengths
-
-            probs = cfg.collect.repeat_probs or [cfg.collect.repeat_prob]
-            cal = dream_calibration(dream, cfg.env.id, select_z, latent_lengths(paths.latents), probs,
-                                    max_steps, seed=cfg.experiment.seed * 100_003 + 99_989)
-            atomic_write_json(calibration, cal)
-            print(f"dream calibration: the collection policy survives {cal['dream_mean']:.0f} steps in the dream, "
-                  f"{cal['real_mean']:.0f} in the game (x{cal['dream_over_real']:.2f}; cap {max_steps})",
-                  file=sys.stderr)
+        dream = functools.partial(dream, done_bias=_dream_done_bias(dream, paths, cfg, select_z, max_steps))
     from .sim.rollout import AgentWeights, Job, fitness_seeds, play
 
     weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32), ctrl)
@@ -256,6 +296,46 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     final = opt.mean if cc.keep == "mean" or kept.params is None else kept.params
     ctrl.params = np.asarray(final, np.float32)
     return ctrl.save(paths.controller_model)
+
+
+def _dream_done_bias(dream: Callable, paths: RunPaths, cfg: Config, select_z: np.ndarray, max_steps: int) -> float:
+    """Calibrate the dream once per run (``controller.dream_calibrate``) and report it; the bias C trains with.
+
+    The collection policy plays the selection's start states in the dream beside its real episodes; with
+    calibration on, M's done logit is shifted until it lives as long in the dream as in the game. A resumed
+    run reads the bias back from ``dream_calibration.json``.
+    """
+    from .data.latents import latent_lengths
+    from .sim.dream import calibrated_done_bias
+
+    if paths.dream_calibration.is_file():
+        return calibrated_done_bias(paths.dream_calibration)
+    cc = cfg.controller
+    probs = cfg.collect.repeat_probs or [cfg.collect.repeat_prob]
+    lengths = latent_lengths(paths.latents)
+    seed = cfg.experiment.seed * 100_003 + 99_989
+    cal = dream_calibration(dream, cfg.env.id, select_z, lengths, probs, max_steps, seed=seed)
+    report = cal
+    if cc.dream_calibrate:
+        survival = {0.0: cal["dream_mean"]}
+
+        def dreamed(bias: float) -> float:
+            if bias not in survival:
+                survival[bias] = float(collection_policy_dream(dream, cfg.env.id, select_z, probs, seed,
+                                                               done_bias=bias).mean())
+            return survival[bias]
+
+        bias, _ = calibrate_done_bias(dreamed, cal["real_mean"])
+        report = dream_calibration(dream, cfg.env.id, select_z, lengths, probs, max_steps, seed=seed,
+                                   done_bias=bias) if bias else cal
+        report["uncalibrated"] = {k: cal[k] for k in ("dream_mean", "dream_std", "dream_over_real")}
+        report["calibration_dreams"] = {f"{b:g}": v for b, v in sorted(survival.items())}
+    atomic_write_json(paths.dream_calibration, report)
+    print(f"dream calibration: the collection policy survives {cal['dream_mean']:.0f} steps in M's dream, "
+          f"{cal['real_mean']:.0f} in the game (x{cal['dream_over_real']:.2f}; cap {max_steps})"
+          + (f"; done logit {report['done_bias']:+.3f}: {report['dream_mean']:.0f} steps in the dream C trains in"
+             if cc.dream_calibrate else ""), file=sys.stderr)
+    return report["done_bias"]
 
 
 class _Kept:

@@ -55,6 +55,11 @@ class RunPaths:
         return self.root / "controller"
 
     @property
+    def dream_calibration(self) -> Path:
+        """The collection policy in the dream beside the game, and the done-logit bias C trained with."""
+        return self.controller_dir / "dream_calibration.json"
+
+    @property
     def controller_model(self) -> Path:
         """The best controller's parameters."""
         return self.root / "controller.npz"

@@ -6,7 +6,8 @@ reordered gate-major, sigmoid folded into one tanh), samples the next z at tempe
 agents whose done logit is > 0 -- the deterministic threshold the paper's doomrnn used (``if
 logrestart[0] > 0: done = True``) -- or, with ``done_mode='sample'``, with probability
 sigmoid(logit - log w), the done head's probability with its x w weighting of positives undone; and
-agents that reach ``max_steps``.
+agents that reach ``max_steps``. ``done_bias`` is added to the done logit in both modes (0: M as trained;
+a calibrated value makes the dream as hard as the game for the collection policy).
 
 Randomness is per agent and counter-based: agent b's numbers at step t are a hash of
 (its seed, t, slot), so a batch of B agents reproduces B single-agent runs with the same
@@ -14,8 +15,10 @@ seeds exactly, whatever the batch composition (no Python loop over agents either
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import chainer
 import numpy as np
@@ -114,7 +117,7 @@ class DreamEnv:
 
     def __init__(self, mdnrnn: MDNRNN, *, temperature: float = 1.0, max_steps: int = 2100, seed: int = 0,
                  reward_per_step: float = 1.0, device=None, host_outputs: bool = True,
-                 action_map: Callable | None = None, done_mode: str = "threshold"):
+                 action_map: Callable | None = None, done_mode: str = "threshold", done_bias: float = 0.0):
         if done_mode not in ("threshold", "sample"):
             raise ValueError(f"done_mode must be 'threshold' or 'sample', got {done_mode!r}")
         self.m = mdnrnn
@@ -123,6 +126,7 @@ class DreamEnv:
         # the done head was trained with positives weighted w: its logit is log(w p / (1 - p)), so p's logit
         # is the head's minus log w (what 'sample' draws from; 'threshold' keeps the paper's logit > 0)
         self._done_shift = math.log(mdnrnn.done_weight) if mdnrnn.has_done and mdnrnn.done_weight > 0 else 0.0
+        self.done_bias = float(done_bias)
         self.host_outputs = bool(host_outputs)
         self.device = chainer.get_device(device) if device is not None else mdnrnn.device
         self.xp = self.device.xp
@@ -254,13 +258,13 @@ class DreamEnv:
             x[:, at], self._c[:, at] = xs, cs
         ended = np.full(b if rows is None else len(rows), self.t >= self.max_steps)
         if done_logit is not None:
-            logit = _host(done_logit)
+            logit = _host(done_logit).astype(np.float64) + self.done_bias
             if self.done_mode == "threshold":
                 ended |= logit > 0
             else:
                 keys = self._done_keys if rows is None else self._done_keys[rows]
                 u = counter_uniform(keys, self.t, 1)[:, 0]
-                ended |= u <= 1.0 / (1.0 + np.exp(self._done_shift - logit.astype(np.float64)))
+                ended |= u <= 1.0 / (1.0 + np.exp(self._done_shift - logit))
         reward = np.where(alive, self.reward_per_step, 0.0).astype(np.float32)
         if rows is None:
             self.done = ended
@@ -416,3 +420,17 @@ def decode_frames(vae, z: np.ndarray, batch: int = 256) -> np.ndarray:
 
 
 __all__ = ["DreamEnv", "agent_keys", "counter_uniform", "counter_uniform32", "decode_frames", "initial_latents"]
+
+
+def calibrated_done_bias(path) -> float:
+    """The done-logit bias ``train-controller`` trained C with, from its ``dream_calibration.json`` (0 if none)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0.0
+    try:
+        bias = float(json.loads(path.read_text()).get("done_bias", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a dream calibration ({e}); delete it and re-run train-controller") from None
+    if not math.isfinite(bias):
+        raise UserError(f"{path}: done_bias is {bias}; delete the file and re-run train-controller")
+    return bias
