@@ -163,6 +163,28 @@ def test_done_bias_shifts_the_done_logit_and_only_moves_where_each_dream_ends(mo
                                                                   done_mode=mode), z0, 30))
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_a_joint_mixture_moves_every_dimension_with_one_component(joint):
+    """Two components at +-10 for every dim, equally likely: a joint M's samples are all + or all -."""
+    m = MDNRNN(Z, A, H, 2, done_head=False, joint=joint)
+    lin = m.mdn.linear
+    lin.W.array[:] = 0.0
+    b = lin.b.array.reshape(Z, 3, 2)  # (dim, part, mixture)
+    b[:, 0] = [0.0, 0.0]  # equal logits
+    b[:, 1] = [10.0, -10.0]  # means
+    b[:, 2] = -5.0  # tiny sigma
+    env = DreamEnv(m, temperature=1.0, max_steps=10, seed=0)
+    env.reset(np.zeros((256, Z), np.float32), seeds=np.arange(256))
+    z = env.step(np.zeros((256, A), np.float32))[0]
+    signs = np.sign(z)
+    coherent = (signs == signs[:, :1]).all(axis=1)
+    if joint:
+        assert coherent.all() and 0.35 < (signs[:, 0] > 0).mean() < 0.65
+    else:
+        assert coherent.mean() < 0.2  # 2 ** -(Z - 1) each, were the dims independent
+    assert (np.abs(np.abs(z) - 10.0) < 0.1).all()
+
+
 def test_calibrated_done_bias_reads_the_calibration_file(tmp_path):
     import json
 

@@ -41,3 +41,19 @@ def test_train_mdnrnn_float64_switch(tmp_path, latents_run):
     assert cli.main(["train-mdnrnn", "-c", cfg, "--float64"]) == 0
     with np.load(RunPaths(tmp_path / "f64").mdnrnn_model) as d:
         assert d.files and all(d[k].dtype == np.float64 for k in d.files)
+
+
+def test_train_mdnrnn_with_a_joint_mixture_trains_the_joint_nll(tmp_path, latents_run, monkeypatch):
+    import wm_trainer.models.memory as memory
+    from wm_trainer.config import load_config
+    from wm_trainer.models.memory import load_mdnrnn
+
+    cfg = latents_run(tmp_path, 2, "joint")
+    seen = []
+    original = memory.joint_mdn_nll_packed
+    monkeypatch.setattr(memory, "joint_mdn_nll_packed", lambda *a, **k: seen.append(1) or original(*a, **k))
+    assert cli.main(["train-mdnrnn", "-c", cfg, "--set", "mdnrnn.mixture=joint"]) == 0
+    assert len(seen) == 2  # one loss per iteration, the joint one
+    run_cfg = load_config(RunPaths(tmp_path / "joint").root / "config.yaml")
+    assert run_cfg.mdnrnn.mixture == "joint"
+    assert load_mdnrnn(RunPaths(tmp_path / "joint").mdnrnn_model, run_cfg, 1).joint

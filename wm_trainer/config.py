@@ -70,7 +70,10 @@ class MdnRnnConfig:
     """M: the MDN-RNN."""
 
     hidden: int = field(512, min=1, help="LSTM units (paper: 512 Doom, 256 CarRacing)")
-    mixtures: int = field(5, min=1, help="Gaussians per z dimension")
+    mixtures: int = field(5, min=1, help="Gaussians per z dimension (per_dim) or over the whole z (joint)")
+    mixture: Literal["per_dim", "joint"] = field(
+        "per_dim", help="one mixture per z dimension, sampled dimension by dimension (the paper's), or one mixture "
+                        "over the whole z, so that a sampled change (a fireball appearing) moves every dim at once")
     seq_len: int = field(100, min=2, help="truncated-BPTT sequence length")
     batch_size: int = field(100, min=1, help="sequences per batch")
     lr: float = field(1e-3, min=0.0, help="Adam learning rate")

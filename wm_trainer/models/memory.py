@@ -5,7 +5,8 @@ ended in (:mod:`wm_trainer.training.mdnrnn_updater`). M's input action is the ac
 (``games.spec.executed_action``). Losses: the MDN negative log-likelihood (sum of log densities over z dims,
 logsumexp over mixtures) averaged over valid steps AND divided by z_dim -- the per-dimension
 scale the paper's lr 1e-3 and clip 1.0 were tuned for -- plus, with ``done_head``, a
-sigmoid cross-entropy whose positives are weighted by ``done_weight``.
+sigmoid cross-entropy whose positives are weighted by ``done_weight``. With ``joint=True`` the mixture is one
+K-component mixture over the whole z (``mdnrnn.mixture: joint``) instead of one per dimension (the paper's).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import chainer.functions as F
 import chainer.links as L
 
 from ..base.storage import load_weights
-from ..ops import lstm_layer
+from ..ops import joint_mdn_nll_packed, lstm_layer
 from ..ops.links import State
 from .mdn import MDNHead, mdn_nll_packed
 
@@ -31,10 +32,10 @@ class MDNRNN(chainer.Chain):
     """LSTM over [z_t, a_t] predicting a K-mixture over each dim of z_{t+1} (and, optionally, done)."""
 
     def __init__(self, z_dim: int, action_dim: int, hidden: int = 256, mixtures: int = 5,
-                 done_head: bool = False, done_weight: float = 10.0):
+                 done_head: bool = False, done_weight: float = 10.0, joint: bool = False):
         super().__init__()
         self.z_dim, self.action_dim, self.hidden = z_dim, action_dim, hidden
-        self.mixtures, self.done_weight = mixtures, done_weight
+        self.mixtures, self.done_weight, self.joint = mixtures, done_weight, joint
         self.has_done = done_head
         with self.init_scope():
             self.rnn = lstm_layer(z_dim + action_dim, hidden)
@@ -70,8 +71,8 @@ class MDNRNN(chainer.Chain):
         state = None if h0 is None else (h0, c0)
         hs, final = self.rnn.forward_seq(F.concat((z_in, a), axis=2), state)
         hs = F.reshape(hs, (b * t, self.hidden))
-        per_row = mdn_nll_packed(self.mdn.packed(hs), z_next.reshape(b * t, self.z_dim), self.mixtures,
-                                 reduce="no")
+        nll_fn = joint_mdn_nll_packed if self.joint else mdn_nll_packed
+        per_row = nll_fn(self.mdn.packed(hs), z_next.reshape(b * t, self.z_dim), self.mixtures, reduce="no")
         mask = nll_mask.reshape(-1).astype(per_row.dtype)
         nll = F.sum(per_row * mask) / (max(float(mask.sum()), 1.0) * self.z_dim)
         loss = nll
@@ -89,9 +90,10 @@ class MDNRNN(chainer.Chain):
 
 
 def build_mdnrnn(cfg, action_dim: int) -> MDNRNN:
-    """M sized from the config (vae.z_dim, mdnrnn.hidden/mixtures/done_head/done_weight)."""
+    """M sized from the config (vae.z_dim, mdnrnn.hidden/mixtures/done_head/done_weight/mixture)."""
     m = cfg.mdnrnn
-    return MDNRNN(cfg.vae.z_dim, action_dim, m.hidden, m.mixtures, m.done_head, m.done_weight)
+    return MDNRNN(cfg.vae.z_dim, action_dim, m.hidden, m.mixtures, m.done_head, m.done_weight,
+                  joint=m.mixture == "joint")
 
 
 def load_mdnrnn(path, cfg, action_dim: int) -> MDNRNN:

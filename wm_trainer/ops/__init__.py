@@ -20,8 +20,9 @@ from wm_trainer.ops.conv import convolution_2d
 from wm_trainer.ops.deconv import deconvolution_2d
 from wm_trainer.ops.lstm import lstm_sequence
 
-__all__ = ["conv_layer", "convolution_2d", "deconv_layer", "deconvolution_2d", "fast_ops_enabled", "lstm_layer",
-           "lstm_sequence", "make_adam", "mdn_nll", "mdn_nll_packed", "reconstruction_error", "select"]
+__all__ = ["conv_layer", "convolution_2d", "deconv_layer", "deconvolution_2d", "fast_ops_enabled",
+           "joint_mdn_nll_packed", "lstm_layer", "lstm_sequence", "make_adam", "mdn_nll", "mdn_nll_packed",
+           "reconstruction_error", "select"]
 
 
 def select(ops: str) -> None:
@@ -79,6 +80,11 @@ def mdn_nll_packed(y, target, mixtures: int, reduce: str = "mean") -> chainer.Va
     if fast_ops_enabled():
         return mdn_loss.mdn_nll_packed(y, target, mixtures, reduce=reduce)
     return mdn_loss.stock_mdn_nll(*F.split_axis(y, 3, axis=2), target, reduce=reduce)
+
+
+def joint_mdn_nll_packed(y, target, mixtures: int, reduce: str = "mean") -> chainer.Variable:
+    """The NLL of one mixture over the whole vector (``mdnrnn.mixture: joint``), from ``MDNHead.packed``'s output."""
+    return mdn_loss.joint_mdn_nll_packed(y, target, mixtures, reduce=reduce)
 
 
 def make_adam(**hyperparams) -> chainer.optimizers.Adam:

@@ -199,3 +199,24 @@ def mdn_nll(logits, mu, log_std, target, reduce: str = "mean") -> chainer.Variab
         target = np.asarray(t, dtype=dtype)
     per_row = MDNNegLogLikelihood().apply((logits, mu, log_std, target))[0]
     return per_row if reduce == "no" else F.mean(per_row)
+
+
+def joint_mdn_nll_packed(y, target, mixtures: int, reduce: str = "mean") -> chainer.Variable:
+    """NLL of a joint mixture over the whole vector: -logsumexp_k(log pi_k + sum_dims log N(t_d | mu_kd, s_kd)).
+
+    ``y`` is ``MDNHead.packed``'s (N, D, 3K) layout; the K mixture logits are dimension 0's (the other
+    dimensions' logit columns get no gradient). One component explains every dimension of a row at once, so
+    a sample drawn from it changes z coherently (a per-dimension mixture picks each dimension's component
+    on its own). Per row, summed over dimensions like :func:`mdn_nll_packed`; Chainer functions on any device.
+    """
+    _check_reduce(reduce)
+    k = mixtures
+    xp = chainer.backend.get_array_module(y)
+    t = target.array if isinstance(target, chainer.Variable) else target
+    t = F.broadcast_to(xp.asarray(t, dtype=y.dtype)[:, :, None], (y.shape[0], y.shape[1], k))
+    logits = y[:, 0, :k]
+    mu, log_std = y[:, :, k:2 * k], y[:, :, 2 * k:]
+    z = (t - mu) * F.exp(-log_std)
+    log_normal = F.sum(-0.5 * z * z - log_std, axis=1) - y.shape[1] * LOG_SQRT_2PI
+    per_row = -F.logsumexp(F.log_softmax(logits, axis=1) + log_normal, axis=1)
+    return per_row if reduce == "no" else F.mean(per_row)

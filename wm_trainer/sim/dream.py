@@ -164,8 +164,12 @@ class DreamEnv:
         perm[(pp * K * zd + kk * zd + jj).ravel()] = (jj * 3 * K + pp * K + kk).ravel()
         if m.has_done:
             perm = np.append(perm, 3 * K * zd)
-        w = np.concatenate([np.concatenate(heads_w, axis=0), np.concatenate(heads_b)[:, None]], axis=1)
-        self._w_head_m = self.device.send(np.ascontiguousarray(w[perm], dtype=self.dtype))
+        w = np.concatenate([np.concatenate(heads_w, axis=0), np.concatenate(heads_b)[:, None]], axis=1)[perm]
+        self.joint = bool(getattr(m, "joint", False))
+        if self.joint:  # one mixture for the whole z: every dim reads dim 0's logits (and one uniform picks)
+            logits = w[:K * zd].reshape(K, zd, -1)
+            logits[:] = logits[:, :1]
+        self._w_head_m = self.device.send(np.ascontiguousarray(w, dtype=self.dtype))
         self._folded_tau: float | None = None
 
     def _fold_temperature(self) -> None:
@@ -303,9 +307,11 @@ class DreamEnv:
         y = buf["head"]
         xp.dot(self._w_head, x[zd + A:], out=y)
         if gpu:
-            dream_cuda.sample(y, keys, self.t, self.K, x[:zd])
+            dream_cuda.sample(y, keys, self.t, self.K, x[:zd], joint=self.joint)
         else:
             u_pick, u_normal = counter_uniform32(keys, self.t, zd + zd % 2)
+            if self.joint:
+                u_pick = np.broadcast_to(u_pick[:1], u_pick.shape)
             _splitter(n, 8)(lambda lo, hi: self._sample(y, buf, u_pick, u_normal, x[:zd], lo, hi), (zd + 1) // 2)
         return y[-1] if self.m.has_done else None
 

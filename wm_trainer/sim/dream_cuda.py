@@ -42,7 +42,7 @@ h = tanh(c) * ((to + (T)1) * (T)0.5);
 _SAMPLE = """
 const int j = i / n, b = i % n, p = j < halfz ? j : j - halfz;
 const unsigned long long key = keys[b];
-const float u_pick = wm_uniform(wm_hash(key, base + j) & 0xFFFFFFFFULL);
+const float u_pick = wm_uniform(wm_hash(key, base + (joint ? 0 : j)) & 0xFFFFFFFFULL);
 float r = logf(wm_uniform(wm_hash(key, base + p) >> 32));
 r *= -2.0f;
 r = sqrtf(r);
@@ -71,7 +71,8 @@ def _kernels():
 
     cell = cupy.ElementwiseKernel("T ga, T gi, T gf, T go", "T c, T h", _CELL, "wm_dream_cell")
     sample = cupy.ElementwiseKernel(
-        "raw T y, raw uint64 keys, uint64 base, int32 zd, int32 n, int32 K, int32 halfz, float32 two_pi",
+        "raw T y, raw uint64 keys, uint64 base, int32 zd, int32 n, int32 K, int32 halfz, float32 two_pi, "
+        "int32 joint",
         "T z", _SAMPLE, "wm_dream_sample", preamble=_MIX)
     return cell, sample
 
@@ -82,11 +83,11 @@ def cell(gates, c, h_out, hidden: int) -> None:
     _kernels()[0](a, i, f, o, c, h_out)
 
 
-def sample(y, keys, step: int, mixtures: int, z_out) -> None:
+def sample(y, keys, step: int, mixtures: int, z_out, joint: bool = False) -> None:
     """z ~ the head's mixture (tau folded in) for every (dim, agent), into ``z_out`` (zd, n), with the random bits
-    of ``counter_uniform32(keys, step, pairs)``."""
+    of ``counter_uniform32(keys, step, pairs)`` (``joint``: dim 0's pick uniform for every dim)."""
     zd, n = z_out.shape
     half = (zd + 1) // 2
     base = np.uint64(step) * np.uint64(2 * half)
     _kernels()[1](y, keys, base, np.int32(zd), np.int32(n), np.int32(mixtures), np.int32(half),
-                  np.float32(2.0 * math.pi), z_out)
+                  np.float32(2.0 * math.pi), np.int32(joint), z_out)
