@@ -218,12 +218,13 @@ def test_nonfinite_localisation_and_float64_replay_on_gpu(gpu, tmp_path, kind, v
     assert errors["gpu"].function == errors["cpu"].function
 
 
-def test_dream_on_gpu_matches_the_cpu_dream(gpu):
+@pytest.mark.parametrize("joint", [False, True])
+def test_dream_on_gpu_matches_the_cpu_dream(gpu, joint):
     """DreamEnv with M on the GPU dreams there (CuPy arrays) and follows the CPU dream step for step."""
     import cupy
 
     np.random.seed(0)
-    cpu_model = MDNRNN(8, 3, hidden=32, mixtures=5, done_head=True)
+    cpu_model = MDNRNN(8, 3, hidden=32, mixtures=5, done_head=True, joint=joint)
     gpu_model = copy.deepcopy(cpu_model).to_device(gpu)
     pop = 64
     rng = np.random.default_rng(0)
