@@ -83,7 +83,7 @@ class Failure:
                  f"Detected: {self.trigger}"]
         b = self.birth
         if b is not None:
-            lines.append(f"Born: {b.describe()}")
+            lines.append(f"Born{'' if self.rank is None else f' on rank {self.rank}'}: {b.describe()}")
             lines.append(f"  Link:     {b.link or '(outside any Link)'}")
             lines.append(f"  function: {b.function}")
             lines.append(f"  source:   {b.source or '(unknown)'}")

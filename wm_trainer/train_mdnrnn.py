@@ -59,5 +59,6 @@ def train_mdnrnn(cfg) -> Path:
 def main(cfg, args) -> int:
     """CLI entry: train M and say where the weights went."""
     out = train_mdnrnn(cfg)
-    print(f"M weights -> {out}")
+    if distributed.current().writes:
+        print(f"M weights -> {out}")
     return 0

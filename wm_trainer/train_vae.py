@@ -105,5 +105,6 @@ def train_vae(cfg) -> Path:
 def main(cfg, args) -> int:
     """CLI entry: train V and say where the weights went."""
     out = train_vae(cfg)
-    print(f"V weights -> {out}")
+    if distributed.current().writes:
+        print(f"V weights -> {out}")
     return 0
