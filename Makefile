@@ -26,7 +26,7 @@ $(STAMP): setup.py constraints.txt
 		echo "NumPy 1.26 has no wheel for Python $(PYVER): use NUMPY=2, or Python 3.10-3.12 with NUMPY=1"; exit 1; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.3" wheel
-	$(PY) -m pip install --quiet -e ".[dev,dask]" "$(NUMPY_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,dask,mpi]" "$(NUMPY_SPEC)"
 	@touch $(STAMP)
 
 demo: $(STAMP)

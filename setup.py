@@ -36,6 +36,8 @@ setup(
     extras_require={
         "dev": ["pytest>=7.4,<9", "ruff>=0.5", "tensorboard>=2.14,<3", "threadpoolctl>=3.2"],
         "dask": ["dask[distributed]>=2024.1"],
+        # ChainerMN (inside chainer) over MPI: mpi4py's wheels and MPICH as a wheel, no system MPI needed
+        "mpi": ["mpi4py>=4.0,<5", "mpich>=4.1"],
         # CuPy 14 (NumPy 2; users who keep NumPy 1 install cupy-cuda12x 13.x, see the README);
         # the nvidia wheels stand in for a CUDA toolkit
         "cuda": ["cupy-cuda12x>=14,<15", "numpy>=2", "nvidia-cublas-cu12", "nvidia-cuda-nvrtc-cu12",

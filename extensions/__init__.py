@@ -21,6 +21,7 @@ from .files import chmod_like_open
 from .install import install
 from .localize import Birth
 from .logreport import LogReport
+from .multinode import start as start_multi_node
 from .report import Failure
 from .schema import ConfigError
 from .serializers import NpzLoadError, load_npz
@@ -60,4 +61,5 @@ __all__ = [
     "open_writer",
     "set_float64",
     "snapshot",
+    "start_multi_node",
 ]

@@ -279,6 +279,22 @@ def place_hooks(optimizer, first_pre: str, last_post: str) -> None:
         post.move_to_end(last_post)
 
 
+def multi_node_communicator(optimizer):
+    """The ChainerMN communicator of a multi-node optimizer (its ``communicator`` attribute, set on the instance by
+    ``chainermn.optimizers._MultiNodeOptimizer``); None for any other optimizer, without importing chainermn."""
+    if not type(optimizer).__module__.startswith("chainermn."):
+        return None
+    return vars(optimizer).get("communicator")
+
+
+def mark_multi_node_synced(optimizer) -> None:
+    """Tell a multi-node optimizer its target's parameters are already broadcast, so its next ``update`` averages
+    and updates (``_MultiNodeOptimizer.is_changed`` records the parameter set it compares the next call with)."""
+    is_changed = getattr(type(optimizer), "is_changed", None)
+    if is_changed is not None and is_changed.__code__.co_argcount == 2:  # not the double-buffering variant
+        is_changed(optimizer, optimizer.target)
+
+
 def trainer_extensions(trainer) -> dict:
     """name -> entry (``entry.extension``) of every extension of a Trainer (``Trainer._extensions``)."""
     return trainer._extensions

@@ -25,8 +25,9 @@ from .config import DebugConfig
 from .dtype import check_float64
 from .errors import NonFiniteError
 from .localize import Birth, localize
+from .multinode import Collective, collective_of
 from .replay import RngTracker, replay_float64
-from .report import Failure, update_counts, write_report
+from .report import Failure, batch_arrays, report_path, update_counts, write_report
 from .stats import STATS, GradSummary, HostGradients, gradient_summary, nonfinite_counts
 from .tensorboard import add_histograms_safe
 
@@ -150,6 +151,8 @@ class OptimizerGuard:
         self.vetoed = False  # this step's update rules are vetoed by the guard
         # (names, params, loss, squared norm, summary, iteration) of a step the 'post' hook must check
         self.pending: tuple[Any, ...] | None = None
+        # a ChainerMN multi-node optimizer of several processes: the guard decides for all of them (``multinode``)
+        self.collective: Collective | None = collective_of(optimizer)
 
     def attach(self) -> None:
         """Add the hooks to the optimizer if missing, and put them first ('pre') and last ('post')."""
@@ -239,14 +242,27 @@ class OptimizerGuard:
         if not check:
             return
         loss_ok = loss_value is None or math.isfinite(loss_value)
-        if not (loss_ok and math.isfinite(total)):
+        grads_ok = math.isfinite(total)
+        flags = None
+        if self.collective is not None:  # every process learns what the others saw: one decision for all
+            flags = self.collective.flags(not loss_ok, not grads_ok)
+            failed = bool(flags.any())
+        else:
+            failed = not (loss_ok and grads_ok)
+        if failed:
             self.vetoed = True
             compat.veto_update(optimizer)
             if summary is None or not summary.has_stats:
                 summary = gradient_summary(names, grads, True)
-            trigger = (f"loss is {loss_value}" if not loss_ok else f"global gradient norm is {summary.global_norm}")
-            self.session_failure(optimizer, trigger, "forward" if not loss_ok else "backward", loss_value,
-                                 summary, {})
+            bad_loss = [] if flags is None else [int(r) for r in np.flatnonzero(flags[:, 0])]
+            if not loss_ok:
+                trigger = f"loss is {loss_value}"
+            elif bad_loss:
+                trigger = f"loss is non-finite on rank {', '.join(map(str, bad_loss))}"
+            else:
+                trigger = f"global gradient norm is {summary.global_norm}"
+            self.session_failure(optimizer, trigger, "forward" if bad_loss or not loss_ok else "backward",
+                                 loss_value, summary, {}, flags)
             return
         backup.finish(params, optimizer)
         self.sqnorm = (optimizer.t, total)
@@ -281,19 +297,28 @@ class OptimizerGuard:
         add_histograms_safe(self.session.writer, arrays, step)
 
     def session_failure(self, optimizer: chainer.Optimizer, trigger: str, stage: str, loss_value: float | None,
-                        summary: GradSummary, params_nonfinite: dict[str, tuple[int, int]]) -> None:
-        """Count the failure, localise and replay it where the updater gave its batch, report, apply the policy."""
+                        summary: GradSummary, params_nonfinite: dict[str, tuple[int, int]],
+                        flags: np.ndarray | None = None) -> None:
+        """Count the failure, localise and replay it where the updater gave its batch, report, apply the policy.
+
+        Under a multi-node optimizer every process comes here at the same iteration (``flags``: what each saw);
+        the localisation and the float64 replay run on the processes where the value was born, and rank 0
+        writes the report and the last good state.
+        """
         st = self.session
         nf = st.debug.nonfinite
         st.failures += 1
         iteration = st.updater.iteration + 1
         target = optimizer.target
         out = st.out or "result"
+        collective = self.collective
+        writes = collective is None or collective.rank == 0
         if nf.policy != "raise":
             st.skipped += 1
             chainer.reporter.report({"nonfinite/skipped": float(st.skipped)})
         if nf.policy == "skip" and st.failures > 1:
-            update_counts(out, st.skipped, st.failures, iteration)
+            if writes:
+                update_counts(out, st.skipped, st.failures, iteration)
             return
 
         _, names, params, _ = self.param_table(target)
@@ -302,18 +327,46 @@ class OptimizerGuard:
         in_arrays = context[1] if context is not None else None
         birth: Birth | None = None
         replay_loss = None
+        # this process's own gradients' NaN/Inf counts, from the localisation's replay (multi-node only)
+        own_counts: dict[str, tuple[int, int]] | None = None
+        multi = collective is not None and flags is not None
+        # where to look: the processes whose loss was non-finite; if none was, every one (a backward birth)
+        loss_here = multi and bool(flags[collective.rank, 0])
+        look_here = not multi or loss_here or not flags[:, 0].any()
         if stage == "update":
             bad = sorted(params_nonfinite)
             rule = type(params[names.index(bad[0])].update_rule).__name__ if bad else None
             birth = Birth("update", "nan" if any(n for n, _ in params_nonfinite.values()) else "inf",
                           bad[0].rpartition("/")[0] or "/" if bad else None, rule, None)
-        elif nf.localize and context is not None:
+        elif nf.localize and context is not None and look_here:
+            own_counts = {} if multi else None
             birth, replay_loss = localize(context[0], in_arrays, target, context[2], nf.allow_inf_in,
-                                          compat.loss_scale(optimizer))
+                                          compat.loss_scale(optimizer), grad_counts=own_counts)
+        born_here = birth is not None or loss_here or bool(own_counts)
         verdict = detail = None
-        if nf.replay_float64 and stage != "update" and context is not None:
+        if nf.replay_float64 and stage != "update" and context is not None and (not multi or born_here):
             result = replay_float64(context[0], in_arrays, target, context[2])
             verdict, detail = result.verdict, result.detail
+        rank = None
+        ranks: list[dict] = []
+        if multi:
+            mine = {"rank": collective.rank, "loss": loss_value, "born": born_here,
+                    "birth": birth.describe() if birth else None, "verdict": verdict, "grads_nonfinite": own_counts,
+                    "detail": (birth, replay_loss, verdict, detail, batch_arrays(in_arrays) if born_here and
+                               in_arrays is not None else None)}
+            every = collective.gather(mine)
+            if every is not None:  # rank 0: the report tells of the first process where the value was born
+                first = next((info for info in every if info["born"]), None)
+                for info in every:
+                    if info is not first:
+                        del info["detail"]
+                if first is not None:
+                    rank = first["rank"]
+                    birth, replay_loss, verdict, detail, in_arrays = first.pop("detail")
+                    loss_value = first["loss"]
+                ranks = every
+            else:
+                in_arrays = None
         where = birth.where if birth else stage
         if len(st.guards) > 1 or self.name != "main":
             where = f"{self.name}: {where}"
@@ -322,13 +375,17 @@ class OptimizerGuard:
             loss=loss_value, replay_loss=replay_loss, global_norm=summary.global_norm,
             grads_nonfinite=grads_nonfinite,
             params_nonfinite=params_nonfinite, missing_grads=summary.missing, birth=birth,
-            verdict=verdict, verdict_detail=detail, skipped=st.skipped, failures=st.failures)
-        report_path = write_report(out, failure, target, optimizer, in_arrays)
+            verdict=verdict, verdict_detail=detail, skipped=st.skipped, failures=st.failures, rank=rank, ranks=ranks)
+        path = report_path(out)
+        if writes:  # the last good state is the same on every process: written once
+            path = write_report(out, failure, target, optimizer, in_arrays)
+        if multi:
+            failure = collective.bcast(failure)  # every process raises (or warns) with rank 0's account
         st.last_failure = failure
         if nf.policy == "raise":
             raise NonFiniteError(failure.headline(), iteration=iteration, where=failure.where, link=failure.link,
-                                 function=failure.function, verdict=verdict, report_path=report_path)
-        if nf.policy == "warn":
+                                 function=failure.function, verdict=failure.verdict, report_path=path)
+        if nf.policy == "warn" and writes:
             logger.warning("update skipped:\n%s", failure.to_text())
 
 

@@ -21,6 +21,7 @@ from . import chainer_compat as compat
 from .config import DebugConfig
 from .dtype import cast_link, check_float64, float64_converter, non_float64_params, set_float64
 from .guard import Session, guard_optimizers
+from .multinode import is_multi_node, rank_of
 from .tensorboard import EXTENSION_NAME, TensorBoardReport, open_writer
 from .updater import GradientLoggingMixin
 
@@ -69,6 +70,10 @@ class ReportSchedule(training.Extension):
     def __call__(self, trainer: training.Trainer) -> None:
         if not self.watching:
             return
+        if self.session.guard_calls == getattr(self, "calls_before", 0) and not getattr(self, "waited", False) and \
+                any(g.optimizer is not None and is_multi_node(g.optimizer) for g in self.session.guards.values()):
+            self.waited = True  # a multi-node optimizer's first update may only broadcast the weights: one more
+            return
         self.watching = False
         if self.session.guard_calls == getattr(self, "calls_before", 0):
             warnings.warn(f"extensions: {type(trainer.updater).__name__} updated no optimizer through "
@@ -103,6 +108,8 @@ def _cast_float64(updater: Any) -> None:
 def install(trainer: training.Trainer, debug: DebugConfig | dict | None = None) -> None:
     """Wire the ``debug:`` switches into ``trainer``: guards on every optimizer, TensorBoard, reports. Idempotent.
 
+    Under a ChainerMN multi-node optimizer only rank 0 opens a TensorBoard writer.
+
     With ``float64: true`` the models and optimizer state are cast to float64 here (one line says so) and
     float inputs are cast by the converter. A second call updates the switches; the TensorBoard writer of
     the first call is kept.
@@ -114,8 +121,13 @@ def install(trainer: training.Trainer, debug: DebugConfig | dict | None = None) 
     updater = trainer.updater
     extensions = compat.trainer_extensions(trainer)
     writer = None
+    optimizers = updater.get_all_optimizers() if hasattr(updater, "get_all_optimizers") else {}
+    # under ChainerMN every process sees the same averaged gradients and weights: rank 0 alone writes them
+    rank = max((rank_of(o) for o in optimizers.values()), default=0)
     if EXTENSION_NAME in extensions:
         writer = trainer.get_extension(EXTENSION_NAME).writer
+    elif rank != 0:
+        pass
     else:
         logdir = _logdir(trainer, debug)
         if logdir is not None:

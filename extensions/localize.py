@@ -20,6 +20,7 @@ import chainer
 import numpy as np
 
 from .replay import RngState, preserved, quiet_reporter
+from .stats import nonfinite_counts
 
 _CHAINER_DIR = os.path.dirname(os.path.abspath(chainer.__file__))
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -178,11 +179,13 @@ def link_paths(link: chainer.Link) -> dict[int, str]:
 
 
 def localize(compute_loss: Callable[[Any], chainer.Variable], in_arrays: Any, link: chainer.Link,
-             rng: RngState | None, allow_inf_in: Sequence[str] = (), loss_scale: float | None = None
-             ) -> tuple[Birth | None, float | None]:
+             rng: RngState | None, allow_inf_in: Sequence[str] = (), loss_scale: float | None = None,
+             grad_counts: dict[str, tuple[int, int]] | None = None) -> tuple[Birth | None, float | None]:
     """Re-run one iteration with hooks; return the first birth of a NaN/Inf (or None) and the loss.
 
-    The weights, gradients, persistents and random state are left as they were.
+    The weights, gradients, persistents and random state are left as they were. With ``grad_counts`` (a dict)
+    the backward pass runs even after a birth in the forward pass, and the dict gets the (NaN, Inf) counts of
+    the replay's gradients by parameter path: this process's own gradients, before any averaging.
     """
     links = _LinkTracker(link_paths(link))
     functions = _FunctionTracker(links, allow_inf_in)
@@ -195,9 +198,12 @@ def localize(compute_loss: Callable[[Any], chainer.Variable], in_arrays: Any, li
             link.cleargrads()
             loss = compute_loss(in_arrays)
             loss_value = float(_host(loss.array).sum())
-            if functions.first is None:
+            if functions.first is None or grad_counts is not None:
                 functions.phase = "backward"
                 loss.backward(loss_scale=loss_scale)
+            if grad_counts is not None:
+                named = list(link.namedparams(include_uninit=False))
+                grad_counts.update(nonfinite_counts([n.lstrip("/") for n, _ in named], [p.grad for _, p in named]))
             functions.keep.clear()
     finally:
         np.random.set_state(after)

@@ -43,6 +43,10 @@ class Failure:
     skipped: int = 0
     failures: int = 1
     files: dict[str, str] = dataclasses.field(default_factory=dict)
+    # under a ChainerMN multi-node optimizer: the rank where the value was born (the first, if several) and
+    # what each process found (rank, loss, born there, birth, verdict, its own gradients' NaN/Inf counts)
+    rank: int | None = None
+    ranks: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def link(self) -> str | None:
@@ -59,6 +63,10 @@ class Failure:
         text = f"non-finite {self.trigger}"
         if self.birth is not None:
             text += f"; {self.birth.describe()}"
+            if self.rank is not None:
+                text += f" (on rank {self.rank} of {len(self.ranks)} processes)"
+        elif self.rank is not None:
+            text += f"; on rank {self.rank} of {len(self.ranks)} processes"
         elif self.where == "update" and self.params_nonfinite:
             text += f"; parameters {', '.join(sorted(self.params_nonfinite))} became non-finite in the update"
         return text
@@ -75,7 +83,7 @@ class Failure:
                  f"Detected: {self.trigger}"]
         b = self.birth
         if b is not None:
-            lines.append(f"Born: {b.describe()}")
+            lines.append(f"Born{'' if self.rank is None else f' on rank {self.rank}'}: {b.describe()}")
             lines.append(f"  Link:     {b.link or '(outside any Link)'}")
             lines.append(f"  function: {b.function}")
             lines.append(f"  source:   {b.source or '(unknown)'}")
@@ -99,6 +107,17 @@ class Failure:
                 lines.extend(f"  {name}: {nan} NaN, {inf} Inf" for name, (nan, inf) in sorted(table.items()))
         if self.missing_grads:
             lines.append(f"Parameters with no gradient: {', '.join(self.missing_grads)}")
+        if self.ranks:
+            lines.append(f"Processes ({len(self.ranks)}, the gradients above are their average; every process "
+                         "skipped or stopped at this iteration):")
+            for info in self.ranks:
+                counts = info.get("grads_nonfinite")
+                own = ("not replayed" if counts is None else
+                       ", ".join(f"{n} {a} NaN {b} Inf" for n, (a, b) in sorted(counts.items())) or "all finite")
+                born = f"; born here: {info['birth']}" if info.get("birth") else (
+                    "; born here" if info.get("born") else "")
+                verdict = f"; float64 replay: {info['verdict']}" if info.get("verdict") else ""
+                lines.append(f"  rank {info['rank']}: loss {info.get('loss')}; own gradients: {own}{born}{verdict}")
         lines.append(f"Non-finite iterations so far: {self.failures}; updates skipped: {self.skipped}")
         if self.files:
             lines.append("Last good state (weights and optimizer before this update, and the batch):")
@@ -144,7 +163,8 @@ def _atomic(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
         raise
 
 
-def _batch_arrays(in_arrays: Any) -> dict[str, np.ndarray]:
+def batch_arrays(in_arrays: Any) -> dict[str, np.ndarray]:
+    """The batch as named host arrays (what batch.npz holds); entries that are not arrays are left out."""
     cpu = chainer.backend.CpuDevice()
     if isinstance(in_arrays, dict):
         items = list(in_arrays.items())
@@ -162,6 +182,11 @@ def _batch_arrays(in_arrays: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def report_path(out_dir: str) -> str:
+    """Where ``write_report`` puts report.txt."""
+    return os.path.join(out_dir, REPORT_DIR, "report.txt")
+
+
 def write_report(out_dir: str, failure: Failure, model: chainer.Link | None = None,
                  optimizer: chainer.Optimizer | None = None, in_arrays: Any = None) -> str:
     """Write report.txt, report.json and (if given) the last good model, optimizer and batch; returns report.txt."""
@@ -174,7 +199,7 @@ def write_report(out_dir: str, failure: Failure, model: chainer.Link | None = No
         failure.files["optimizer"] = os.path.join(folder, "optimizer.npz")
         _atomic(failure.files["optimizer"], lambda f: chainer.serializers.save_npz(f, optimizer))
     if in_arrays is not None:
-        arrays = _batch_arrays(in_arrays)
+        arrays = batch_arrays(in_arrays)
         failure.files["batch"] = os.path.join(folder, "batch.npz")
         _atomic(failure.files["batch"], lambda f: np.savez(f, **arrays))
     text_path = os.path.join(folder, "report.txt")

@@ -309,3 +309,19 @@ def test_global_random_state_is_what_numpy_random_draws_from():
     a = np.random.rand()
     state.seed(3)
     assert np.random.rand() == a
+
+
+def test_multi_node_optimizer_internals():
+    """The communicator a ChainerMN multi-node optimizer holds, and its record of the broadcast parameters."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (the mpi extra)")
+    import chainer
+    import chainermn
+
+    comm = chainermn.create_communicator("naive")  # one process: MPI starts as a singleton
+    model = chainer.links.Linear(2, 1)
+    opt = chainermn.create_multi_node_optimizer(chainer.optimizers.Adam(), comm)
+    opt.setup(model)
+    assert chainer_compat.multi_node_communicator(opt) is comm
+    assert chainer_compat.multi_node_communicator(chainer.optimizers.Adam()) is None
+    chainer_compat.mark_multi_node_synced(opt)
+    assert not opt.is_changed(model)  # the next update averages and updates rather than broadcasting

@@ -6,6 +6,7 @@ import importlib
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 
 from extensions.schema import ConfigError, describe
@@ -120,26 +121,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs a subcommand; user-facing errors become one line and a non-zero exit."""
     from extensions import NonFiniteError, NpzLoadError
 
+    from .training import distributed
+
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    code = 1
     try:
-        return _run(argv)
+        code = _run(argv)
+        return code
     except Terminated:
         print("wm-trainer: terminated; re-run the same command to resume", file=sys.stderr)
-        return 143
+        code = 143
     except (ConfigError, UserError, NpzLoadError) as e:
-        print(f"wm-trainer: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        print(f"wm-trainer: error{_rank()}: {_one_line(e)}", file=sys.stderr)
+        code = 2
     except NonFiniteError as e:
-        print(f"wm-trainer: non-finite: {_one_line(e)}", file=sys.stderr)
-        return 3
+        print(f"wm-trainer: non-finite{_rank()}: {_one_line(e)}", file=sys.stderr)
+        code = 3
     except KeyboardInterrupt:
         print("wm-trainer: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        code = 130
+    except Exception:
+        if distributed.current().size > 1:  # the abort below ends the process before Python would print it
+            traceback.print_exc()
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if code != 0:  # one process of a data-parallel run failing alone would leave the others in an all-reduce
+            distributed.current().abort(code)
+    return code
+
+
+def _rank() -> str:
+    """`` (rank R of N)`` in a data-parallel run, else nothing."""
+    from .training import distributed
+
+    world = distributed.current()
+    return f" (rank {world.rank} of {world.size})" if world.size > 1 else ""
 
 
 if __name__ == "__main__":

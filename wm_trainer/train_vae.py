@@ -22,6 +22,7 @@ from .base.errors import UserError
 from .base.storage import RunPaths
 from .data import episodes, frames
 from .models.vision import ConvVAE, frames_converter, to_uint8_frames
+from .training import distributed
 from .training.trainer import add_common_extensions, resolve_device, save_weights
 
 
@@ -71,21 +72,26 @@ def train_vae(cfg) -> Path:
     if n_frames == 0:
         raise UserError(f"{paths.episodes}: no collected frames; run `wm-trainer collect -c <config>` first")
     ext.set_float64(cfg.debug.float64)
-    np.random.seed(cfg.experiment.seed)  # V's eps; a resumed run restores the state from its snapshot
-    device = resolve_device(cfg.experiment.device)
+    world = distributed.world(cfg.experiment.device)  # mpiexec -n N: N processes share each batch
+    batch = world.share(cfg.vae.batch_size, "vae.batch_size")
+    np.random.seed(cfg.experiment.seed)  # the initial weights: the same on every process
+    device = resolve_device(world.device(cfg.experiment.device))
     model = ConvVAE(cfg.vae.z_dim, cfg.vae.kl_tolerance)
     model.to_device(device)
-    loader = frames.FrameLoader(paths.episodes, cfg.vae.batch_size, memory_mb=cfg.vae.loader_memory_mb,
-                                seed=cfg.experiment.seed)
+    np.random.seed(world.seed(cfg.experiment.seed))  # V's eps; a resumed run restores the state from its snapshot
+    loader = frames.FrameLoader(paths.episodes, batch, memory_mb=cfg.vae.loader_memory_mb,
+                                seed=cfg.experiment.seed, shard=(world.rank, world.size))
     optimizer = ops.make_adam(alpha=cfg.vae.lr)
     optimizer.setup(model)
+    optimizer = world.optimizer(optimizer)
     updater = ext.GradientLoggingUpdater(loader, optimizer, device=device, debug=cfg.debug,
                                          converter=frames_converter, loss_func=model.loss)
     total = vae_iterations(cfg, n_frames)
     trainer = training.Trainer(updater, (total, "iteration"), out=str(paths.vae_dir))
     ext.install(trainer, cfg.debug)
-    add_common_extensions(trainer, total=total, snapshot_every=cfg.vae.snapshot_every, desc="train-vae")
-    if cfg.vae.recon_every > 0:
+    add_common_extensions(trainer, total=total, snapshot_every=cfg.vae.snapshot_every, desc="train-vae",
+                          world=world)
+    if cfg.vae.recon_every > 0 and world.writes:
         originals = sample_frames(paths.episodes, 8, cfg.experiment.seed)
         trainer.extend(ReconstructionGrid(model, originals, device), trigger=(cfg.vae.recon_every, "iteration"),
                        name="reconstruction")
@@ -93,11 +99,12 @@ def train_vae(cfg) -> Path:
         trainer.run(show_loop_exception_msg=False)
     finally:
         loader.finalize()
-    return save_weights(paths.vae_model, model)
+    return save_weights(paths.vae_model, model) if world.writes else paths.vae_model
 
 
 def main(cfg, args) -> int:
     """CLI entry: train V and say where the weights went."""
     out = train_vae(cfg)
-    print(f"V weights -> {out}")
+    if distributed.current().writes:
+        print(f"V weights -> {out}")
     return 0

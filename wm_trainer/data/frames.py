@@ -70,7 +70,7 @@ class FrameLoader(chainer.dataset.Iterator):
     """Batches of uint8 frames (B, 64, 64, 3) from an episode folder, shuffled, within ``memory_mb``."""
 
     def __init__(self, folder: str | os.PathLike, batch_size: int, *, memory_mb: float, seed: int = 0,
-                 shuffle: bool = True, repeat: bool = True):
+                 shuffle: bool = True, repeat: bool = True, shard: tuple[int, int] = (0, 1)):
         self._threads: cf.ThreadPoolExecutor | None = None
         self._buffers: list[np.ndarray | None] = [None, None]
         self._current: _Chunk | None = None
@@ -80,9 +80,15 @@ class FrameLoader(chainer.dataset.Iterator):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.repeat = repeat
-        self._sources, shape = _scan_sources(self.folder)
+        sources, shape = _scan_sources(self.folder)
+        # the frames of every shard: what a snapshot records, the same on every process of a data-parallel run
+        self.total_frames = sum(s.length for s in sources)
+        self.shard = (int(shard[0]), int(shard[1]))
+        self._sources = sources[self.shard[0]::self.shard[1]]  # process r of n reads episodes r, r + n, ...
         if not self._sources:
-            raise UserError(f"no readable episodes with frames in {self.folder}")
+            raise UserError(f"no readable episodes with frames in {self.folder}" + (
+                f" for process {self.shard[0]} of {self.shard[1]} (each reads every {self.shard[1]}th episode; "
+                f"there are {len(sources)})" if self.shard[1] > 1 else ""))
         self.frame_shape: tuple[int, ...] = tuple(shape)
         self._lengths = np.array([s.length for s in self._sources], dtype=np.int64)
         self.n_frames = int(self._lengths.sum())
@@ -216,11 +222,12 @@ class FrameLoader(chainer.dataset.Iterator):
         self._pos = int(serializer("current_position", self._pos))
         self.is_new_epoch = bool(serializer("is_new_epoch", self.is_new_epoch))
         self._previous_epoch_detail = float(serializer("previous_epoch_detail", self._previous_epoch_detail))
-        n_frames = int(serializer("n_frames", self.n_frames))
-        if n_frames != self.n_frames:
-            warnings.warn(f"{self.folder} now holds {self.n_frames} frames, the snapshot was taken with {n_frames}; "
-                          "resuming at the same fraction of the epoch", RuntimeWarning, stacklevel=2)
-            self._pos = min(int(round(self._pos * self.n_frames / max(n_frames, 1))), self.n_frames - 1)
+        n_frames = int(serializer("n_frames", self.total_frames))
+        if n_frames != self.total_frames:
+            warnings.warn(f"{self.folder} now holds {self.total_frames} frames, the snapshot was taken with "
+                          f"{n_frames}; resuming at the same fraction of the epoch", RuntimeWarning, stacklevel=2)
+            self._pos = min(int(round(self._pos * self.total_frames / max(n_frames, 1))), self.n_frames - 1)
+        self._pos = min(self._pos, self.n_frames - 1)  # another process's position, until its own is restored
 
     def reset(self) -> None:
         """Back to the start of epoch 0."""

@@ -49,12 +49,18 @@ class LatentSet:
         self.action_dim = self.actions.shape[1]
 
     @classmethod
-    def from_folder(cls, folder) -> LatentSet:
-        """Load every encoded episode in ``folder``; corrupt files are skipped with a warning naming them."""
+    def from_folder(cls, folder, shard: tuple[int, int] = (0, 1)) -> LatentSet:
+        """Load every encoded episode in ``folder`` (process r of n: episodes r, r + n, ...); corrupt files are
+        skipped with a warning naming them."""
         folder = Path(folder)
         files = list_latents(folder)
         if not files:
             raise UserError(f"{folder}: no encoded episodes; run `wm-trainer encode` first")
+        if shard[1] > 1:
+            files = files[shard[0]::shard[1]]
+            if not files:
+                raise UserError(f"{folder}: {len(list_latents(folder))} encoded episodes, none for process "
+                                f"{shard[0]} of {shard[1]}; use fewer processes")
         eps = [ep for _, ep in episodes.iter_valid_episodes(files, keys=("mu", "logvar", "actions", "dones"))
                if len(ep["mu"])]
         if not eps:

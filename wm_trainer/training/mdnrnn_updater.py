@@ -55,6 +55,10 @@ class MDNRNNUpdater(ext.GradientLoggingMixin, StandardUpdater):
     def serialize(self, serializer) -> None:
         """StandardUpdater's state and the toolkit's, plus the carried LSTM state (so a resume is exact)."""
         super().serialize(serializer)
+        self.serialize_rank_state(serializer)
+
+    def serialize_rank_state(self, serializer) -> None:
+        """The carried LSTM state alone: what differs between the processes of a data-parallel run."""
         cpu = chainer.backend.CpuDevice()
         h, c = (cpu.send(a) for a in (self._carry if self._carry is not None else self._zero_state()))
         try:

@@ -17,6 +17,7 @@ import extensions as ext
 
 from ..base import gpu_compat
 from ..base.storage import atomic_write_bytes
+from .distributed import RankStates, World
 
 SNAPSHOT_NAME = "snapshot_iter_{.updater.iteration}"
 
@@ -99,10 +100,19 @@ def save_weights(path, model: chainer.Link) -> Path:
 
 
 def add_common_extensions(trainer: training.Trainer, *, total: int, snapshot_every: int, desc: str,
-                          log_every: int = 10) -> None:
-    """Auto-resuming snapshots, the log, the global-RNG state and the progress bar."""
+                          log_every: int = 10, world: World | None = None) -> None:
+    """Auto-resuming snapshots, the log, the global-RNG state and the progress bar.
+
+    In a data-parallel run (``world`` of several processes) every process loads the newest snapshot, rank 0
+    alone writes snapshots, the log and the progress bar, and the snapshots keep each process's own state.
+    """
+    world = world or World()
     trainer.extend(GlobalRNGState(), name="global_rng")
+    due = snapshot_trigger(snapshot_every, total)
+    if world.size > 1:
+        trainer.extend(RankStates(world, due), name="rank_states")
     trainer.extend(ext.snapshot(savefun=save_npz_fast, filename=SNAPSHOT_NAME, autoload=True, n_retains=2),
-                   trigger=snapshot_trigger(snapshot_every, total), name="snapshot")
-    trainer.extend(ext.LogReport(trigger=(max(1, min(log_every, total)), "iteration")), name="log")
-    trainer.extend(TqdmProgress(total, desc), name="progress")
+                   trigger=due if world.writes else (lambda trainer: False), name="snapshot")
+    if world.writes:
+        trainer.extend(ext.LogReport(trigger=(max(1, min(log_every, total)), "iteration")), name="log")
+        trainer.extend(TqdmProgress(total, desc), name="progress")
