@@ -56,9 +56,15 @@ def _config(tmp_path: Path, stage_lines: str) -> Path:
     return cfg
 
 
+def _as_from_a_terminal() -> None:
+    # a shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C handler: a test
+    # run as `make test &` would otherwise send its Ctrl-C to a run that cannot hear it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "wm_trainer.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_as_from_a_terminal)
 
 
 def _parent(pid: int) -> int | None:
