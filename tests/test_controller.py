@@ -246,17 +246,22 @@ def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_choo
             np.testing.assert_allclose(params[0], want.astype(np.float32))
 
 
+def _constant_done_logit(model_path, logit: float) -> None:
+    """Rewrite M's weights so that its done head gives ``logit`` whatever the state."""
+    with np.load(model_path) as f:
+        arrays = dict(f)
+    arrays["done/W"][...] = 0.0
+    arrays["done/b"][...] = logit
+    np.savez(model_path, **arrays)
+
+
 def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_run):
     from wm_trainer.base.storage import RunPaths
 
     cfg_path, cfg = make_tiny_run(tmp_path)
     # an M whose done head never fires: every dream reaches the cap, so the first scored mean ends training
     p = RunPaths(cfg.run_dir)
-    with np.load(p.mdnrnn_model) as f:
-        arrays = dict(f)
-    arrays["done/W"][...] = 0.0
-    arrays["done/b"][...] = -50.0
-    np.savez(p.mdnrnn_model, **arrays)
+    _constant_done_logit(p.mdnrnn_model, -50.0)
     _train(cfg_path, tmp_path, "controller.generations=10", "controller.select_every=3",
            "controller.select_rollouts=8", "controller.max_steps=20")
     rows = _rows(p.root)
@@ -319,11 +324,7 @@ def test_train_controller_calibrates_the_dream_to_the_game_and_resumes_with_that
     cfg_path, cfg = make_tiny_run(tmp_path)
     p = RunPaths(cfg.run_dir)
     # a done head with a constant small hazard: every dream outlives the 12-step real episodes at bias 0
-    with np.load(p.mdnrnn_model) as f:
-        arrays = dict(f)
-    arrays["done/W"][...] = 0.0
-    arrays["done/b"][...] = -4.0
-    np.savez(p.mdnrnn_model, **arrays)
+    _constant_done_logit(p.mdnrnn_model, -4.0)
     sets = ("controller.dream_calibrate=true", "controller.dream_done=sample", "controller.select_every=1",
             "controller.select_rollouts=256", "controller.max_steps=40")
     _train(cfg_path, tmp_path, "controller.generations=1", *sets)
