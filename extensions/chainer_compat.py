@@ -313,6 +313,11 @@ DATA_OF = operator.attrgetter("_data")  # a Variable's [array] list
 GRAD_VAR_OF = operator.attrgetter("_grad_var")  # a Variable's gradient Variable
 
 
+def check_adam_eps(rule, dtype) -> None:
+    """AdamRule's own check that its eps survives in ``dtype`` (Chainer's ``_check_eps``; raises ValueError)."""
+    rule._check_eps(dtype)
+
+
 def reset_rule_state(rule) -> None:
     """Forget an UpdateRule's state (as before its first update: ``init_state`` runs again)."""
     rule._state = None

@@ -80,6 +80,13 @@ def test_compat_reaches_what_it_names():
     assert chainer_compat.update_vetoed(opt)
     chainer_compat.clear_veto(opt)
     assert not chainer_compat.update_vetoed(opt)
+    adam = chainer.optimizers.Adam(eps=1e-8)
+    adam.setup(model)
+    rule = model.W.update_rule
+    chainer_compat.check_adam_eps(rule, np.float32)
+    # eps 1e-8 is 0 in float16; Chainer 7.8.1's message then reads a .name a scalar type lacks
+    with pytest.raises((ValueError, AttributeError)):
+        chainer_compat.check_adam_eps(rule, np.float16)
 
 
 def test_stand_in_pkg_resources_answers_what_chainer_asks(monkeypatch):

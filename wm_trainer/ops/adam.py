@@ -18,7 +18,7 @@ import chainer
 import numpy as np
 from chainer.optimizers.adam import AdamRule
 
-from extensions import kernels
+from extensions import chainer_compat, kernels
 from wm_trainer.ops.scratch import scratch
 from wm_trainer.ops.threads import run_chunks
 
@@ -34,7 +34,7 @@ class FastAdamRule(AdamRule):
 
     def saves_overwritten(self, param) -> bool:
         """Whether the next update of ``param`` can save the values it overwrites (the fused path will run)."""
-        state = self._state
+        state = self.state  # None before the first update
         return (state is not None and set(state) == {"m", "v"} and param.grad is not None
                 and self._fast_ok(param))
 
@@ -61,7 +61,7 @@ class FastAdamRule(AdamRule):
             save = None
         hp = self.hyperparam
         dtype = param.array.dtype
-        self._check_eps(dtype.type)
+        chainer_compat.check_adam_eps(self, dtype.type)
         # python floats meet float32 arrays exactly as in Chainer's expressions (cast to the array's dtype)
         c1, c2, eps, neg_eta, alpha_t = 1.0 - hp.beta1, 1.0 - hp.beta2, hp.eps, -hp.eta, self.alpha_t
         p, g = param.array.reshape(-1), param.grad.reshape(-1)
