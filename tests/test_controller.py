@@ -275,15 +275,16 @@ def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_
 
 
 def test_dream_calibration_reports_each_collection_policy_beside_its_own_real_episodes():
-    from wm_trainer.train_controller import dream_calibration
+    from wm_trainer.train_controller import collection_policy_dream, dream_calibration
 
-    def dream(policy, initial_z, seed, done_bias=0.0):
+    def dream(policy, initial_z, seed):
         """A stand-in dream whose 'survival' is how often each agent's policy switched in 60 steps."""
         acts = np.stack([policy(initial_z, None, None) for _ in range(60)])
         return (np.diff(acts[..., 0], axis=0) != 0).sum(axis=0).astype(np.float64)
 
     real = {0: 100, 1: 50, 2: 300, 3: 70, 5: 30}  # episode 4 unreadable; cap 250
-    cal = dream_calibration(dream, "VizdoomTakeCover-v1", np.zeros((64, 4), np.float32), real, [1.0, 0.0], 250, 7)
+    dreamed = collection_policy_dream(dream, "VizdoomTakeCover-v1", np.zeros((64, 4), np.float32), [1.0, 0.0], 7)
+    cal = dream_calibration(dreamed, real, [1.0, 0.0], 250)
     still, jitter = cal["by_repeat_prob"]
     assert still["repeat_prob"] == 1.0 and still["dream_mean"] == 0.0 and still["dream_rollouts"] == 32
     assert jitter["repeat_prob"] == 0.0 and jitter["dream_mean"] > 20

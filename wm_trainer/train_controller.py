@@ -81,17 +81,17 @@ def collection_policy_dream(dream: Callable, env_id: str, initial_z: np.ndarray,
                  **dream_kwargs)
 
 
-def dream_calibration(dream: Callable, env_id: str, initial_z: np.ndarray, real_lengths: dict[int, int],
-                      repeat_probs: Sequence[float], max_steps: int, seed: int, done_bias: float = 0.0) -> dict:
+def dream_calibration(dreamed: np.ndarray, real_lengths: dict[int, int], repeat_probs: Sequence[float],
+                      max_steps: int, done_bias: float = 0.0) -> dict:
     """The random collection policy in the dream beside its real episodes (both capped at ``max_steps``).
 
     M learnt from that policy's episodes, so it should last about as long in the dream as in the game; a
     dream it survives much longer in is easier than the game, and a controller trained there exploits it.
-    Episode i (real, by index, and dreamed) plays with ``repeat_probs[i % len]``; each probability is also
-    reported alone. ``dream`` is :func:`dream_returns` with M and the dream's settings bound, taking a policy.
+    ``dreamed`` is :func:`collection_policy_dream`'s steps survived (dreamed at ``done_bias``); episode i
+    (real, by index, and dreamed) plays with ``repeat_probs[i % len]``, and each probability is also
+    reported alone.
     """
     k = len(repeat_probs)
-    dreamed = collection_policy_dream(dream, env_id, initial_z, repeat_probs, seed, done_bias=done_bias)
     index = np.fromiter(real_lengths, np.int64, len(real_lengths))
     real = np.minimum(np.fromiter(real_lengths.values(), np.float64, len(real_lengths)), max_steps)
 
@@ -314,22 +314,19 @@ def _dream_done_bias(dream: Callable, paths: RunPaths, cfg: Config, select_z: np
     probs = cfg.collect.repeat_probs or [cfg.collect.repeat_prob]
     lengths = latent_lengths(paths.latents)
     seed = cfg.experiment.seed * 100_003 + 99_989
-    cal = dream_calibration(dream, cfg.env.id, select_z, lengths, probs, max_steps, seed=seed)
-    report = cal
+    dreams = {0.0: collection_policy_dream(dream, cfg.env.id, select_z, probs, seed)}  # bias -> steps survived
+
+    def survival(bias: float) -> float:
+        if bias not in dreams:
+            dreams[bias] = collection_policy_dream(dream, cfg.env.id, select_z, probs, seed, done_bias=bias)
+        return float(dreams[bias].mean())
+
+    cal = report = dream_calibration(dreams[0.0], lengths, probs, max_steps)
     if cc.dream_calibrate:
-        survival = {0.0: cal["dream_mean"]}
-
-        def dreamed(bias: float) -> float:
-            if bias not in survival:
-                survival[bias] = float(collection_policy_dream(dream, cfg.env.id, select_z, probs, seed,
-                                                               done_bias=bias).mean())
-            return survival[bias]
-
-        bias, _ = calibrate_done_bias(dreamed, cal["real_mean"])
-        report = dream_calibration(dream, cfg.env.id, select_z, lengths, probs, max_steps, seed=seed,
-                                   done_bias=bias) if bias else cal
+        bias, _ = calibrate_done_bias(survival, cal["real_mean"])
+        report = dream_calibration(dreams[bias], lengths, probs, max_steps, done_bias=bias)
         report["uncalibrated"] = {k: cal[k] for k in ("dream_mean", "dream_std", "dream_over_real")}
-        report["calibration_dreams"] = {f"{b:g}": v for b, v in sorted(survival.items())}
+        report["calibration_dreams"] = {f"{b:g}": float(d.mean()) for b, d in sorted(dreams.items())}
     atomic_write_json(paths.dream_calibration, report)
     print(f"dream calibration: the collection policy survives {cal['dream_mean']:.0f} steps in M's dream, "
           f"{cal['real_mean']:.0f} in the game (x{cal['dream_over_real']:.2f}; cap {max_steps})"
