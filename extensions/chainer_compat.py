@@ -314,7 +314,7 @@ GRAD_VAR_OF = operator.attrgetter("_grad_var")  # a Variable's gradient Variable
 
 
 def check_adam_eps(rule, dtype) -> None:
-    """AdamRule's own check that its eps survives in ``dtype`` (Chainer's ``_check_eps``; raises ValueError)."""
+    """AdamRule's own check that its eps survives in ``dtype`` (Chainer's ``_check_eps``; raises where it does not)."""
     rule._check_eps(dtype)
 
 

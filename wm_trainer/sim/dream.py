@@ -165,7 +165,7 @@ class DreamEnv:
         if m.has_done:
             perm = np.append(perm, 3 * K * zd)
         w = np.concatenate([np.concatenate(heads_w, axis=0), np.concatenate(heads_b)[:, None]], axis=1)[perm]
-        self.joint = bool(getattr(m, "joint", False))
+        self.joint = m.joint
         if self.joint:  # one mixture for the whole z: every dim reads dim 0's logits (and one uniform picks)
             logits = w[:K * zd].reshape(K, zd, -1)
             logits[:] = logits[:, :1]
@@ -425,9 +425,6 @@ def decode_frames(vae, z: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
-__all__ = ["DreamEnv", "agent_keys", "counter_uniform", "counter_uniform32", "decode_frames", "initial_latents"]
-
-
 def calibrated_done_bias(path) -> float:
     """The done-logit bias ``train-controller`` trained C with, from its ``dream_calibration.json`` (0 if none)."""
     path = Path(path)
@@ -440,3 +437,8 @@ def calibrated_done_bias(path) -> float:
     if not math.isfinite(bias):
         raise UserError(f"{path}: done_bias is {bias}; delete the file and re-run train-controller")
     return bias
+
+
+__all__ = ["DreamEnv", "agent_keys", "calibrated_done_bias", "counter_uniform", "counter_uniform32", "decode_frames",
+           "initial_latents"]
+
