@@ -9,7 +9,8 @@ first) applies them all.
 
 - :func:`shield_numpy_distutils`: ``chainer._environment_check`` imports ``numpy.distutils.system_info``
   (for a macOS-only BLAS warning). NumPy has no ``numpy.distutils`` on Python 3.12 and newer, nor in
-  NumPy 2; the stand-in's ``get_info`` finds no BLAS information, which turns that one warning off.
+  NumPy 2, and NumPy 1's cannot import beside setuptools 74+ (no ``distutils.msvccompiler``); the
+  stand-in's ``get_info`` finds no BLAS information, which turns that one warning off.
 - :func:`shield_pkg_resources`: the same check calls ``pkg_resources.require`` and ``get_distribution``
   to warn about CuPy/iDeep versions. setuptools 81+ removed ``pkg_resources``; the stand-in answers
   those two calls from ``importlib.metadata`` with the same exceptions.
@@ -52,9 +53,17 @@ def _stand_in(name: str, doc: str) -> types.ModuleType:
 
 
 def shield_numpy_distutils() -> bool:
-    """Register a stand-in ``numpy.distutils.system_info`` where NumPy has none; True if it did."""
-    if "numpy.distutils" in sys.modules or importlib.util.find_spec("numpy.distutils") is not None:
+    """Register a stand-in ``numpy.distutils.system_info`` where NumPy has none or its own cannot import; True if
+    it did."""
+    if "numpy.distutils.system_info" in sys.modules:
         return False
+    if "numpy.distutils" in sys.modules or importlib.util.find_spec("numpy.distutils") is not None:
+        try:
+            importlib.import_module("numpy.distutils.system_info")
+            return False
+        except ImportError:  # NumPy 1's distutils needs distutils.msvccompiler, gone from setuptools 74+
+            for name in [k for k in sys.modules if k == "numpy.distutils" or k.startswith("numpy.distutils.")]:
+                del sys.modules[name]
     package = _stand_in("numpy.distutils", "Stand-in (wm-trainer): NumPy has no distutils on this Python.")
     package.__path__ = []
     system_info = _stand_in("numpy.distutils.system_info", "Stand-in (wm-trainer): finds no BLAS information.")

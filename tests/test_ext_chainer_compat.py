@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import sys
 import warnings
+from pathlib import Path
 
 import chainer
 import chainer.functions as F
@@ -41,6 +42,25 @@ def test_stand_in_numpy_distutils_when_numpy_has_none(monkeypatch):
 
         assert again is system_info and np.distutils.system_info is system_info
         assert chainer_compat.shield_numpy_distutils() is False  # once is enough
+    finally:
+        _restore_modules("numpy.distutils", saved)
+        if had_attr:
+            np.distutils = attr
+        elif "distutils" in vars(np):
+            delattr(np, "distutils")
+
+
+@pytest.mark.skipif(not (Path(np.__file__).parent / "distutils").is_dir(), reason="NumPy has no distutils here")
+def test_stand_in_numpy_distutils_when_numpys_own_cannot_import(monkeypatch):
+    """NumPy 1.26's distutils beside setuptools 74+ (no ``distutils.msvccompiler``): the stand-in takes its place."""
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules)
+             if k == "numpy.distutils" or k.startswith("numpy.distutils.")}
+    had_attr, attr = "distutils" in vars(np), vars(np).get("distutils")
+    monkeypatch.setitem(sys.modules, "distutils.msvccompiler", None)  # import of it raises ImportError
+    try:
+        assert chainer_compat.shield_numpy_distutils() is True
+        system_info = importlib.import_module("numpy.distutils.system_info")
+        assert (system_info.__doc__ or "").startswith("Stand-in") and system_info.get_info("blas_opt") == {}
     finally:
         _restore_modules("numpy.distutils", saved)
         if had_attr:
