@@ -447,7 +447,9 @@ class DaskExecutor:
     def shutdown(self, cancel: bool = False) -> None:
         """Disconnect (and stop the LocalCluster if this executor started it); ``cancel`` cancels this run's tasks.
 
-        A driver killed outright cancels them too: the scheduler releases a lost client's tasks.
+        Disconnecting releases them anyway, as does a driver killed outright: the scheduler drops the tasks of a
+        client it has lost (the cancel, sent just before, is sometimes lost with the connection). A task a worker
+        is executing cannot be interrupted: it runs to its end and its result is dropped (tests/test_dask_kill.py).
         """
         if cancel:
             try:
