@@ -1,10 +1,13 @@
 """``wm-trainer collect``: parallel, deterministic per episode, resumable after kills and corrupt files."""
 from __future__ import annotations
 
+import concurrent.futures as cf
+import gc
 import os
 import signal
 import threading
 import time
+import weakref
 import zipfile
 
 import numpy as np
@@ -169,3 +172,39 @@ def test_repeat_probs_out_of_range_is_a_one_line_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"collect.repeat_probs\[1\].*<= 1"):
         _cfg(tmp_path, "collect.repeat_probs=[0.9, 1.5]")
+
+
+class _LazyExecutor:
+    """Runs each episode only when ``as_completed`` reaches it, and counts the episodes still in memory."""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref] = []
+        self.most_live = 0
+
+    def submit(self, fn, *args) -> cf.Future:
+        future = cf.Future()
+        future.task = (fn, args)
+        return future
+
+    def as_completed(self, futures):
+        pending = list(futures)
+
+        def finished():
+            while pending:
+                future = pending.pop(0)
+                gc.collect()
+                self.most_live = max(self.most_live, sum(r() is not None for r in self.refs))
+                fn, args = future.task
+                index, arrays = fn(*args)
+                self.refs.append(weakref.ref(arrays["frames"]))
+                future.set_result((index, arrays))
+                yield future
+        return finished()
+
+
+def test_a_saved_episode_leaves_memory(tmp_path):
+    cfg = _cfg(tmp_path, "collect.episodes=6", "env.max_steps=30")
+    ex = _LazyExecutor()
+    paths = collect_episodes(cfg, executor=ex)
+    assert all(p.exists() for p in paths) and len(paths) == 6
+    assert ex.most_live <= 1  # at most the one episode just saved: collection memory does not grow with episodes

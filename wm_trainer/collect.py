@@ -113,10 +113,13 @@ def collect_episodes(cfg: Any, executor: Executor | None = None) -> list[Path]:
 def _run(ex: Executor, cfg: Any, todo: list[int], folder: Path, max_steps: int, total: int, tqdm: Any) -> None:
     futures = [ex.submit(collect_one, cfg.env.id, max_steps, episode_repeat_prob(cfg.collect, i), i,
                          episode_seed(cfg.experiment.seed, i)) for i in todo]
+    finished = ex.as_completed(futures)
+    futures.clear()  # as_completed lets go of each future it yields: a saved episode leaves memory (and Dask workers)
     frames, start = 0, time.perf_counter()
     with tqdm(total=total, initial=total - len(todo), unit="ep", desc="collect", dynamic_ncols=True) as bar:
-        for future in ex.as_completed(futures):
+        for future in finished:
             index, arrays = future.result()
+            del future
             save_episode(episode_path(folder, index), compress=cfg.collect.compress, **arrays)
             frames += len(arrays["frames"])
             rate = frames / max(time.perf_counter() - start, 1e-9)
