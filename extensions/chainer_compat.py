@@ -55,7 +55,7 @@ def _stand_in(name: str, doc: str) -> types.ModuleType:
 def shield_numpy_distutils() -> bool:
     """Register a stand-in ``numpy.distutils.system_info`` where NumPy has none or its own cannot import; True if
     it did."""
-    if "numpy.distutils.system_info" in sys.modules:
+    if sys.modules.get("numpy.distutils.system_info") is not None:
         return False
     if "numpy.distutils" in sys.modules or importlib.util.find_spec("numpy.distutils") is not None:
         try:
