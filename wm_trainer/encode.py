@@ -7,6 +7,7 @@ of ``vae.encode_batch``.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import chainer
@@ -50,6 +51,14 @@ def _encoded_by(path: Path, fingerprint: str) -> bool:
         return False
 
 
+def _load(src: Path) -> dict | episodes.CorruptEpisode:
+    """One episode's arrays, or the error that says why it cannot be read."""
+    try:
+        return episodes.load_episode(src, ("frames", "actions", "rewards", "dones"))
+    except episodes.CorruptEpisode as e:
+        return e
+
+
 def encode_episodes(cfg) -> list[Path]:
     """Encode every readable collected episode not yet encoded; returns every latents file now present."""
     from .training.trainer import resolve_device
@@ -63,20 +72,24 @@ def encode_episodes(cfg) -> list[Path]:
     vae.to_device(device)
     fingerprint = vae_fingerprint(paths.vae_model)
     todo = [p for p in sources if not _encoded_by(paths.latents / p.name, fingerprint)]
-    bar = tqdm(todo, desc="encode", unit="ep", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=len(todo), desc="encode", unit="ep", dynamic_ncols=True, disable=None)
     frames_done = 0
-    for src in bar:
-        try:
-            ep = episodes.load_episode(src, ("frames", "actions", "rewards", "dones"))
-        except episodes.CorruptEpisode as e:
-            episodes.warn_corrupt(e)
-            continue
-        mu, logvar = encode_frames(vae, ep["frames"], cfg.vae.encode_batch, device)
-        atomic_savez(paths.latents / src.name, mu=mu, logvar=logvar,
-                     actions=np.asarray(ep["actions"], np.float32), rewards=np.asarray(ep["rewards"], np.float32),
-                     dones=np.asarray(ep["dones"], bool), vae=np.str_(fingerprint))
-        frames_done += len(mu)
-        bar.set_postfix(frames=frames_done)
+    with ThreadPoolExecutor(1) as reader:  # the next episode is read while V encodes this one
+        pending = reader.submit(_load, todo[0]) if todo else None
+        for i, src in enumerate(todo):
+            ep = pending.result()
+            pending = reader.submit(_load, todo[i + 1]) if i + 1 < len(todo) else None
+            bar.update(1)
+            if isinstance(ep, episodes.CorruptEpisode):
+                episodes.warn_corrupt(ep)
+                continue
+            mu, logvar = encode_frames(vae, ep["frames"], cfg.vae.encode_batch, device)
+            atomic_savez(paths.latents / src.name, mu=mu, logvar=logvar,
+                         actions=np.asarray(ep["actions"], np.float32),
+                         rewards=np.asarray(ep["rewards"], np.float32),
+                         dones=np.asarray(ep["dones"], bool), vae=np.str_(fingerprint))
+            frames_done += len(mu)
+            bar.set_postfix(frames=frames_done)
     bar.close()
     return [paths.latents / p.name for p in sources if _encoded_by(paths.latents / p.name, fingerprint)]
 
