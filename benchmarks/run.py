@@ -24,7 +24,7 @@ from benchmarks.stepper import TrainerStepper, make_trainer
 from wm_trainer.ops import make_adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("toolkit", "float64", "torch", "dream", "realenv", "loader")
+SECTIONS = ("toolkit", "float64", "torch", "dream", "realenv", "carracing", "loader")
 
 
 # ---------------------------------------------------------------- nets used by several sections
@@ -342,6 +342,13 @@ def bench_realenv(quick: bool, tmp: str) -> dict:
     return measure(quick)
 
 
+def bench_carracing(quick: bool, tmp: str) -> dict:
+    """Real-env CMA-ES throughput on CarRacing per worker, and the paper's setting in worker-hours from it."""
+    from benchmarks.bench_carracing import measure
+
+    return measure(quick)
+
+
 def _fmt(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
@@ -358,6 +365,13 @@ def _other_row(name: str, v: dict) -> str:
                 f"| raw random policy, 2 processes: {_fmt(raw)} env-steps/s | agent: "
                 f"{_fmt(ev['steps_per_s']['median'])} env-steps/s, {ev['episodes_per_s']['median']:.2f} episodes/s "
                 f"| {t['ratio_median']:.3f} | >= 0.80 of raw | {met} |")
+    if name == "carracing" and "paper_setting" in v:
+        rates, paper = v["steps_per_s_per_worker"], v["paper_setting"]
+        best = rates[v["best"]]["median"]
+        return (f"| real-env CMA-ES, CarRacing, 1 worker ({v['model']}) | raw random policy: "
+                f"{_fmt(rates['raw']['median'])} env-steps/s | agent, {v['best'].split('_')[1]}: {_fmt(best)} "
+                f"env-steps/s; the paper's {paper['env_steps']:.2e} steps = {_fmt(paper['worker_hours'])} "
+                f"worker-hours | {v['best_vs_raw']:.3f} | (a cost estimate) | |")
     if name == "loader" and "frames_per_s" in v:
         met = "yes" if v["peak_growth_mb"] <= v["budget_mb"] else "**no**"
         return (f"| frame loader, {v['store_mb']:.0f} MB store, {v['budget_mb']:.0f} MB budget | | "
@@ -395,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                      "comparisons": [], "other": {}, "unavailable": {}}
     tmp = tempfile.mkdtemp(prefix="wm-bench-")
     funcs = {"toolkit": bench_toolkit, "float64": bench_float64, "torch": bench_torch, "dream": bench_dream,
-             "realenv": bench_realenv, "loader": bench_loader}
+             "realenv": bench_realenv, "carracing": bench_carracing, "loader": bench_loader}
     try:
         for name in args.only.split(","):
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)

@@ -40,3 +40,18 @@ def test_pipeline_end_to_end_then_skips_complete_stages(tmp_path, capsys):
         assert f"{stage}: running" in out
     log = json.loads((p.controller_dir / "log.json").read_text())
     assert [r["generation"] for r in log] == [1, 2, 3]
+
+
+def test_carracing_pipeline_end_to_end_with_c_trained_in_the_real_env(tmp_path, capsys):
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "tiny_carracing.yaml"
+    assert main(["pipeline", "-c", str(cfg), "--set", f"experiment.out_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    for i, stage in enumerate(STAGES, 1):
+        assert f"[{i}/7] {stage}: running" in out
+    p = RunPaths(tmp_path / "tiny_carracing")
+    res = json.loads(p.eval_json.read_text())
+    assert res["env"] == "CarRacing-v3" and res["controller_mode"] == "real" and res["episodes"] == 2
+    assert all(len(res[k]["returns"]) == 2 for k in ("agent", "random", "random_iid"))
+    log = json.loads((p.controller_dir / "log.json").read_text())
+    assert [r["generation"] for r in log] == [1, 2]
+    assert (p.media / "agent.gif").is_file()
