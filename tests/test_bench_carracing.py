@@ -21,3 +21,14 @@ def test_carracing_bench_counts_steps_and_prices_the_paper_setting(monkeypatch):
     assert paper["env_steps"] == 64 * 16 * 1000 * 1800
     assert paper["worker_hours"] == pytest.approx(paper["env_steps"] / 1600.0 / 3600)
     assert "worker-hours" in _other_row("carracing", res)
+
+
+def test_benchmarks_import_chainer_only_after_the_compat_shims():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import benchmarks.run, benchmarks.bench_carracing, benchmarks.bench_toolkit"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
