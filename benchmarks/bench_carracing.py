@@ -84,8 +84,8 @@ def measure(quick: bool) -> dict:
             seed += n
     med = {k: statistics.median(v) for k, v in figures.items()}
     best = max((f"agent_{n}env" for n in lockstep), key=med.get)
-    steps = PAPER["population"] * PAPER["episodes_per_candidate"] * PAPER["max_steps"] * PAPER["generations"]
     per_generation = PAPER["population"] * PAPER["episodes_per_candidate"] * PAPER["max_steps"]
+    steps = per_generation * PAPER["generations"]
     return {
         "env": ENV_ID, "model": "V z32, M hidden 256 (no done head), C on [z, h] with bias; untrained",
         "episode_steps": max_steps, "repeats": repeats, "cpu_count": os.cpu_count(),
