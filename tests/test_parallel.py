@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -156,8 +157,10 @@ def test_local_pool_survives_a_worker_killed_halfway_through_sending_a_result(tm
     assert ex.submit(square, 2).result(timeout=30) == 4  # the first pool and its manager thread are up
     pool = ex._pool
     manager, result_queue = pool._executor_manager_thread, pool._result_queue
+    pids = set(pool._processes)
     try:
         futures = [ex.submit(square_but_die_mid_send_once, i, marker) for i in range(6)]
+        pids |= set(pool._processes or ())  # the second worker starts here, while the first one dies
         done, _ = cf.wait(futures, timeout=20)
         assert len(done) == 6, "tasks were lost with the worker"
         assert [f.result() for f in futures] == [i * i for i in range(6)]
@@ -168,12 +171,26 @@ def test_local_pool_survives_a_worker_killed_halfway_through_sending_a_result(tm
         ex.shutdown()
     finally:
         if manager.is_alive():  # free what the failed run left stuck, so the test cannot hang the suite
-            for pid in pool._processes or ():
+            for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             result_queue._writer.close()
             manager.join(timeout=10)
             ex.shutdown(cancel=True)
+
+
+def test_a_worker_that_has_not_made_its_own_group_yet_is_killed_and_our_group_is_spared():
+    # A worker still starting shares the run's process group: killing "its group" would kill the run,
+    # and skipping it would leave it holding the dead pool's result pipe open.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert os.getpgid(child.pid) == os.getpgid(0)
+        parallel._kill_groups([child.pid])
+        assert child.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def test_a_failure_inside_the_supervisor_reaches_the_task_and_the_supervisor_goes_on(tmp_path, caplog):

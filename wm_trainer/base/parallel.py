@@ -97,17 +97,21 @@ def _worker_init() -> None:
 
 
 def _kill_groups(pids: Iterable[int]) -> None:
-    """SIGKILL the process group of each (possibly already dead) worker."""
+    """SIGKILL each (possibly already dead) worker and the process group it leads."""
     if not hasattr(os, "killpg"):
         return
     for pid in pids:
         try:
-            if os.getpgid(pid) != pid:
-                continue
+            leader = os.getpgid(pid) == pid
         except ProcessLookupError:
-            pass  # the leader is gone; its group may still have members
+            leader = True  # the leader is gone; its group may still have members
         try:
-            os.killpg(pid, signal.SIGKILL)
+            if leader:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                # A worker still starting has not made its own group yet: it shares ours, so only the
+                # worker itself is killed. Left alive, it would hold the result pipe open for good.
+                os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
