@@ -40,21 +40,15 @@ def _weights(seed: int, population: int) -> Any:
 
 def raw_rate(seconds: float, seed: int = 0) -> float:
     """Random-policy CarRacing env steps/s in this process (the env alone: no resize, no V/M/C)."""
-    from wm_trainer.games import real, spec
+    from benchmarks.envsteps import step_random
+    from wm_trainer.games import real
 
     env = real.make_env(ENV_ID, 1000)
-    policy = real.random_policy(ENV_ID, np.random.default_rng(seed))
-    env.reset(seed=seed)
-    steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        _, _, term, trunc, _ = env.gym_env.step(spec.native_action(ENV_ID, policy()))
-        steps += 1
-        if term or trunc:
-            env.gym_env.reset()
-            policy.reset()
-    rate = steps / (time.perf_counter() - t0)
-    env.close()
-    return rate
+    try:
+        steps, wall = step_random(env.gym_env, ENV_ID, seconds, seed)
+    finally:
+        env.close()
+    return steps / wall
 
 
 def agent_rate(weights: Any, n_envs: int, max_steps: int, first_seed: int) -> float:

@@ -30,23 +30,14 @@ def _raw_worker(seconds: float, seed: int, start: Any, out: Any) -> None:
     """Step the raw env with the random policy for ``seconds`` after ``start`` fires; put (steps, wall)."""
     import gymnasium as gym
 
-    from wm_trainer.games import real, spec
+    from benchmarks.envsteps import step_random
+    from wm_trainer.games import real
 
     real._import_backend(ENV_ID)
     env = gym.make(ENV_ID, screen_resolution=real.DOOM_SCREEN_RESOLUTION)
-    policy = real.random_policy(ENV_ID, np.random.default_rng(seed))
-    env.reset(seed=seed)
-    for _ in range(50):  # warm-up
-        env.step(spec.native_action(ENV_ID, policy()))
+    step_random(env, ENV_ID, 0.0, seed, warmup=50)
     start.wait()
-    steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        _, _, term, trunc, _ = env.step(spec.native_action(ENV_ID, policy()))
-        steps += 1
-        if term or trunc:
-            env.reset()
-            policy.reset()
-    out.put((steps, time.perf_counter() - t0))
+    out.put(step_random(env, ENV_ID, seconds, seed + 1))
     env.close()
 
 

@@ -179,6 +179,21 @@ def test_local_pool_survives_a_worker_killed_halfway_through_sending_a_result(tm
             ex.shutdown(cancel=True)
 
 
+def blas_threads() -> int:
+    """The BLAS thread count in this process."""
+    from threadpoolctl import threadpool_info
+
+    return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_pools_blas_threads_fill_the_cores_without_oversubscribing_them(workers):
+    cores = len(os.sched_getaffinity(0))
+    with LocalExecutor(workers=workers) as ex:
+        assert ex.submit(blas_threads).result(timeout=60) == max(1, cores // workers)
+    assert parallel.worker_blas_threads(4 * cores) == 1
+
+
 def test_a_worker_that_has_not_made_its_own_group_yet_is_killed_and_our_group_is_spared():
     # A worker still starting shares the run's process group: killing "its group" would kill the run,
     # and skipping it would leave it holding the dead pool's result pipe open.

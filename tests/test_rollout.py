@@ -9,7 +9,7 @@ from wm_trainer.base.storage import RunPaths
 from wm_trainer.models.controller import Controller
 from wm_trainer.models.memory import build_mdnrnn
 from wm_trainer.models.vision import ConvVAE
-from wm_trainer.sim.rollout import AgentWeights, Job, close_envs, play, run_jobs
+from wm_trainer.sim.rollout import AgentWeights, Job, _chunks, close_envs, play, run_jobs
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,14 @@ def test_play_on_the_process_pool_matches_in_process_and_random_policy_runs(tiny
     np.testing.assert_array_equal(pooled, local)
     np.testing.assert_array_equal(rand1, rand2)
     assert pooled.shape == (6,) and np.all(pooled > 0)
+
+
+def test_tasks_are_about_one_per_worker_so_lanes_refill_instead_of_idling():
+    jobs = [Job(0, s) for s in range(100)]
+    assert [len(c) for c in _chunks(jobs, 16, 2)] == [50, 50]  # not 7 tasks each as long as its longest episode
+    assert [len(c) for c in _chunks(jobs[:8], 16, 2)] == [4, 4]  # both workers busy on a few episodes
+    assert [len(c) for c in _chunks(jobs, 4, 1)] == [16] * 6 + [4]  # bounded: a lost worker reruns little
+    assert [j for c in _chunks(jobs, 16, 3) for j in c] == jobs  # every job once, in order
 
 
 class _InProcess:

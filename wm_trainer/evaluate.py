@@ -53,7 +53,7 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> 
     from .models.controller import Controller
     from .models.memory import load_mdnrnn
     from .models.vision import load_vae
-    from .sim.rollout import AgentWeights, Job, eval_seeds, play
+    from .sim.rollout import AgentWeights, Job, Played, eval_seeds
 
     n = int(episodes or cfg.evaluate.episodes)
     paths = RunPaths(cfg.run_dir)
@@ -71,9 +71,10 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None) -> 
         executor = own = make_executor(cfg.parallel)
     try:
         with tqdm(total=3 * n, desc="evaluate", unit="ep", file=sys.stderr, dynamic_ncols=True) as bar:
-            agent = play(executor, weights, jobs, cfg, progress=bar.update)
-            rand = play(executor, None, jobs, cfg, progress=bar.update)
-            rand_iid = play(executor, None, jobs, cfg, progress=bar.update, repeat_prob=0.0)
+            # all three queued at once: the random episodes fill workers the agent's last long episodes leave idle
+            played = [Played(executor, weights, jobs, cfg), Played(executor, None, jobs, cfg),
+                      Played(executor, None, jobs, cfg, repeat_prob=0.0)]
+            agent, rand, rand_iid = (p.result(progress=bar.update) for p in played)
     finally:
         if own is not None:
             own.shutdown()

@@ -259,8 +259,51 @@ def _discard_envs() -> None:
     _ENV_CACHE.clear()
 
 
-def _chunks(jobs: list[Job], size: int) -> list[list[Job]]:
+_MAX_TASK_LANES = 4  # a task holds at most this many rounds of its lanes: a lost worker reruns little
+
+
+def _chunks(jobs: list[Job], n_envs: int, n_workers: int) -> list[list[Job]]:
+    """Jobs cut into about one task per worker, so each worker's envs take a next episode as one ends.
+
+    Tasks of only ``n_envs`` jobs would each last as long as their longest episode while the other
+    lanes idle; a task of many jobs keeps its lanes full until its queue runs out.
+    """
+    per_worker = -(-len(jobs) // max(1, n_workers))
+    size = max(1, min(per_worker, _MAX_TASK_LANES * n_envs))
     return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+
+
+class Played:
+    """Episodes submitted to the workers and not yet gathered; ``result()`` waits for them."""
+
+    def __init__(self, executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: Any,
+                 repeat_prob: float | None = None):
+        self.jobs = list(jobs)
+        rp = float(cfg.collect.repeat_prob if repeat_prob is None else repeat_prob)
+        per_task = cfg.parallel.envs_per_worker
+        self._executor = executor
+        self._handle = executor.broadcast(weights) if weights is not None else None
+        self._chunks = _chunks(self.jobs, per_task, getattr(executor, "n_workers", 1) or 1)
+        # plain values only: unpickling cfg.env would import wm_trainer.config (and the toolkit) in every worker
+        self._futures = [executor.submit(_task, self._handle, chunk, cfg.env.id, cfg.env.max_steps, per_task, rp)
+                         for chunk in self._chunks]
+
+    def result(self, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """(len(jobs),) returns in job order; ``progress(n)`` is called as each task's n episodes arrive."""
+        out = np.zeros(len(self.jobs), np.float64)
+        pos = 0
+        try:
+            for chunk, fut in zip(self._chunks, self._futures):
+                rets = fut.result()
+                out[pos:pos + len(chunk)] = [r for r, _ in rets]
+                pos += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        finally:
+            if self._handle is not None:
+                self._executor.release(self._handle)
+                self._handle = None
+        return out
 
 
 def play(executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: Any,
@@ -270,28 +313,7 @@ def play(executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: 
     ``weights=None`` plays the random policy, repeating its previous action with probability ``repeat_prob``
     (default ``collect.repeat_prob``, the sticky collection policy; 0 = a fresh uniform action every step).
     """
-    jobs = list(jobs)
-    rp = float(cfg.collect.repeat_prob if repeat_prob is None else repeat_prob)
-    per_task = cfg.parallel.envs_per_worker
-    handle = executor.broadcast(weights) if weights is not None else None
-    chunks = _chunks(jobs, per_task)
-    # plain values only: unpickling cfg.env would import wm_trainer.config (and the toolkit) in every worker
-    futures = [executor.submit(_task, handle, chunk, cfg.env.id, cfg.env.max_steps, per_task,
-                               rp)
-               for chunk in chunks]
-    out = np.zeros(len(jobs), np.float64)
-    pos = 0
-    try:
-        for chunk, fut in zip(chunks, futures):
-            rets = fut.result()
-            out[pos:pos + len(chunk)] = [r for r, _ in rets]
-            pos += len(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    finally:
-        if handle is not None:
-            executor.release(handle)
-    return out
+    return Played(executor, weights, jobs, cfg, repeat_prob).result(progress)
 
 
 def eval_seeds(base_seed: int, n: int) -> list[int]:
