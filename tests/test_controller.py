@@ -255,7 +255,7 @@ def _constant_done_logit(model_path, logit: float) -> None:
     np.savez(model_path, **arrays)
 
 
-def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_run):
+def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_run, capsys):
     from wm_trainer.base.storage import RunPaths
 
     cfg_path, cfg = make_tiny_run(tmp_path)
@@ -272,6 +272,9 @@ def test_selection_stops_once_the_mean_survives_every_dream(tmp_path, make_tiny_
     cal = json.loads((p.controller_dir / "dream_calibration.json").read_text())
     assert cal["dream_mean"] == 20.0 and cal["real_mean"] == 12.0 and cal["real_episodes"] == 3
     assert cal["dream_over_real"] == pytest.approx(20 / 12)
+    # ... which is a dream C exploits: the file and the user are told before C trains
+    assert cal["exploitable"] is True
+    assert "warning: M's dream is x1.67 easier than the game" in capsys.readouterr().err
 
 
 def test_dream_calibration_reports_each_collection_policy_beside_its_own_real_episodes():
@@ -340,3 +343,17 @@ def test_train_controller_calibrates_the_dream_to_the_game_and_resumes_with_that
     p.dream_calibration.write_text(json.dumps(cal))
     _train(cfg_path, tmp_path, "controller.generations=2", *sets)
     assert [r["select_score"] for r in _rows(p.root)][1] == 1.0
+
+
+def test_a_dream_no_easier_than_the_game_gets_no_warning(tmp_path, make_tiny_run, capsys):
+    import json
+
+    from wm_trainer.base.storage import RunPaths
+
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    p = RunPaths(cfg.run_dir)
+    _constant_done_logit(p.mdnrnn_model, 50.0)  # every dream ends at once, before the 12-step real episodes do
+    _train(cfg_path, tmp_path, "controller.generations=1", "controller.select_rollouts=8", "controller.max_steps=20")
+    cal = json.loads(p.dream_calibration.read_text())
+    assert cal["dream_over_real"] < 1.0 and cal["exploitable"] is False
+    assert "warning" not in capsys.readouterr().err
