@@ -67,6 +67,8 @@ def test_random_baselines_sticky_vs_iid(tmp_path, capsys, make_tiny_run):
     class InlineExecutor:
         """Runs tasks in this process and records the random-policy repeat probability each task got."""
 
+        n_workers = 2  # episodes are cut into about one task per worker
+
         def __init__(self):
             self.repeat_probs = []
 
