@@ -327,19 +327,19 @@ def _dream_done_bias(dream: Callable, paths: RunPaths, cfg: Config, select_z: np
         return float(dreams[bias].mean())
 
     cal = report = dream_calibration(dreams[0.0], lengths, probs, max_steps)
-    cal["exploitable"] = cal["dream_over_real"] is not None and cal["dream_over_real"] >= EXPLOITABLE_DREAM
+    exploitable = cal["dream_over_real"] is not None and cal["dream_over_real"] >= EXPLOITABLE_DREAM
     if cc.dream_calibrate:
         bias, _ = calibrate_done_bias(survival, cal["real_mean"])
         report = dream_calibration(dreams[bias], lengths, probs, max_steps, done_bias=bias)
         report["uncalibrated"] = {k: cal[k] for k in ("dream_mean", "dream_std", "dream_over_real")}
         report["calibration_dreams"] = {f"{b:g}": float(d.mean()) for b, d in sorted(dreams.items())}
-    report["exploitable"] = cal["exploitable"]  # judged on M's own dream, before any calibration
+    report["exploitable"] = exploitable  # judged on M's own dream, before any calibration
     atomic_write_json(paths.dream_calibration, report)
     print(f"dream calibration: the collection policy survives {cal['dream_mean']:.0f} steps in M's dream, "
           f"{cal['real_mean']:.0f} in the game (x{cal['dream_over_real']:.2f}; cap {max_steps})"
           + (f"; done logit {report['done_bias']:+.3f}: {report['dream_mean']:.0f} steps in the dream C trains in"
              if cc.dream_calibrate else ""), file=sys.stderr)
-    if cal["exploitable"]:
+    if exploitable:
         print(f"warning: M's dream is x{cal['dream_over_real']:.2f} easier than the game for the collection policy: "
               f"C will likely exploit M and not transfer (every demo-sized world model at x1.57 or more failed, "
               f"docs/results.md); more collect.episodes or mdnrnn.iterations may help", file=sys.stderr)
