@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from . import reaper
-from .cpus import usable_cores
 from .errors import UserError
 
 # Imported once by the forkserver, so a new or rebuilt pool's workers start without re-importing them.
@@ -84,9 +83,14 @@ def resolve(obj: Any) -> Any:
     return obj
 
 
+def _cores() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_blas_threads(workers: int) -> int:
     """BLAS threads per worker so that the pool's threads fill the cores without oversubscribing them."""
-    return max(1, usable_cores() // max(1, workers))
+    return max(1, _cores() // max(1, workers))
 
 
 def _worker_init(blas_threads: int = 0) -> None:
@@ -196,7 +200,7 @@ class LocalExecutor:
     """A process pool (forkserver on Linux, spawn elsewhere) that survives worker deaths."""
 
     def __init__(self, workers: int = 0, max_retries: int = 3, method: str | None = None):
-        self.workers = workers or usable_cores()
+        self.workers = workers or _cores()
         self.max_retries = max_retries
         if method is None:
             method = "forkserver" if sys.platform.startswith("linux") else "spawn"

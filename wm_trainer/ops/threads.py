@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
-from wm_trainer.base.cpus import usable_cores
 
 try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # without it blocks run one after another on multi-threaded BLAS
     threadpool_limits = None
 
-_threads = max(1, min(usable_cores(), 8))
+_threads = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 _pool: ThreadPoolExecutor | None = None
 
 
