@@ -170,9 +170,11 @@ def test_sigkill_of_a_dask_driver_releases_its_tasks_and_leaves_the_cluster_up(c
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     times = _assert_cluster_idle_and_usable(client, worker_pids, games, signalled)
-    # the scheduler noticed the lost client and released all the tasks it held
+    # the scheduler noticed the lost client and released all the tasks it held; an episode the driver saved just
+    # before the kill was released by the driver itself, as every saved one is
     assert {action for action, _ in client.run_on_scheduler(_client_actions, signalled)} == {"remove-client"}
-    assert set(times["forgotten by"]) == {"remove-client"}, times
+    assert "remove-client" in times["forgotten by"], times
+    assert set(times["forgotten by"]) <= {"remove-client", "client-releases-keys"}, times
     print(f"after SIGKILL: {times}; games {games}")
 
 

@@ -87,7 +87,10 @@ def test_two_processes_train_v_as_one_on_the_same_global_batch(tmp_path, make_ep
     initial = _weights_of_untrained(tmp_path)
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        # Adam divides by sqrt(v): where a gradient is ~0, summation order alone moves single weights by up to lr,
+        # so the check is on the whole update of each parameter, not element by element
+        update_one, update_two = a[k] - initial[k], b[k] - initial[k]
+        assert np.linalg.norm(update_one - update_two) <= 1e-3 * np.linalg.norm(update_one), k
     assert any(not np.allclose(a[k], initial[k]) for k in a)  # it trained
     # rank 0 alone writes: one log, snapshots of its own
     assert sorted(p.name for p in (tmp_path / "two" / "vae").glob("snapshot_iter_*")) == ["snapshot_iter_2",
