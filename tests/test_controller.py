@@ -103,6 +103,20 @@ def test_dream_generations_log_and_resume_like_an_uninterrupted_run(tmp_path, ma
     assert list((a.controller_dir / "tb").glob("events.out.tfevents.*"))
 
 
+def test_the_time_budget_stops_training_and_a_rerun_keeps_it_stopped(tmp_path, capsys, make_tiny_run):
+    import json
+
+    from wm_trainer.base.storage import RunPaths
+
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    _train(cfg_path, tmp_path, "controller.generations=5", "controller.max_minutes=0.00001")
+    assert "stopped after generation 1" in capsys.readouterr().err
+    _train(cfg_path, tmp_path, "controller.generations=5", "controller.max_minutes=0.00001")  # resumed: still done
+    log = json.loads((RunPaths(cfg.run_dir).controller_dir / "log.json").read_text())
+    assert [r["generation"] for r in log] == [1]
+    assert RunPaths(cfg.run_dir).controller_model.is_file()
+
+
 def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys, make_tiny_run):
     from wm_trainer.cli import main
 
@@ -124,6 +138,27 @@ def test_real_mode_fitness_runs_candidates_through_the_executor(tmp_path, make_t
            "controller.episodes_per_candidate=1", "env.max_steps=15")
     (row,) = json.loads((RunPaths(cfg.run_dir).controller_dir / "log.json").read_text())
     assert 0 < row["worst"] <= row["mean"] <= row["best"] <= 15  # Doom: +1 per tick, real episodes capped at 15
+
+
+def test_real_mode_caps_training_episodes_while_its_evaluation_plays_them_whole(tmp_path, make_tiny_run):
+    import json
+
+    from wm_trainer.base.storage import RunPaths
+    from wm_trainer.cli import main
+
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    args = ["train-controller", "-c", str(cfg_path), "--set", f"experiment.out_dir={tmp_path}"]
+    for s in ("controller.mode=real", "controller.generations=1", "controller.episodes_per_candidate=1",
+              "env.max_steps=15", "controller.max_steps=5", "controller.patience=3", "controller.eval_every=1",
+              "controller.eval_episodes=2"):
+        args += ["--set", s]
+    assert main(args) == 0
+    (row,) = json.loads((RunPaths(cfg.run_dir).controller_dir / "log.json").read_text())
+    # Doom pays +1 every tick, so patience never ends an episode: the cap ends every training episode at
+    # 5 ticks, and the evaluation survives its 15 ticks
+    assert row["worst"] == row["best"] == 5
+    assert row["env_steps"] == 5 * cfg.controller.population
+    assert row["eval_mean"] == 15
 
 
 def test_dream_done_threshold_versus_the_corrected_bernoulli_hazard():

@@ -94,8 +94,14 @@ class ControllerConfig:
     sigma0: float = field(0.1, min=0.0, help="CMA-ES initial step size")
     generations: int = field(200, min=1, help="CMA-ES generations")
     target_score: Optional[float] = field(None, help="stop once the mean fitness of the best reaches this")
+    max_minutes: float = field(0.0, min=0.0, help="stop once C has trained this long, summed over resumes (the "
+                               "generation under way finishes; 0 = no limit): a wall-time budget for the run")
     temperature: float = field(1.15, min=0.0, help="dream sampling temperature (paper Doom: 1.15)")
-    max_steps: int = field(0, min=0, help="dream episode cap (0 = env.max_steps)")
+    max_steps: int = field(0, min=0, help="cap of the episodes C trains on, dreamed or real (0 = env.max_steps); "
+                           "evaluation always plays env.max_steps")
+    patience: int = field(0, min=0, help="real mode: a training episode ends after this many steps in a row without "
+                          "a positive reward (CarRacing: no new tile, the car is off the track or stopped), so "
+                          "hopeless candidates cost little; evaluation never ends early (0 = off)")
     select_every: int = field(25, min=0, help="score the CMA-ES mean in the dream every N generations and keep the "
                               "best (paper: 25; the last generation is always scored; 0 = last only)")
     select_rollouts: int = field(1024, min=1, help="dream rollouts that score each selected mean (paper: 1024)")

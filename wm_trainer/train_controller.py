@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from .training.cmaes import CMAES, read_state
 
 STATE_FILE = "cmaes.npz"
 LOG_FIELDS = ("generation", "mean", "best", "worst", "sigma", "select_score", "select_std", "kept_generation",
-              "eval_mean", "eval_std")
+              "eval_mean", "eval_std", "env_steps")
 
 
 def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = None, initial_z: np.ndarray | None = None,
@@ -249,15 +250,18 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         select_rng = np.random.default_rng([cfg.experiment.seed, 2])
         select_z = initial_pool[select_rng.integers(len(initial_pool), size=cc.select_rollouts)]
         dream = functools.partial(dream, done_bias=_dream_done_bias(dream, paths, cfg, select_z, max_steps))
-    from .sim.rollout import AgentWeights, Job, fitness_seeds, play
+    from .sim.rollout import AgentWeights, Job, Played, fitness_seeds, play
 
     weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32), ctrl)
+    trained_s = float(extra.get("trained_s", 0.0))  # C's wall time in earlier runs of this state
+    started = time.monotonic()
     bar = tqdm(total=cc.generations, initial=min(opt.generation, cc.generations), desc="train-controller",
                unit="gen", file=sys.stderr, dynamic_ncols=True)
     try:
         while not done and opt.generation < cc.generations:
             g = opt.generation
             X = opt.ask()
+            env_steps = None
             if dream is not None:
                 rng = np.random.default_rng([cfg.experiment.seed, g])
                 idx = rng.integers(len(initial_pool), size=cc.population * cc.episodes_per_candidate)
@@ -266,12 +270,15 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
             else:
                 seeds = fitness_seeds(cfg.experiment.seed, g, cc.episodes_per_candidate)
                 jobs = [Job(p, s) for p in range(cc.population) for s in seeds]
-                rets = play(executor, weights.with_params(X), jobs, cfg)
+                played = Played(executor, weights.with_params(X), jobs, cfg, cap=cc.max_steps, patience=cc.patience)
+                rets = played.result()
+                env_steps = int(played.steps.sum())
             fit = rets.reshape(cc.population, cc.episodes_per_candidate).mean(axis=1)
             opt.tell(X, fit)
             row = {"generation": g + 1, "mean": float(fit.mean()), "best": float(fit.max()),
                    "worst": float(fit.min()), "sigma": opt.sigma, "select_score": None, "select_std": None,
-                   "kept_generation": None, "eval_mean": None, "eval_std": None}
+                   "kept_generation": None, "eval_mean": None, "eval_std": None,
+                   "env_steps": env_steps}
             last = g + 1 == cc.generations
             if dream is not None and (last or (cc.select_every and (g + 1) % cc.select_every == 0)):
                 # the same start states and seeds at every selection: each mean meets the same dreams
@@ -288,8 +295,13 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                             [Job(0, s) for s in fitness_seeds(cfg.experiment.seed + 7, g, cc.eval_episodes)], cfg)
                 row["eval_mean"], row["eval_std"] = float(rets.mean()), float(rets.std())
             done = done or (cc.target_score is not None and row["best"] >= cc.target_score)
+            spent = trained_s + time.monotonic() - started
+            if not done and cc.max_minutes > 0 and spent >= 60.0 * cc.max_minutes:
+                done = True
+                print(f"train-controller: stopped after generation {g + 1}: {spent / 60:.1f} min of "
+                      f"controller.max_minutes={cc.max_minutes:g} used", file=sys.stderr)
             log.add(row)
-            opt.save(state_path, extra={"log": log.rows, **kept.to_extra(), "done": done})
+            opt.save(state_path, extra={"log": log.rows, **kept.to_extra(), "done": done, "trained_s": spent})
             bar.update(1)
             bar.set_postfix(mean=f"{row['mean']:.1f}", best=f"{row['best']:.1f}",
                             kept=f"{kept.score:.1f}" if kept.params is not None else "-", sigma=f"{opt.sigma:.3f}")

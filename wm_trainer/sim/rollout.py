@@ -161,10 +161,12 @@ class _AgentBrain:
 
 def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, max_steps: int,
              n_envs: int, repeat_prob: float = 0.9, record: bool = False,
-             on_step: Callable[[], None] | None = None) -> list[EpisodeResult]:
+             on_step: Callable[[], None] | None = None, cap: int = 0, patience: int = 0) -> list[EpisodeResult]:
     """Play ``jobs`` on up to ``n_envs`` lockstepped envs; ``weights=None`` plays the random policy.
 
-    ``env_cfg`` is the env id or an object with an ``id`` (``cfg.env``).
+    ``env_cfg`` is the env id or an object with an ``id`` (``cfg.env``); envs end episodes at ``max_steps``.
+    For training episodes only: ``cap`` ends an episode sooner, and ``patience`` ends it after that many
+    steps in a row without a positive reward (0 = neither).
     """
     from ..games.real import random_policy
 
@@ -175,6 +177,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
     slot_job = [-1] * len(envs)
     frames: list[np.ndarray | None] = [None] * len(envs)
     policies: list[Any] = [None] * len(envs)  # random policy, or the agent's sampling noise, per slot
+    idle = [0] * len(envs)  # steps since the slot's last positive reward
     next_job = 0
     state = brain.start(len(envs)) if brain else None
 
@@ -182,6 +185,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
         nonlocal next_job
         j = jobs[next_job]
         slot_job[slot] = next_job
+        idle[slot] = 0
         results[next_job] = EpisodeResult(j.row, j.seed, 0.0, 0, [] if record else None)
         next_job += 1
         frames[slot] = envs[slot].reset(seed=j.seed)
@@ -216,10 +220,11 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
                 res = results[slot_job[s]]
                 res.ret += reward
                 res.steps += 1
+                idle[s] = 0 if reward > 0 else idle[s] + 1
                 frames[s] = frame
                 if record:
                     res.frames.append(frame)
-                if done:
+                if done or res.steps == cap or (patience and idle[s] >= patience):
                     slot_job[s] = -1
                     if next_job < len(jobs):
                         start(s)
@@ -232,7 +237,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
 
 
 def _task(weights: AgentWeights | None, jobs: list[Job], env_cfg: Any, max_steps: int, n_envs: int,
-          repeat_prob: float, retries: int = 2) -> list[tuple[float, int]]:
+          repeat_prob: float, retries: int = 2, cap: int = 0, patience: int = 0) -> list[tuple[float, int]]:
     """Worker entry point: (return, steps) per job, in job order.
 
     An emulator that crashes mid-task (ViZDoom's "instance crash") takes only its episodes with it:
@@ -240,7 +245,8 @@ def _task(weights: AgentWeights | None, jobs: list[Job], env_cfg: Any, max_steps
     """
     for attempt in range(retries + 1):
         try:
-            return [(r.ret, r.steps) for r in run_jobs(weights, jobs, env_cfg, max_steps, n_envs, repeat_prob)]
+            return [(r.ret, r.steps) for r in run_jobs(weights, jobs, env_cfg, max_steps, n_envs, repeat_prob,
+                                                            cap=cap, patience=patience)]
         except Exception as e:  # noqa: BLE001 - any env failure; re-raised after the last attempt
             _discard_envs()
             if attempt == retries:
@@ -277,15 +283,17 @@ class Played:
     """Episodes submitted to the workers and not yet gathered; ``result()`` waits for them."""
 
     def __init__(self, executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: Any,
-                 repeat_prob: float | None = None):
+                 repeat_prob: float | None = None, cap: int = 0, patience: int = 0):
         self.jobs = list(jobs)
+        self.steps = np.zeros(len(self.jobs), np.int64)  # each episode's length, filled by result()
         rp = float(cfg.collect.repeat_prob if repeat_prob is None else repeat_prob)
         per_task = cfg.parallel.envs_per_worker
         self._executor = executor
         self._handle = executor.broadcast(weights) if weights is not None else None
         self._chunks = _chunks(self.jobs, per_task, getattr(executor, "n_workers", 1) or 1)
         # plain values only: unpickling cfg.env would import wm_trainer.config (and the toolkit) in every worker
-        self._futures = [executor.submit(_task, self._handle, chunk, cfg.env.id, cfg.env.max_steps, per_task, rp)
+        self._futures = [executor.submit(_task, self._handle, chunk, cfg.env.id, cfg.env.max_steps, per_task, rp, 2,
+                                         cap, patience)
                          for chunk in self._chunks]
 
     def result(self, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -296,6 +304,7 @@ class Played:
             for chunk, fut in zip(self._chunks, self._futures):
                 rets = fut.result()
                 out[pos:pos + len(chunk)] = [r for r, _ in rets]
+                self.steps[pos:pos + len(chunk)] = [n for _, n in rets]
                 pos += len(chunk)
                 if progress is not None:
                     progress(len(chunk))
@@ -307,13 +316,15 @@ class Played:
 
 
 def play(executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: Any,
-         progress: Callable[[int], None] | None = None, repeat_prob: float | None = None) -> np.ndarray:
+         progress: Callable[[int], None] | None = None, repeat_prob: float | None = None,
+         cap: int = 0, patience: int = 0) -> np.ndarray:
     """Returns (len(jobs),) of episodes played by the executor's workers, weights broadcast once.
 
     ``weights=None`` plays the random policy, repeating its previous action with probability ``repeat_prob``
     (default ``collect.repeat_prob``, the sticky collection policy; 0 = a fresh uniform action every step).
+    ``cap`` and ``patience`` end training episodes early (:func:`run_jobs`).
     """
-    return Played(executor, weights, jobs, cfg, repeat_prob).result(progress)
+    return Played(executor, weights, jobs, cfg, repeat_prob, cap, patience).result(progress)
 
 
 def eval_seeds(base_seed: int, n: int) -> list[int]:
