@@ -112,9 +112,11 @@ def test_the_time_budget_stops_training_and_a_rerun_keeps_it_stopped(tmp_path, c
     _train(cfg_path, tmp_path, "controller.generations=5", "controller.max_minutes=0.00001")
     assert "stopped after generation 1" in capsys.readouterr().err
     _train(cfg_path, tmp_path, "controller.generations=5", "controller.max_minutes=0.00001")  # resumed: still done
-    log = json.loads((RunPaths(cfg.run_dir).controller_dir / "log.json").read_text())
-    assert [r["generation"] for r in log] == [1]
+    log_path = RunPaths(cfg.run_dir).controller_dir / "log.json"
+    assert [r["generation"] for r in json.loads(log_path.read_text())] == [1]
     assert RunPaths(cfg.run_dir).controller_model.is_file()
+    _train(cfg_path, tmp_path, "controller.generations=3", "controller.max_minutes=60")  # a larger budget resumes
+    assert [r["generation"] for r in json.loads(log_path.read_text())] == [1, 2, 3]
 
 
 def test_resume_with_a_different_population_is_a_user_error(tmp_path, capsys, make_tiny_run):

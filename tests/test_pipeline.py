@@ -55,3 +55,13 @@ def test_carracing_pipeline_end_to_end_with_c_trained_in_the_real_env(tmp_path, 
     log = json.loads((p.controller_dir / "log.json").read_text())
     assert [r["generation"] for r in log] == [1, 2]
     assert (p.media / "agent.gif").is_file()
+
+    # a spent time budget ends C before its generations, and the pipeline counts C complete; a larger one resumes it
+    budget = ["--set", "controller.generations=6", "--set", "controller.max_minutes=0.00001"]
+    assert main(["pipeline", "-c", str(cfg), "--set", f"experiment.out_dir={tmp_path}"] + budget) == 0
+    assert "train-controller: complete, skipped" in capsys.readouterr().out
+    assert main(["pipeline", "-c", str(cfg), "--set", f"experiment.out_dir={tmp_path}",
+                 "--set", "controller.generations=3", "--set", "controller.max_minutes=60"]) == 0
+    assert "train-controller: running" in capsys.readouterr().out
+    log = json.loads((p.controller_dir / "log.json").read_text())
+    assert [r["generation"] for r in log] == [1, 2, 3] and all(r["env_steps"] > 0 for r in log)

@@ -95,7 +95,7 @@ class ControllerConfig:
     generations: int = field(200, min=1, help="CMA-ES generations")
     target_score: Optional[float] = field(None, help="stop once the mean fitness of the best reaches this")
     max_minutes: float = field(0.0, min=0.0, help="stop once C has trained this long, summed over resumes (the "
-                               "generation under way finishes; 0 = no limit): a wall-time budget for the run")
+                               "generation under way finishes; a larger value resumes a stopped run; 0 = no limit)")
     temperature: float = field(1.15, min=0.0, help="dream sampling temperature (paper Doom: 1.15)")
     max_steps: int = field(0, min=0, help="cap of the episodes C trains on, dreamed or real (0 = env.max_steps); "
                            "evaluation always plays env.max_steps")

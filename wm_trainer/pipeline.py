@@ -88,8 +88,9 @@ def _controller_done(cfg: Config, p: RunPaths) -> bool:
     state = p.controller_dir / STATE_FILE
     if not state.is_file():
         return True
-    generation, stopped = saved_progress(state)
-    return stopped or generation >= cfg.controller.generations
+    generation, stopped, trained_s = saved_progress(state)
+    budget = cfg.controller.max_minutes
+    return stopped or generation >= cfg.controller.generations or (budget > 0 and trained_s >= 60.0 * budget)
 
 
 def _eval_done(cfg: Config, p: RunPaths) -> bool:

@@ -180,11 +180,12 @@ class _Log:
         self.writer.close()
 
 
-def saved_progress(path: Path) -> tuple[int, bool]:
-    """(generations done, stopped at the target) of a saved CMA-ES state, without rebuilding it."""
+def saved_progress(path: Path) -> tuple[int, bool, float]:
+    """(generations done, stopped at the target, seconds trained) of a saved CMA-ES state, without rebuilding it."""
     meta, _ = read_state(path)
     try:
-        return int(meta["es"]["countiter"]), bool(meta["extra"].get("done", False))
+        extra = meta["extra"]
+        return int(meta["es"]["countiter"]), bool(extra.get("done", False)), float(extra.get("trained_s", 0.0))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: key 'meta': no generation count ({e}); delete it to start over") from None
 
@@ -255,10 +256,16 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32), ctrl)
     trained_s = float(extra.get("trained_s", 0.0))  # C's wall time in earlier runs of this state
     started = time.monotonic()
+
+    def spent() -> float:
+        return trained_s + time.monotonic() - started
+
+    def out_of_time() -> bool:  # not saved as 'done': a larger controller.max_minutes resumes the run
+        return cc.max_minutes > 0 and spent() >= 60.0 * cc.max_minutes
     bar = tqdm(total=cc.generations, initial=min(opt.generation, cc.generations), desc="train-controller",
                unit="gen", file=sys.stderr, dynamic_ncols=True)
     try:
-        while not done and opt.generation < cc.generations:
+        while not done and opt.generation < cc.generations and not out_of_time():
             g = opt.generation
             X = opt.ask()
             env_steps = None
@@ -295,16 +302,14 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                             [Job(0, s) for s in fitness_seeds(cfg.experiment.seed + 7, g, cc.eval_episodes)], cfg)
                 row["eval_mean"], row["eval_std"] = float(rets.mean()), float(rets.std())
             done = done or (cc.target_score is not None and row["best"] >= cc.target_score)
-            spent = trained_s + time.monotonic() - started
-            if not done and cc.max_minutes > 0 and spent >= 60.0 * cc.max_minutes:
-                done = True
-                print(f"train-controller: stopped after generation {g + 1}: {spent / 60:.1f} min of "
-                      f"controller.max_minutes={cc.max_minutes:g} used", file=sys.stderr)
             log.add(row)
-            opt.save(state_path, extra={"log": log.rows, **kept.to_extra(), "done": done, "trained_s": spent})
+            opt.save(state_path, extra={"log": log.rows, **kept.to_extra(), "done": done, "trained_s": spent()})
             bar.update(1)
             bar.set_postfix(mean=f"{row['mean']:.1f}", best=f"{row['best']:.1f}",
                             kept=f"{kept.score:.1f}" if kept.params is not None else "-", sigma=f"{opt.sigma:.3f}")
+        if not done and opt.generation < cc.generations and out_of_time():
+            print(f"train-controller: stopped after generation {opt.generation}: {spent() / 60:.1f} min of "
+                  f"controller.max_minutes={cc.max_minutes:g} used", file=sys.stderr)
     finally:
         bar.close()
         log.close()
