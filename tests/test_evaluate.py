@@ -79,7 +79,7 @@ def test_random_baselines_sticky_vs_iid(tmp_path, capsys, make_tiny_run):
             pass
 
         def submit(self, fn, *args):
-            self.repeat_probs.append(args[-1])
+            self.repeat_probs.append(args[5])  # _task(weights, jobs, env id, max_steps, n_envs, repeat_prob, ...)
             fut = cf.Future()
             fut.set_result(fn(*args))
             return fut
