@@ -81,7 +81,7 @@ def _latents(cfg: Config, p: RunPaths) -> list[Path]:
 
 
 def _controller_done(cfg: Config, p: RunPaths) -> bool:
-    from .train_controller import STATE_FILE, saved_progress
+    from .train_controller import STATE_FILE, budget_spent, saved_progress
 
     if not p.controller_model.is_file():
         return False
@@ -89,8 +89,7 @@ def _controller_done(cfg: Config, p: RunPaths) -> bool:
     if not state.is_file():
         return True
     generation, stopped, trained_s = saved_progress(state)
-    budget = cfg.controller.max_minutes
-    return stopped or generation >= cfg.controller.generations or (budget > 0 and trained_s >= 60.0 * budget)
+    return stopped or generation >= cfg.controller.generations or budget_spent(cfg.controller, trained_s)
 
 
 def _eval_done(cfg: Config, p: RunPaths) -> bool:

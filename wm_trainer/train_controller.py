@@ -180,6 +180,11 @@ class _Log:
         self.writer.close()
 
 
+def budget_spent(cc: Any, trained_s: float) -> bool:
+    """Whether ``trained_s`` seconds of training use up ``controller.max_minutes`` (never, where it is 0)."""
+    return cc.max_minutes > 0 and trained_s >= 60.0 * cc.max_minutes
+
+
 def saved_progress(path: Path) -> tuple[int, bool, float]:
     """(generations done, stopped at the target, seconds trained) of a saved CMA-ES state, without rebuilding it."""
     meta, _ = read_state(path)
@@ -261,7 +266,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         return trained_s + time.monotonic() - started
 
     def out_of_time() -> bool:  # not saved as 'done': a larger controller.max_minutes resumes the run
-        return cc.max_minutes > 0 and spent() >= 60.0 * cc.max_minutes
+        return budget_spent(cc, spent())
     bar = tqdm(total=cc.generations, initial=min(opt.generation, cc.generations), desc="train-controller",
                unit="gen", file=sys.stderr, dynamic_ncols=True)
     try:

@@ -237,7 +237,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
 
 
 def _task(weights: AgentWeights | None, jobs: list[Job], env_cfg: Any, max_steps: int, n_envs: int,
-          repeat_prob: float, retries: int = 2, cap: int = 0, patience: int = 0) -> list[tuple[float, int]]:
+          repeat_prob: float, cap: int = 0, patience: int = 0, retries: int = 2) -> list[tuple[float, int]]:
     """Worker entry point: (return, steps) per job, in job order.
 
     An emulator that crashes mid-task (ViZDoom's "instance crash") takes only its episodes with it:
@@ -292,8 +292,8 @@ class Played:
         self._handle = executor.broadcast(weights) if weights is not None else None
         self._chunks = _chunks(self.jobs, per_task, getattr(executor, "n_workers", 1) or 1)
         # plain values only: unpickling cfg.env would import wm_trainer.config (and the toolkit) in every worker
-        self._futures = [executor.submit(_task, self._handle, chunk, cfg.env.id, cfg.env.max_steps, per_task, rp, 2,
-                                         cap, patience)
+        self._futures = [executor.submit(_task, self._handle, chunk, cfg.env.id, cfg.env.max_steps, per_task, rp, cap,
+                                         patience)
                          for chunk in self._chunks]
 
     def result(self, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -316,15 +316,13 @@ class Played:
 
 
 def play(executor: Any, weights: AgentWeights | None, jobs: Sequence[Job], cfg: Any,
-         progress: Callable[[int], None] | None = None, repeat_prob: float | None = None,
-         cap: int = 0, patience: int = 0) -> np.ndarray:
+         progress: Callable[[int], None] | None = None, repeat_prob: float | None = None) -> np.ndarray:
     """Returns (len(jobs),) of episodes played by the executor's workers, weights broadcast once.
 
     ``weights=None`` plays the random policy, repeating its previous action with probability ``repeat_prob``
     (default ``collect.repeat_prob``, the sticky collection policy; 0 = a fresh uniform action every step).
-    ``cap`` and ``patience`` end training episodes early (:func:`run_jobs`).
     """
-    return Played(executor, weights, jobs, cfg, repeat_prob, cap, patience).result(progress)
+    return Played(executor, weights, jobs, cfg, repeat_prob).result(progress)
 
 
 def eval_seeds(base_seed: int, n: int) -> list[int]:
