@@ -283,6 +283,59 @@ def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_choo
             np.testing.assert_allclose(params[0], want.astype(np.float32))
 
 
+def test_real_mode_keeps_the_best_mean_scored_on_fixed_training_tracks(tmp_path, monkeypatch, make_tiny_run):
+    import wm_trainer.sim.rollout
+    from wm_trainer.base.storage import RunPaths
+    from wm_trainer.sim.rollout import eval_seeds, fitness_seeds, select_seeds
+    from wm_trainer.training.cmaes import CMAES
+
+    means = {}
+    original_tell = CMAES.tell
+
+    def tell(self, X, fit):
+        original_tell(self, X, fit)
+        means[self.generation] = np.array(self.mean)
+
+    monkeypatch.setattr(CMAES, "tell", tell)
+    played = []  # (seeds, cap, rows of weights) of every batch of real episodes
+    original = wm_trainer.sim.rollout.Played.__init__
+
+    def spy(self, executor, weights, jobs, cfg, repeat_prob=None, cap=0, patience=0):
+        played.append(([j.seed for j in jobs], cap, len(weights.params)))
+        original(self, executor, weights, jobs, cfg, repeat_prob, cap, patience)
+
+    monkeypatch.setattr(wm_trainer.sim.rollout.Played, "__init__", spy)
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    _train(cfg_path, tmp_path, "controller.mode=real", "controller.generations=5", "controller.select_every=2",
+           "controller.select_episodes=3", "controller.episodes_per_candidate=1", "controller.sigma0=1.0",
+           "env.max_steps=15", "controller.max_steps=5")
+    rows = _rows(cfg.run_dir)
+    scored = {r["generation"]: r["select_score"] for r in rows if r["select_score"] is not None}
+    assert sorted(scored) == [2, 4, 5]  # every 2nd generation and the last
+    # Doom pays +1 per tick: training episodes stop at the 5-tick cap, selection plays whole 15-tick episodes
+    assert all(r["best"] <= 5 for r in rows) and all(5 < s <= 15 for s in scored.values())
+    assert all((r["select_steps"] is not None) == (r["generation"] in scored) for r in rows)
+    assert all(r["select_steps"] == 3 * r["select_score"] for r in rows if r["select_steps"] is not None)
+    best = max(scored, key=scored.get)  # the first of equal scores stays kept
+    assert all(r["kept_generation"] == max((g for g in scored if g <= r["generation"]), key=scored.get, default=None)
+               for r in rows)
+    np.testing.assert_allclose(Controller.load(RunPaths(cfg.run_dir).controller_model).params,
+                               means[best].astype(np.float32))
+    selections = [(seeds, cap) for seeds, cap, n in played if n == 1]
+    assert selections == [(select_seeds(cfg.experiment.seed, 3), 0)] * 3  # the same tracks each time, uncapped
+    trained = {s for seeds, cap, n in played if n > 1 for s in seeds}
+    assert trained == {s for g in range(5) for s in fitness_seeds(cfg.experiment.seed, g, 1)}
+    assert not set(select_seeds(cfg.experiment.seed, 3)) & (trained | set(eval_seeds(cfg.experiment.seed, 100)))
+
+
+def test_a_spent_time_budget_scores_the_generation_it_ends_on(tmp_path, make_tiny_run):
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    _train(cfg_path, tmp_path, "controller.mode=real", "controller.generations=5", "controller.select_every=0",
+           "controller.select_episodes=2", "controller.max_minutes=0.00001", "env.max_steps=15")
+    (row,) = _rows(cfg.run_dir)
+    assert row["select_score"] is not None and row["kept_generation"] == 1
+
+
 def _constant_done_logit(model_path, logit: float) -> None:
     """Rewrite M's weights so that its done head gives ``logit`` whatever the state."""
     with np.load(model_path) as f:

@@ -54,6 +54,7 @@ def test_carracing_pipeline_end_to_end_with_c_trained_in_the_real_env(tmp_path, 
     assert all(len(res[k]["returns"]) == 2 for k in ("agent", "random", "random_iid"))
     log = json.loads((p.controller_dir / "log.json").read_text())
     assert [r["generation"] for r in log] == [1, 2]
+    assert all(r["select_score"] is not None and r["select_steps"] == 30 for r in log)  # 1 whole 30-step track
     assert (p.media / "agent.gif").is_file()
 
     # a spent time budget ends C before its generations, and the pipeline counts C complete; a larger one resumes it

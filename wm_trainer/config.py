@@ -102,14 +102,18 @@ class ControllerConfig:
     patience: int = field(0, min=0, help="real mode: a training episode ends after this many steps in a row without "
                           "a positive reward (CarRacing: no new tile, the car is off the track or stopped), so "
                           "hopeless candidates cost little; evaluation never ends early (0 = off)")
-    select_every: int = field(25, min=0, help="score the CMA-ES mean in the dream every N generations and keep the "
-                              "best (paper: 25; the last generation is always scored; 0 = last only)")
+    select_every: int = field(25, min=0, help="score the CMA-ES mean every N generations (in the dream; real mode: see "
+                              "select_episodes) and keep the best (paper: 25; the last generation, or the one a "
+                              "spent time budget ends on, is always scored; 0 = last only)")
     select_rollouts: int = field(1024, min=1, help="dream rollouts that score each selected mean (paper: 1024)")
+    select_episodes: int = field(0, min=0, help="real mode: every select_every generations (and at the last) the "
+                                 "CMA-ES mean plays this many whole real episodes on fixed training tracks, never "
+                                 "the evaluation's, and the best-scoring mean is kept (0 = keep the last mean)")
     eval_every: int = field(25, min=0, help="play the kept controller in the real env every N generations, "
                             "for the log only: the real game never chooses C (0 = off)")
     eval_episodes: int = field(16, min=1, help="real episodes for the periodic evaluation")
     keep: Literal["selected", "mean"] = field(
-        "selected", help="final controller: the best dream-scored mean (paper), or the last generation's mean")
+        "selected", help="final controller: the best-scored mean (paper), or the last generation's mean")
     dream_done: Literal["threshold", "sample"] = field(
         "threshold", help="dream episode end: done logit > 0 (paper), or drawn each step from the done head's "
                           "probability with its positive weighting undone")

@@ -2,9 +2,10 @@
 
 Each generation: the population's fitness, then mean/best/worst and sigma to the progress bar,
 TensorBoard (``controller/`` keys) and log.json/log.csv, then the CMA-ES state and the kept
-controller saved atomically as data, so a killed run resumes at the same generation. In the dream
-the kept controller is the best dream-scored CMA-ES mean (the paper's selection); every
-``controller.eval_every`` generations it plays ``eval_episodes`` real episodes, for the log only.
+controller saved atomically as data, so a killed run resumes at the same generation. The kept
+controller is the best-scored CMA-ES mean (the paper's selection): scored in the dream, or in real
+mode on fixed training tracks (``controller.select_episodes``); every ``controller.eval_every``
+generations it plays ``eval_episodes`` real episodes, for the log only.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .training.cmaes import CMAES, read_state
 
 STATE_FILE = "cmaes.npz"
 LOG_FIELDS = ("generation", "mean", "best", "worst", "sigma", "select_score", "select_std", "kept_generation",
-              "eval_mean", "eval_std", "env_steps")
+              "eval_mean", "eval_std", "env_steps", "select_steps")
 
 
 def dream_returns(mdnrnn: Any, ctrl: Controller, params: np.ndarray | None = None, initial_z: np.ndarray | None = None,
@@ -212,7 +213,9 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     In dream mode the kept controller is chosen in the dream alone: every ``controller.select_every``
     generations (and at the last) the CMA-ES mean plays ``controller.select_rollouts`` dream rollouts on fixed
     start states and seeds, and the best-scoring mean is kept; training stops early once a mean survives to
-    the dream's cap. Real episodes (``eval_every``) only report how the kept controller plays.
+    the dream's cap. Real episodes (``eval_every``) only report how the kept controller plays. In real mode
+    with ``controller.select_episodes``, the mean plays that many whole episodes on the same training tracks
+    at each selection instead (never the evaluation's tracks). A spent time budget's last generation is scored.
     """
     from tqdm import tqdm
 
@@ -256,7 +259,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         select_rng = np.random.default_rng([cfg.experiment.seed, 2])
         select_z = initial_pool[select_rng.integers(len(initial_pool), size=cc.select_rollouts)]
         dream = functools.partial(dream, done_bias=_dream_done_bias(dream, paths, cfg, select_z, max_steps))
-    from .sim.rollout import AgentWeights, Job, Played, fitness_seeds, play
+    from .sim.rollout import AgentWeights, Job, Played, fitness_seeds, play, select_seeds
 
     weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32), ctrl)
     trained_s = float(extra.get("trained_s", 0.0))  # C's wall time in earlier runs of this state
@@ -290,9 +293,18 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
             row = {"generation": g + 1, "mean": float(fit.mean()), "best": float(fit.max()),
                    "worst": float(fit.min()), "sigma": opt.sigma, "select_score": None, "select_std": None,
                    "kept_generation": None, "eval_mean": None, "eval_std": None,
-                   "env_steps": env_steps}
-            last = g + 1 == cc.generations
-            if dream is not None and (last or (cc.select_every and (g + 1) % cc.select_every == 0)):
+                   "env_steps": env_steps, "select_steps": None}
+            last = g + 1 == cc.generations or out_of_time()
+            select_now = last or (cc.select_every and (g + 1) % cc.select_every == 0)
+            if dream is None and select_now and cc.select_episodes:
+                # real mode: the mean on the same training tracks at every selection, played whole
+                jobs = [Job(0, s) for s in select_seeds(cfg.experiment.seed, cc.select_episodes)]
+                played = Played(executor, weights.with_params(opt.mean[None]), jobs, cfg)
+                scores = played.result()
+                row["select_score"], row["select_std"] = float(scores.mean()), float(scores.std())
+                row["select_steps"] = int(played.steps.sum())
+                kept.offer(opt.mean, row["select_score"], g + 1)
+            if dream is not None and select_now:
                 # the same start states and seeds at every selection: each mean meets the same dreams
                 scores = dream(np.repeat(opt.mean[None], cc.select_rollouts, axis=0), select_z,
                                seed=cfg.experiment.seed * 100_003 + 99_991)

@@ -330,6 +330,11 @@ def eval_seeds(base_seed: int, n: int) -> list[int]:
     return [10_000_000 + 1000 * base_seed + i for i in range(n)]
 
 
+def select_seeds(base_seed: int, n: int) -> list[int]:
+    """Seeds of the n real episodes that score each selected CMA-ES mean: fixed per run seed, disjoint from the rest."""
+    return [20_000_000 + 1000 * base_seed + i for i in range(n)]
+
+
 def fitness_seeds(base_seed: int, generation: int, n: int) -> list[int]:
     """Seeds for one generation's real-env fitness: shared by all candidates (common random numbers)."""
     return [1_000 * base_seed + 997 * generation + i for i in range(n)]
