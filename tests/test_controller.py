@@ -232,10 +232,8 @@ def _rows(run_dir):
     return json.loads((RunPaths(run_dir).controller_dir / "log.json").read_text())
 
 
-def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_chooses(tmp_path, monkeypatch,
-                                                                                   make_tiny_run):
-    import wm_trainer.sim.rollout
-    from wm_trainer.base.storage import RunPaths
+def _record_means(monkeypatch) -> dict:
+    """{generation: the CMA-ES mean after it}, filled as training runs."""
     from wm_trainer.training.cmaes import CMAES
 
     means = {}
@@ -246,6 +244,15 @@ def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_choo
         means[self.generation] = np.array(self.mean)
 
     monkeypatch.setattr(CMAES, "tell", tell)
+    return means
+
+
+def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_chooses(tmp_path, monkeypatch,
+                                                                                   make_tiny_run):
+    import wm_trainer.sim.rollout
+    from wm_trainer.base.storage import RunPaths
+
+    means = _record_means(monkeypatch)
     played = []
     original_play = wm_trainer.sim.rollout.play
 
@@ -287,16 +294,8 @@ def test_real_mode_keeps_the_best_mean_scored_on_fixed_training_tracks(tmp_path,
     import wm_trainer.sim.rollout
     from wm_trainer.base.storage import RunPaths
     from wm_trainer.sim.rollout import eval_seeds, fitness_seeds, select_seeds
-    from wm_trainer.training.cmaes import CMAES
 
-    means = {}
-    original_tell = CMAES.tell
-
-    def tell(self, X, fit):
-        original_tell(self, X, fit)
-        means[self.generation] = np.array(self.mean)
-
-    monkeypatch.setattr(CMAES, "tell", tell)
+    means = _record_means(monkeypatch)
     played = []  # (seeds, cap, rows of weights) of every batch of real episodes
     original = wm_trainer.sim.rollout.Played.__init__
 

@@ -272,8 +272,9 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         return budget_spent(cc, spent())
     bar = tqdm(total=cc.generations, initial=min(opt.generation, cc.generations), desc="train-controller",
                unit="gen", file=sys.stderr, dynamic_ncols=True)
+    stop = budget_spent(cc, trained_s)  # spent by earlier runs; else this run plays at least one generation
     try:
-        while not done and opt.generation < cc.generations and not out_of_time():
+        while not done and opt.generation < cc.generations and not stop:
             g = opt.generation
             X = opt.ask()
             env_steps = None
@@ -294,7 +295,8 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                    "worst": float(fit.min()), "sigma": opt.sigma, "select_score": None, "select_std": None,
                    "kept_generation": None, "eval_mean": None, "eval_std": None,
                    "env_steps": env_steps, "select_steps": None}
-            last = g + 1 == cc.generations or out_of_time()
+            stop = out_of_time()
+            last = g + 1 == cc.generations or stop
             select_now = last or (cc.select_every and (g + 1) % cc.select_every == 0)
             if dream is None and select_now and cc.select_episodes:
                 # real mode: the mean on the same training tracks at every selection, played whole
@@ -322,6 +324,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
             log.add(row)
             opt.save(state_path, extra={"log": log.rows, **kept.to_extra(), "done": done, "trained_s": spent()})
             bar.update(1)
+            stop = stop or out_of_time()  # ran out while scoring or evaluating this generation
             bar.set_postfix(mean=f"{row['mean']:.1f}", best=f"{row['best']:.1f}",
                             kept=f"{kept.score:.1f}" if kept.params is not None else "-", sigma=f"{opt.sigma:.3f}")
         if not done and opt.generation < cc.generations and out_of_time():
