@@ -6,7 +6,8 @@ lockstep with one batched V/M/C forward per step (``sim.rollout.run_jobs``, what
 ``wm-trainer evaluate`` run), with the paper's CarRacing sizes (V z 32, M hidden 256 without a done head, C on
 [z, h] with a bias), untrained: throughput depends on the weights only through episode length, and CarRacing
 episodes run to the step cap unless the car leaves the playfield. The raw env stepped by the random policy (no
-resize, no V/M/C) is the ceiling. Sides alternate within each repeat; medians over repeats.
+resize, no V/M/C) is the ceiling, measured with this project's vectorized road drawing and with
+gymnasium's own (the same frames). Sides alternate within each repeat; medians over repeats.
 """
 from __future__ import annotations
 
@@ -38,16 +39,21 @@ def _weights(seed: int, population: int) -> Any:
     return AgentWeights.from_models(vae, m, params, ctrl)
 
 
-def raw_rate(seconds: float, seed: int = 0) -> float:
-    """Random-policy CarRacing env steps/s in this process (the env alone: no resize, no V/M/C)."""
+def raw_rate(seconds: float, seed: int = 0, stock: bool = False) -> float:
+    """Random-policy CarRacing env steps/s in this process (the env alone: no resize, no V/M/C).
+
+    ``stock``: gymnasium's own road drawing instead of :mod:`wm_trainer.games.carracing_road` (same frames).
+    """
+    import gymnasium as gym
+
     from benchmarks.envsteps import step_random
     from wm_trainer.games import real
 
-    env = real.make_env(ENV_ID, 1000)
+    gym_env = gym.make(ENV_ID) if stock else real.make_env(ENV_ID, 1000).gym_env
     try:
-        steps, wall = step_random(env.gym_env, ENV_ID, seconds, seed)
+        steps, wall = step_random(gym_env, ENV_ID, seconds, seed)
     finally:
-        env.close()
+        gym_env.close()
     return steps / wall
 
 
@@ -69,10 +75,11 @@ def measure(quick: bool) -> dict:
     lockstep = (1, 4, 16)
     weights = _weights(0, 16)
     agent_rate(weights, 1, 20, 0)  # builds V and M, warms the kernels
-    figures: dict[str, list[float]] = {"raw": [], **{f"agent_{n}env": [] for n in lockstep}}
+    figures: dict[str, list[float]] = {"raw": [], "raw_stock": [], **{f"agent_{n}env": [] for n in lockstep}}
     seed = 100
-    for _ in range(repeats):
-        figures["raw"].append(raw_rate(raw_seconds, seed))
+    for r in range(repeats):
+        for stock in ((False, True) if r % 2 == 0 else (True, False)):
+            figures["raw_stock" if stock else "raw"].append(raw_rate(raw_seconds, seed, stock))
         for n in lockstep:
             figures[f"agent_{n}env"].append(agent_rate(weights, n, max_steps, seed))
             seed += n
@@ -85,6 +92,7 @@ def measure(quick: bool) -> dict:
         "episode_steps": max_steps, "repeats": repeats, "cpu_count": os.cpu_count(),
         "steps_per_s_per_worker": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in figures.items()},
         "best": best, "best_vs_raw": med[best] / med["raw"],
+        "raw_vs_stock_road": statistics.median(a / b for a, b in zip(figures["raw"], figures["raw_stock"])),
         "paper_setting": {**PAPER, "env_steps": steps,
                           "worker_hours": steps / med[best] / 3600,
                           "worker_seconds_per_generation": per_generation / med[best]},

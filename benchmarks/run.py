@@ -368,8 +368,9 @@ def _other_row(name: str, v: dict) -> str:
     if name == "carracing" and "paper_setting" in v:
         rates, paper = v["steps_per_s_per_worker"], v["paper_setting"]
         best = rates[v["best"]]["median"]
+        road = f" ({v['raw_vs_stock_road']:.2f}x gymnasium's own road drawing)" if "raw_vs_stock_road" in v else ""
         return (f"| real-env CMA-ES, CarRacing, 1 worker ({v['model']}) | raw random policy: "
-                f"{_fmt(rates['raw']['median'])} env-steps/s | agent, {v['best'].split('_')[1]}: {_fmt(best)} "
+                f"{_fmt(rates['raw']['median'])} env-steps/s{road} | agent, {v['best'].split('_')[1]}: {_fmt(best)} "
                 f"env-steps/s; the paper's {paper['env_steps']:.2e} steps = {_fmt(paper['worker_hours'])} "
                 f"worker-hours | {v['best_vs_raw']:.3f} | (a cost estimate) | |")
     if name == "loader" and "frames_per_s" in v:
