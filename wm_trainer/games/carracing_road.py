@@ -11,7 +11,7 @@ are reached here only, and :func:`install` leaves an env it does not recognise u
 from __future__ import annotations
 
 import math
-import types
+import sys
 from typing import Any
 
 import numpy as np
@@ -90,8 +90,6 @@ def install(gym_env: Any) -> bool:
         return False
     if not callable(getattr(type(env), "_render_road", None)):
         return False
-    import sys
-
     from pygame import gfxdraw
 
     cr = sys.modules[module]
@@ -100,7 +98,5 @@ def install(gym_env: Any) -> bool:
         return False
     bounds = {"playfield": cr.PLAYFIELD, "grass_dim": cr.GRASS_DIM, "max_shape": cr.MAX_SHAPE_DIM,
               "window_w": cr.WINDOW_W, "window_h": cr.WINDOW_H}
-    renderer = RoadRenderer(env, gfxdraw, bounds)
-    env._render_road = types.MethodType(lambda self, zoom, translation, angle: renderer(zoom, translation, angle),
-                                        env)
+    env._render_road = RoadRenderer(env, gfxdraw, bounds)  # an instance attribute: called as (zoom, translation, angle)
     return True
