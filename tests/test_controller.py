@@ -278,6 +278,12 @@ def test_selection_keeps_the_best_dream_scored_mean_and_the_real_game_never_choo
                for r in rows)
     kept = Controller.load(paths.controller_model)
     np.testing.assert_allclose(kept.params, gen_means[best].astype(np.float32))
+    # every scored mean is on disk as a controller file, not only the kept one
+    assert sorted(f.name for f in (paths.controller_dir / "scored").iterdir()) == [
+        f"gen_{g:06d}.npz" for g in (2, 4, 6)]
+    for g in (2, 4, 6):
+        np.testing.assert_array_equal(Controller.load(paths.scored_controller(g)).params,
+                                      gen_means[g].astype(np.float32))
     # real-game evaluations are logged for the kept controller and change nothing of what is kept
     watched_paths, _ = runs["watched"]
     np.testing.assert_array_equal(Controller.load(watched_paths.controller_model).params, kept.params)
@@ -320,6 +326,10 @@ def test_real_mode_keeps_the_best_mean_scored_on_fixed_training_tracks(tmp_path,
                for r in rows)
     np.testing.assert_allclose(Controller.load(RunPaths(cfg.run_dir).controller_model).params,
                                means[best].astype(np.float32))
+    for g in scored:
+        np.testing.assert_array_equal(Controller.load(RunPaths(cfg.run_dir).scored_controller(g)).params,
+                                      means[g].astype(np.float32))
+    assert not RunPaths(cfg.run_dir).scored_controller(1).exists()
     selections = [(seeds, cap) for seeds, cap, n in played if n == 1]
     assert selections == [(select_seeds(cfg.experiment.seed, 3), 0)] * 3  # the same tracks each time, uncapped
     trained = {s for seeds, cap, n in played if n > 1 for s in seeds}

@@ -51,6 +51,37 @@ def test_evaluate_writes_json_and_prints_both_scores_then_render_writes_media(tm
     assert len(iio.imread(p.media / "dream.gif", index=None)) == 2
 
 
+def test_evaluate_scores_another_controller_file_beside_it_and_leaves_eval_json(tmp_path, capsys, make_tiny_run):
+    cfg_path, cfg = make_tiny_run(tmp_path)
+    p = RunPaths(cfg.run_dir)
+    Controller(cfg.vae.z_dim, cfg.mdnrnn.hidden, 1, params=np.full(13, 0.5)).save(p.controller_model)
+    other = p.scored_controller(40)
+    other.parent.mkdir(parents=True)
+    Controller(cfg.vae.z_dim, cfg.mdnrnn.hidden, 1, params=np.full(13, -0.5)).save(other)
+    base = ["-c", str(cfg_path), "--set", f"experiment.out_dir={tmp_path}", "--episodes", "4"]
+    assert main(["evaluate", *base]) == 0
+    kept = json.loads(p.eval_json.read_text())
+    capsys.readouterr()
+
+    # the kept controller, agent only: the same episodes, written beside it
+    assert main(["evaluate", *base, "--agent-only"]) == 0
+    again = json.loads(p.controller_model.with_suffix(".eval.json").read_text())
+    assert again["agent"]["returns"] == kept["agent"]["returns"] and "random" not in again
+    out = capsys.readouterr().out
+    assert "agent: " in out and "random" not in out
+
+    assert main(["evaluate", *base, "--controller", str(other), "--agent-only"]) == 0
+    res = json.loads(other.with_suffix(".eval.json").read_text())
+    assert res["controller"] == str(other) and res["seeds"] == kept["seeds"]
+    assert set(res) >= {"agent", "episodes"} and not {"random", "random_iid", "margin_vs_random"} & set(res)
+    assert f"eval: {other.with_suffix('.eval.json')}" in capsys.readouterr().out
+    assert json.loads(p.eval_json.read_text()) == kept  # the run's eval.json untouched
+
+    assert main(["evaluate", *base, "--controller", str(tmp_path / "nope.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.npz" in err and "Traceback" not in err
+
+
 def test_evaluate_without_a_controller_is_one_line_error(tmp_path, capsys, make_tiny_run):
     cfg_path, _ = make_tiny_run(tmp_path)
     assert main(["evaluate", "-c", str(cfg_path), "--set", f"experiment.out_dir={tmp_path}"]) == 2

@@ -29,8 +29,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "evaluate": lambda p: p.add_argument("--episodes", type=int, default=None,
-                                         help="real episodes (default: evaluate.episodes)"),
+    "evaluate": lambda p: (
+        p.add_argument("--episodes", type=int, default=None, help="real episodes (default: evaluate.episodes)"),
+        p.add_argument("--controller", metavar="FILE", default=None,
+                       help="score this controller file instead of the run's controller.npz, e.g. a CMA-ES mean "
+                            "saved at a selection (controller/scored/gen_NNNNNN.npz)"),
+        p.add_argument("--agent-only", action="store_true",
+                       help="play only the agent's episodes, not the two random baselines (a third of the time); "
+                            "with either option the result goes to <controller file>.eval.json beside the file "
+                            "scored, never to the run's eval.json")),
 }
 
 

@@ -216,6 +216,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     the dream's cap. Real episodes (``eval_every``) only report how the kept controller plays. In real mode
     with ``controller.select_episodes``, the mean plays that many whole episodes on the same training tracks
     at each selection instead (never the evaluation's tracks). A spent time budget's last generation is scored.
+    Every scored mean is also written as a controller file (``RunPaths.scored_controller``).
     """
     from tqdm import tqdm
 
@@ -305,12 +306,14 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                 scores = played.result()
                 row["select_score"], row["select_std"] = float(scores.mean()), float(scores.std())
                 row["select_steps"] = int(played.steps.sum())
+                _save_scored(ctrl, opt.mean, paths.scored_controller(g + 1))
                 kept.offer(opt.mean, row["select_score"], g + 1)
             if dream is not None and select_now:
                 # the same start states and seeds at every selection: each mean meets the same dreams
                 scores = dream(np.repeat(opt.mean[None], cc.select_rollouts, axis=0), select_z,
                                seed=cfg.experiment.seed * 100_003 + 99_991)
                 row["select_score"], row["select_std"] = float(scores.mean()), float(scores.std())
+                _save_scored(ctrl, opt.mean, paths.scored_controller(g + 1))
                 kept.offer(opt.mean, row["select_score"], g + 1)
                 done = row["select_score"] >= max_steps  # the mean survives every dream: nothing left to learn
             row["kept_generation"] = kept.generation
@@ -338,6 +341,13 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     final = opt.mean if cc.keep == "mean" or kept.params is None else kept.params
     ctrl.params = np.asarray(final, np.float32)
     return ctrl.save(paths.controller_model)
+
+
+def _save_scored(ctrl: Controller, mean: np.ndarray, path: Path) -> None:
+    """Write a scored CMA-ES mean as a controller file, so that any of them can be evaluated or rendered later."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ctrl.params = np.asarray(mean, np.float32)
+    ctrl.save(path)
 
 
 def _dream_done_bias(dream: Callable, paths: RunPaths, cfg: Config, select_z: np.ndarray, max_steps: int) -> float:

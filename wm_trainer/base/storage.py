@@ -59,6 +59,10 @@ class RunPaths:
         """The collection policy in the dream beside the game, and the done-logit bias C trained with."""
         return self.controller_dir / "dream_calibration.json"
 
+    def scored_controller(self, generation: int) -> Path:
+        """The CMA-ES mean scored at a selection after ``generation`` generations, as a controller file."""
+        return self.controller_dir / "scored" / f"gen_{generation:06d}.npz"
+
     @property
     def controller_model(self) -> Path:
         """The best controller's parameters."""
