@@ -147,6 +147,34 @@ def test_sigkill_of_a_later_stage_leaves_no_process(trained_tiny_run, tmp_path, 
     _assert_all_end(tree)
 
 
+@pytest.mark.parametrize("stage, overrides", [
+    ("evaluate", ["evaluate.episodes=400"]),
+    ("train-controller", ["controller.mode=real", "controller.generations=50", "controller.population=32"]),
+])
+def test_sigterm_of_a_later_stage_stops_at_once_without_playing_its_queued_episodes(trained_tiny_run, tmp_path,
+                                                                                    stage, overrides):
+    import shutil
+
+    shutil.copytree(trained_tiny_run, tmp_path, dirs_exist_ok=True)
+    if stage == "train-controller":
+        shutil.rmtree(tmp_path / "tiny_doom" / "controller")
+        (tmp_path / "tiny_doom" / "controller.npz").unlink()
+    sets = [f"experiment.out_dir={tmp_path}", "env.max_steps=2000", *overrides]
+    proc = _start(tmp_path, stage, "-c", "configs/tiny_doom.yaml", *[a for s in sets for a in ("--set", s)])
+    tree = _wait_for_games(proc, 2)
+    time.sleep(0.3)
+    tree.update(_tree(proc.pid))
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert "wm-trainer: terminated; re-run the same command to resume" in err.decode()
+    # hundreds of queued episodes of up to 2,000 ticks are dropped, not played out before the run ends
+    assert took < 10, f"{stage} took {took:.1f} s to stop"
+    _assert_all_end(tree)
+
+
 def test_sigkill_of_pipeline_leaves_no_process(tmp_path):
     proc = _start(tmp_path, "pipeline", "-c", "configs/tiny_doom.yaml", "--set", f"experiment.out_dir={tmp_path}",
                   "--set", "collect.episodes=200", "--set", "env.max_steps=400")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .base.parallel import Executor, make_executor
+from .base.parallel import Executor, executor_scope
 from .base.storage import RunPaths
 from .data.episodes import EPISODE_KEYS, CorruptEpisode, episode_path, save_episode, scan_episode, warn_corrupt
 from .games.real import WorldEnv, cached_env, make_env, random_policy
@@ -97,16 +97,8 @@ def collect_episodes(cfg: Any, executor: Executor | None = None) -> list[Path]:
     max_steps = cfg.collect.max_steps or cfg.env.max_steps
     if todo:
         make_env(cfg.env, max_steps).close()  # an unknown id or missing package fails here, not in a worker
-        own = executor is None
-        ex = make_executor(cfg.parallel) if own else executor
-        try:
+        with executor_scope(cfg.parallel, executor) as ex:
             _run(ex, cfg, todo, folder, max_steps, total, tqdm)
-        except BaseException:
-            if own:
-                ex.shutdown(cancel=True)
-            raise
-        if own:
-            ex.shutdown()
     return [episode_path(folder, i) for i in range(total)]
 
 

@@ -70,6 +70,7 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None, con
     """
     from tqdm import tqdm
 
+    from .base.parallel import executor_scope
     from .models.controller import Controller
     from .models.memory import load_mdnrnn
     from .models.vision import load_vae
@@ -84,12 +85,7 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None, con
     weights = AgentWeights.from_models(vae, mdnrnn, ctrl.params[None], ctrl)
     seeds = eval_seeds(cfg.experiment.seed, n)
     jobs = [Job(0, s) for s in seeds]
-    own = None
-    if executor is None:
-        from .base.parallel import make_executor
-
-        executor = own = make_executor(cfg.parallel)
-    try:
+    with executor_scope(cfg.parallel, executor) as executor:
         with tqdm(total=(1 if agent_only else 3) * n, desc="evaluate", unit="ep", file=sys.stderr,
                   dynamic_ncols=True) as bar:
             # all queued at once: the random episodes fill workers the agent's last long episodes leave idle
@@ -97,9 +93,6 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None, con
             if not agent_only:
                 played += [Played(executor, None, jobs, cfg), Played(executor, None, jobs, cfg, repeat_prob=0.0)]
             returns = [p.result(progress=bar.update) for p in played]
-    finally:
-        if own is not None:
-            own.shutdown()
     result = {"env": cfg.env.id, "episodes": n, "max_steps": cfg.env.max_steps, "seeds": seeds,
               "controller_mode": cfg.controller.mode, "controller": str(controller or paths.controller_model),
               "agent": _summary(returns[0])}

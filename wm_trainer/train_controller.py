@@ -274,6 +274,7 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     bar = tqdm(total=cc.generations, initial=min(opt.generation, cc.generations), desc="train-controller",
                unit="gen", file=sys.stderr, dynamic_ncols=True)
     stop = budget_spent(cc, trained_s)  # spent by earlier runs; else this run plays at least one generation
+    failed = True  # until the loop ends normally: an exception, Ctrl-C or SIGTERM drops the workers' queued episodes
     try:
         while not done and opt.generation < cc.generations and not stop:
             g = opt.generation
@@ -333,11 +334,12 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
         if not done and opt.generation < cc.generations and out_of_time():
             print(f"train-controller: stopped after generation {opt.generation}: {spent() / 60:.1f} min of "
                   f"controller.max_minutes={cc.max_minutes:g} used", file=sys.stderr)
+        failed = False
     finally:
         bar.close()
         log.close()
         if own_executor is not None:
-            own_executor.shutdown()
+            own_executor.shutdown(cancel=failed)
     final = opt.mean if cc.keep == "mean" or kept.params is None else kept.params
     ctrl.params = np.asarray(final, np.float32)
     return ctrl.save(paths.controller_model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -498,3 +499,14 @@ def make_executor(parallel_cfg: Any) -> Executor:
     if parallel_cfg.backend == "local":
         return LocalExecutor(parallel_cfg.workers)
     raise UserError(f"parallel.backend: unknown backend {parallel_cfg.backend!r} (local or dask)")
+
+
+@contextlib.contextmanager
+def executor_scope(parallel_cfg: Any, executor: Executor | None = None) -> Iterator[Executor]:
+    """``executor`` as given, or a new one from ``make_executor`` that ends with the block: after its work on a
+    normal exit, at once (queued work dropped, workers and their games killed) on an exception, Ctrl-C or SIGTERM."""
+    if executor is not None:
+        yield executor
+        return
+    with make_executor(parallel_cfg) as own:
+        yield own
