@@ -125,12 +125,8 @@ def test_sigterm_and_ctrl_c_of_collect_say_it_resumes_and_leave_no_process(tmp_p
 
 
 
-@pytest.mark.parametrize("stage, overrides, games", [
-    ("evaluate", ["evaluate.episodes=400"], 2),
-    ("render", ["evaluate.gif_steps=100000"], 1),  # the agent GIF's game runs in the main process
-    ("train-controller", ["controller.mode=real", "controller.generations=50"], 2),
-])
-def test_sigkill_of_a_later_stage_leaves_no_process(trained_tiny_run, tmp_path, stage, overrides, games):
+def _start_later_stage(trained_tiny_run: Path, tmp_path: Path, stage: str, overrides: list[str]) -> subprocess.Popen:
+    """``stage`` on a copy of the trained tiny run (without its controller for train-controller), long episodes."""
     import shutil
 
     shutil.copytree(trained_tiny_run, tmp_path, dirs_exist_ok=True)
@@ -138,7 +134,16 @@ def test_sigkill_of_a_later_stage_leaves_no_process(trained_tiny_run, tmp_path, 
         shutil.rmtree(tmp_path / "tiny_doom" / "controller")
         (tmp_path / "tiny_doom" / "controller.npz").unlink()
     sets = [f"experiment.out_dir={tmp_path}", "env.max_steps=2000", *overrides]
-    proc = _start(tmp_path, stage, "-c", "configs/tiny_doom.yaml", *[a for s in sets for a in ("--set", s)])
+    return _start(tmp_path, stage, "-c", "configs/tiny_doom.yaml", *[a for s in sets for a in ("--set", s)])
+
+
+@pytest.mark.parametrize("stage, overrides, games", [
+    ("evaluate", ["evaluate.episodes=400"], 2),
+    ("render", ["evaluate.gif_steps=100000"], 1),  # the agent GIF's game runs in the main process
+    ("train-controller", ["controller.mode=real", "controller.generations=50"], 2),
+])
+def test_sigkill_of_a_later_stage_leaves_no_process(trained_tiny_run, tmp_path, stage, overrides, games):
+    proc = _start_later_stage(trained_tiny_run, tmp_path, stage, overrides)
     tree = _wait_for_games(proc, games)
     time.sleep(0.3)
     tree.update(_tree(proc.pid))
@@ -153,14 +158,7 @@ def test_sigkill_of_a_later_stage_leaves_no_process(trained_tiny_run, tmp_path, 
 ])
 def test_sigterm_of_a_later_stage_stops_at_once_without_playing_its_queued_episodes(trained_tiny_run, tmp_path,
                                                                                     stage, overrides):
-    import shutil
-
-    shutil.copytree(trained_tiny_run, tmp_path, dirs_exist_ok=True)
-    if stage == "train-controller":
-        shutil.rmtree(tmp_path / "tiny_doom" / "controller")
-        (tmp_path / "tiny_doom" / "controller.npz").unlink()
-    sets = [f"experiment.out_dir={tmp_path}", "env.max_steps=2000", *overrides]
-    proc = _start(tmp_path, stage, "-c", "configs/tiny_doom.yaml", *[a for s in sets for a in ("--set", s)])
+    proc = _start_later_stage(trained_tiny_run, tmp_path, stage, overrides)
     tree = _wait_for_games(proc, 2)
     time.sleep(0.3)
     tree.update(_tree(proc.pid))
