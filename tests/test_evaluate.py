@@ -80,6 +80,12 @@ def test_evaluate_scores_another_controller_file_beside_it_and_leaves_eval_json(
     assert main(["evaluate", *base, "--controller", str(tmp_path / "nope.npz")]) == 2
     err = capsys.readouterr().err
     assert "nope.npz" in err and "Traceback" not in err
+    wrong = tmp_path / "other_run.npz"  # a controller of a run with another V
+    Controller(cfg.vae.z_dim + 1, cfg.mdnrnn.hidden, 1).save(wrong)
+    assert main(["evaluate", *base, "--controller", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "other_run.npz" in err and f"z_dim {cfg.vae.z_dim + 1}" in err
+    assert not wrong.with_suffix(".eval.json").exists()
 
 
 def test_evaluate_without_a_controller_is_one_line_error(tmp_path, capsys, make_tiny_run):

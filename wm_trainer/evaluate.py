@@ -79,7 +79,8 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None, con
     n = int(episodes or cfg.evaluate.episodes)
     paths = RunPaths(cfg.run_dir)
     adim = env_action_dim(cfg.env.id)
-    ctrl = Controller.load(paths.controller_model if controller is None else Path(controller))
+    ctrl = Controller.load(paths.controller_model if controller is None else Path(controller),
+                           (cfg.vae.z_dim, cfg.mdnrnn.hidden, adim))
     vae = load_vae(paths.vae_model, cfg.vae.z_dim, cfg.vae.kl_tolerance)
     mdnrnn = load_mdnrnn(paths.mdnrnn_model, cfg, adim)
     weights = AgentWeights.from_models(vae, mdnrnn, ctrl.params[None], ctrl)

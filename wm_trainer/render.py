@@ -112,7 +112,7 @@ def render(cfg: Config) -> list[Path]:
 
     paths = RunPaths(cfg.run_dir)
     adim = env_action_dim(cfg.env.id)
-    ctrl = Controller.load(paths.controller_model)
+    ctrl = Controller.load(paths.controller_model, (cfg.vae.z_dim, cfg.mdnrnn.hidden, adim))
     vae = load_vae(paths.vae_model, cfg.vae.z_dim, cfg.vae.kl_tolerance)
     mdnrnn = load_mdnrnn(paths.mdnrnn_model, cfg, adim)
     rng = np.random.default_rng(cfg.experiment.seed)

@@ -100,8 +100,9 @@ class Controller:
                             bias=np.array(self.bias))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Controller:
-        """Read a controller written by :meth:`save` with pickling off; a missing or damaged file is a UserError."""
+    def load(cls, path: str | os.PathLike, expect: tuple[int, int, int] | None = None) -> Controller:
+        """Read a controller written by :meth:`save` with pickling off; a missing or damaged file, or one whose
+        (z_dim, hidden, action_dim) differ from ``expect`` (the run's V, M and env), is a UserError."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no controller here; run `wm-trainer train-controller` first")
@@ -117,6 +118,9 @@ class Controller:
             ctrl = cls(*sizes, inputs=inputs, bias=bias)  # type: ignore[arg-type]
         except (TypeError, ValueError) as e:
             raise UserError(f"{path}: key 'z_dim', 'hidden', 'action_dim' or 'inputs': {e}") from None
+        if expect is not None and tuple(expect) != (ctrl.z_dim, ctrl.hidden, ctrl.action_dim):
+            raise UserError(f"{path}: a controller for z_dim {ctrl.z_dim}, hidden {ctrl.hidden}, action_dim "
+                            f"{ctrl.action_dim}; this run's V, M and env need {expect[0]}, {expect[1]}, {expect[2]}")
         expected = {"W": (ctrl.action_dim, ctrl.n_inputs), "b": (ctrl.action_dim,) if bias else None}
         for key, shape in expected.items():
             value = arrays[key]
