@@ -307,16 +307,16 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
                 scores = played.result()
                 row["select_score"], row["select_std"] = float(scores.mean()), float(scores.std())
                 row["select_steps"] = int(played.steps.sum())
-                _save_scored(ctrl, opt.mean, paths.scored_controller(g + 1))
                 kept.offer(opt.mean, row["select_score"], g + 1)
             if dream is not None and select_now:
                 # the same start states and seeds at every selection: each mean meets the same dreams
                 scores = dream(np.repeat(opt.mean[None], cc.select_rollouts, axis=0), select_z,
                                seed=cfg.experiment.seed * 100_003 + 99_991)
                 row["select_score"], row["select_std"] = float(scores.mean()), float(scores.std())
-                _save_scored(ctrl, opt.mean, paths.scored_controller(g + 1))
                 kept.offer(opt.mean, row["select_score"], g + 1)
                 done = row["select_score"] >= max_steps  # the mean survives every dream: nothing left to learn
+            if row["select_score"] is not None:  # every scored mean, kept or not, in either mode
+                _save_scored(ctrl, opt.mean, paths.scored_controller(g + 1))
             row["kept_generation"] = kept.generation
             if cc.eval_every and ((g + 1) % cc.eval_every == 0 or last or done):
                 # how the kept controller plays the real game: reported, never used to choose it
