@@ -82,3 +82,47 @@ def test_make_env_uses_it():
         assert "_render_road" in vars(env.gym_env.unwrapped)
     finally:
         env.close()
+
+
+@pytest.mark.parametrize("cap", [40, 31])
+def test_frame_skip_holds_each_action_and_draws_only_the_frame_the_agent_sees(cap):
+    from wm_trainer.games.real import open_env, random_policy
+
+    actions = [random_policy("CarRacing-v3", np.random.default_rng(2))() for _ in range(cap)]
+    with open_env("CarRacing-v3", cap) as every, open_env("CarRacing-v3", cap, frame_skip=2) as skip:
+        np.testing.assert_array_equal(every.reset(seed=9), skip.reset(seed=9))
+        done, t, seen = False, 0, None
+        while not done:
+            frame, ret, every_done = every.step(actions[t])  # the same action twice, one frame at a time
+            held_both = not every_done
+            if held_both:
+                frame, reward, every_done = every.step(actions[t])
+                ret += reward
+            got, got_ret, done = skip.step(actions[t])
+            assert "_render" not in vars(skip.gym_env.unwrapped)  # the drawing is back after the held frames
+            # an episode that ends on a held frame shows the last frame drawn
+            np.testing.assert_array_equal(got, frame if held_both else seen)
+            seen = got
+            assert got_ret == pytest.approx(ret) and done == every_done and skip.steps == every.steps
+            t += 1
+        assert skip.steps == cap and t == -(-cap // 2)  # the cap counts env frames, even mid-hold
+
+
+def test_unrendered_skips_the_drawing_and_leaves_other_envs_alone(monkeypatch):
+    env = gym.make("CarRacing-v3")
+    try:
+        env.reset(seed=1)
+        drawn = []
+        real_render = type(env.unwrapped)._render
+        monkeypatch.setattr(type(env.unwrapped), "_render",
+                            lambda self, *a, **k: drawn.append(1) or real_render(self, *a, **k))
+        with carracing_road.unrendered(env):
+            obs = env.step(np.array([0.0, 1.0, 0.0], dtype=np.float32))[0]
+        assert drawn == [] and obs.shape == (96, 96, 3)
+        env.step(np.array([0.0, 1.0, 0.0], dtype=np.float32))
+        assert drawn == [1]
+    finally:
+        env.close()
+    cart = gym.make("CartPole-v1")
+    with carracing_road.unrendered(cart):
+        assert "_render" not in vars(cart.unwrapped)

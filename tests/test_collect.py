@@ -208,3 +208,24 @@ def test_a_saved_episode_leaves_memory(tmp_path):
     paths = collect_episodes(cfg, executor=ex)
     assert all(p.exists() for p in paths) and len(paths) == 6
     assert ex.most_live <= 1  # at most the one episode just saved: collection memory does not grow with episodes
+
+
+def test_cli_collect_with_frame_skip_stores_the_frames_the_agent_sees(tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"experiment: {{out_dir: {tmp_path}, name: run, seed: 4}}\n"
+                        "env: {id: CarRacing-v3, frame_skip: 2}\n"
+                        "collect: {episodes: 2, max_steps: 30}\n"
+                        "parallel: {workers: 2}\n")
+    assert cli.main(["collect", "-c", str(cfg_file)]) == 0
+    cfg = load_config(cfg_file)
+    paths = list_episodes(tmp_path / "run" / "episodes")
+    assert len(paths) == 2
+    for p in paths:
+        ep = load_episode(p)
+        assert len(ep["frames"]) == 15 and ep["dones"][-1]  # 30 env steps, one stored frame per held action
+    _assert_reproducible(cfg, paths)
+    capsys.readouterr()
+    # the dream counts one env step per M step: frame skip there is a one-line error
+    assert cli.main(["train-controller", "-c", str(cfg_file), "--set", "controller.mode=dream"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "env.frame_skip" in err and "controller.mode real" in err and len(err.splitlines()) == 1

@@ -116,26 +116,30 @@ def test_a_crashed_emulator_costs_a_replay_not_the_generation(tiny, monkeypatch)
     close_envs()
 
 
-@pytest.mark.parametrize("cap, patience", [(7, 0), (0, 4), (30, 4)])
-def test_training_episodes_end_at_the_cap_or_after_patience_steps_without_reward(cap, patience):
+@pytest.mark.parametrize("cap, patience, skip", [(7, 0, 1), (0, 4, 1), (30, 4, 1), (7, 0, 2), (31, 4, 2)])
+def test_training_episodes_end_at_the_cap_or_after_patience_steps_without_reward(cap, patience, skip):
     from wm_trainer.games.real import open_env, random_policy
+    from wm_trainer.games.spec import EnvSpec
 
     env_id, seeds = "CarRacing-v3", (21, 22, 23)
-    got = run_jobs(None, [Job(0, s) for s in seeds], env_id, 60, n_envs=2, repeat_prob=0.5, cap=cap,
+    spec = EnvSpec(env_id, skip)
+    got = run_jobs(None, [Job(0, s) for s in seeds], spec, 60, n_envs=2, repeat_prob=0.5, cap=cap,
                    patience=patience)
-    with open_env(env_id, 60) as env:  # the same episodes stepped by hand, the rule applied here
+    with open_env(env_id, 60, skip) as env:  # the same episodes stepped by hand, the rule applied here in env steps
         for seed, res in zip(seeds, got):
             env.reset(seed=seed)
             policy = random_policy(env_id, np.random.default_rng(seed), 0.5)
-            ret, steps, idle, done = 0.0, 0, 0, False
+            ret, idle, done = 0.0, 0, False
             while not done:
+                before = env.steps
                 _, reward, done = env.step(policy())
-                ret, steps = ret + reward, steps + 1
-                idle = 0 if reward > 0 else idle + 1
-                done = done or steps == cap or (patience > 0 and idle >= patience)
-            assert (res.ret, res.steps) == pytest.approx((ret, steps))
-    full = run_jobs(None, [Job(0, s) for s in seeds], env_id, 60, n_envs=2, repeat_prob=0.5)
+                ret += reward
+                idle = 0 if reward > 0 else idle + env.steps - before
+                done = done or (cap and env.steps >= cap) or (patience > 0 and idle >= patience)
+            assert (res.ret, res.steps) == pytest.approx((ret, env.steps))
+    full = run_jobs(None, [Job(0, s) for s in seeds], spec, 60, n_envs=2, repeat_prob=0.5)
     assert all(r.steps <= f.steps for r, f in zip(got, full))
     assert any(r.steps < f.steps for r, f in zip(got, full))  # the rule ended some episode early
+    assert all(f.steps == 60 or f.ret < -50 for f in full)  # whole episodes count env steps, frame skip or not
     if cap:
-        assert all(r.steps <= cap for r in got)
+        assert all(r.steps <= cap + skip - 1 for r in got)

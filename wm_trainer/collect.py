@@ -54,13 +54,13 @@ def episode_repeat_prob(collect_cfg: Any, index: int) -> float:
     return float(probs[index % len(probs)]) if probs else float(collect_cfg.repeat_prob)
 
 
-def collect_one(env_id: str, max_steps: int, repeat_prob: float, index: int, seed: int
+def collect_one(env_id: str, max_steps: int, repeat_prob: float, index: int, seed: int, frame_skip: int = 1
                 ) -> tuple[int, dict[str, np.ndarray]]:
     """Worker task: episode ``index`` with ``seed``; returns (index, arrays). Envs are reused per worker.
 
     Takes plain values, not the Config: unpickling a Config in a worker would import the whole toolkit.
     """
-    return index, rollout_random(cached_env(env_id, max_steps), seed, repeat_prob)
+    return index, rollout_random(cached_env(env_id, max_steps, frame_skip), seed, repeat_prob)
 
 
 def _remove_stale_temps(folder: Path) -> None:
@@ -104,7 +104,7 @@ def collect_episodes(cfg: Any, executor: Executor | None = None) -> list[Path]:
 
 def _run(ex: Executor, cfg: Any, todo: list[int], folder: Path, max_steps: int, total: int, tqdm: Any) -> None:
     futures = [ex.submit(collect_one, cfg.env.id, max_steps, episode_repeat_prob(cfg.collect, i), i,
-                         episode_seed(cfg.experiment.seed, i)) for i in todo]
+                         episode_seed(cfg.experiment.seed, i), cfg.env.frame_skip) for i in todo]
     finished = ex.as_completed(futures)
     futures.clear()  # as_completed lets go of each future it yields: a saved episode leaves memory (and Dask workers)
     frames, start = 0, time.perf_counter()

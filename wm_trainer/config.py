@@ -34,6 +34,8 @@ class EnvConfig:
 
     id: str = field("VizdoomTakeCover-v1", help="VizdoomTakeCover-v1 or CarRacing-v3")
     max_steps: int = field(2100, min=1, help="episode cap in environment steps (paper: 2100 for Doom)")
+    frame_skip: int = field(1, min=1, help="hold each action for this many env steps, C and M seeing only the last "
+                            "(the paper: 1); every step cap and the score still count env steps; real mode only")
 
 
 @dataclasses.dataclass

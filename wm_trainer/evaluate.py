@@ -94,7 +94,8 @@ def evaluate(cfg: Config, episodes: int | None = None, executor: Any = None, con
             if not agent_only:
                 played += [Played(executor, None, jobs, cfg), Played(executor, None, jobs, cfg, repeat_prob=0.0)]
             returns = [p.result(progress=bar.update) for p in played]
-    result = {"env": cfg.env.id, "episodes": n, "max_steps": cfg.env.max_steps, "seeds": seeds,
+    result = {"env": cfg.env.id, "episodes": n, "max_steps": cfg.env.max_steps, "frame_skip": cfg.env.frame_skip,
+              "seeds": seeds,
               "controller_mode": cfg.controller.mode, "controller": str(controller or paths.controller_model),
               "agent": _summary(returns[0])}
     if not agent_only:

@@ -225,6 +225,9 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     from .models.vision import load_vae
 
     cc = cfg.controller
+    if cc.mode == "dream" and cfg.env.frame_skip > 1:
+        raise UserError(f"env.frame_skip: {cfg.env.frame_skip} needs controller.mode real (a dream step is one "
+                        "env step, so the dream's caps would not count what the game's do)")
     paths = RunPaths(cfg.run_dir)
     folder = paths.controller_dir
     folder.mkdir(parents=True, exist_ok=True)

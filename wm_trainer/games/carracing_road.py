@@ -5,13 +5,16 @@ step (the grass grid and every road tile, although ~40 are on screen), which is 
 the same arithmetic runs over all polygons at once in NumPy (pygame's ``Vector2.rotate_rad``, including its exact
 quarter-turn cases, then ``zoom`` and the translation, in the same order of float operations), and only the
 polygons gymnasium would draw are drawn, in its order, with its calls. The frames are the same pixels; a test
-compares them with the stock env's on whole episodes. gymnasium's private ``_render_road`` and road attributes
-are reached here only, and :func:`install` leaves an env it does not recognise untouched.
+compares them with the stock env's on whole episodes. gymnasium's private ``_render_road``, ``_render`` and road
+attributes are reached here only, and :func:`install` and :func:`unrendered` leave an env they do not recognise
+untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -84,15 +87,12 @@ class RoadRenderer:
 
 def install(gym_env: Any) -> bool:
     """Give a CarRacing env (gymnasium's, wrapped or not) the vectorized road; False where it does not apply."""
-    env = getattr(gym_env, "unwrapped", gym_env)
-    module = type(env).__module__
-    if type(env).__name__ != "CarRacing" or not module.startswith("gymnasium.envs.box2d"):
-        return False
-    if not callable(getattr(type(env), "_render_road", None)):
+    env = _carracing(gym_env)
+    if env is None or not callable(getattr(type(env), "_render_road", None)):
         return False
     from pygame import gfxdraw
 
-    cr = sys.modules[module]
+    cr = sys.modules[type(env).__module__]
     needed = ("PLAYFIELD", "GRASS_DIM", "MAX_SHAPE_DIM", "WINDOW_W", "WINDOW_H")
     if not all(hasattr(cr, n) for n in needed):
         return False
@@ -100,3 +100,29 @@ def install(gym_env: Any) -> bool:
               "window_w": cr.WINDOW_W, "window_h": cr.WINDOW_H}
     env._render_road = RoadRenderer(env, gfxdraw, bounds)  # an instance attribute: called as (zoom, translation, angle)
     return True
+
+
+def _carracing(gym_env: Any) -> Any:
+    """The unwrapped CarRacing env of ``gym_env``, or None when it is not gymnasium's CarRacing."""
+    env = getattr(gym_env, "unwrapped", gym_env)
+    module = type(env).__module__
+    if type(env).__name__ != "CarRacing" or not module.startswith("gymnasium.envs.box2d"):
+        return None
+    return env
+
+
+@contextlib.contextmanager
+def unrendered(gym_env: Any) -> Iterator[None]:
+    """Steps inside skip CarRacing's frame drawing: the observation is the last drawn frame (frame skip).
+
+    The physics, the tiles' rewards and the episode's end do not depend on the drawing; other envs are untouched.
+    """
+    env = _carracing(gym_env)
+    if env is None or not callable(getattr(type(env), "_render", None)) or not hasattr(env, "state"):
+        yield
+        return
+    env._render = lambda *args, **kwargs: env.state.copy()  # an instance attribute over the class method
+    try:
+        yield
+    finally:
+        del env._render

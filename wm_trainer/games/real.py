@@ -22,6 +22,7 @@ from .spec import (
     _check_id,
     action_dim,
     carracing_action,
+    env_spec,
     native_action,
     resize_frame,
 )
@@ -32,12 +33,19 @@ DOOM_SCREEN_RESOLUTION = "RES_160X120"
 
 
 class WorldEnv:
-    """A gymnasium env seen as frames (64,64,3) uint8 in and controller-space actions out."""
+    """A gymnasium env seen as frames (64,64,3) uint8 in and controller-space actions out.
 
-    def __init__(self, env_id: str, gym_env: Any, max_steps: int):
+    With ``frame_skip`` k > 1 each action is held for k env frames (the reward summed, only the last frame
+    rendered on CarRacing); ``steps`` and ``max_steps`` count env frames either way.
+    """
+
+    def __init__(self, env_id: str, gym_env: Any, max_steps: int, frame_skip: int = 1):
         self.env_id = env_id
         self.action_dim = action_dim(env_id)
         self.max_steps = int(max_steps)
+        self.frame_skip = int(frame_skip)
+        if self.frame_skip < 1:
+            raise UserError(f"env.frame_skip: must be at least 1, got {frame_skip}")
         self.gym_env = gym_env
         self.steps = 0
         self._crop = 84 if env_id == CARRACING_ID else None
@@ -62,11 +70,24 @@ class WorldEnv:
         return self._frame(obs)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
-        """Apply a controller-space action; (next frame, reward, done) with done including the step cap."""
-        obs, reward, terminated, truncated, _ = self.gym_env.step(native_action(self.env_id, action))
-        self.steps += 1
-        done = bool(terminated or truncated or self.steps >= self.max_steps)
-        return self._frame(obs), float(reward), done
+        """Apply a controller-space action for ``frame_skip`` frames; (next frame, summed reward, done).
+
+        done includes the step cap, which ends the held action early, as the episode's end does.
+        """
+        native = native_action(self.env_id, action)
+        total, done, obs = 0.0, False, None
+        for k in range(self.frame_skip):
+            if k < self.frame_skip - 1:
+                with carracing_road.unrendered(self.gym_env):  # a frame nobody sees is not drawn
+                    obs, reward, terminated, truncated, _ = self.gym_env.step(native)
+            else:
+                obs, reward, terminated, truncated, _ = self.gym_env.step(native)
+            self.steps += 1
+            total += float(reward)
+            done = bool(terminated or truncated or self.steps >= self.max_steps)
+            if done:
+                break
+        return self._frame(obs), total, done  # an episode that ends on an undrawn frame shows the last drawn one
 
     def close(self) -> None:
         """Release the emulator / renderer (safe to call twice)."""
@@ -101,15 +122,14 @@ def _check_doom_buttons(gym_env: Any) -> None:
 def make_env(env_cfg: Any, max_steps: int | None = None) -> WorldEnv:
     """Build ``env_cfg.id`` capped at ``max_steps`` (default ``env_cfg.max_steps``) steps per episode.
 
-    ``env_cfg`` may also be the env id itself (worker tasks get plain values), with ``max_steps`` given.
+    ``env_cfg`` may also be the env id or an ``EnvSpec`` (worker tasks get plain values), with ``max_steps`` given.
     """
-    if isinstance(env_cfg, str):
-        return open_env(env_cfg, max_steps)
-    return open_env(env_cfg.id, max_steps or env_cfg.max_steps)
+    spec = env_spec(env_cfg)
+    return open_env(spec.id, max_steps or env_cfg.max_steps, spec.frame_skip)
 
 
-def open_env(env_id: str, max_steps: int) -> WorldEnv:
-    """Build an env from its id and step cap (what worker tasks get: plain values, not the Config)."""
+def open_env(env_id: str, max_steps: int, frame_skip: int = 1) -> WorldEnv:
+    """Build an env from its id, step cap and frame skip (what worker tasks get: plain values, not the Config)."""
     import gymnasium as gym
 
     _check_id(env_id)
@@ -119,7 +139,7 @@ def open_env(env_id: str, max_steps: int) -> WorldEnv:
         _check_doom_buttons(gym_env)
     else:
         carracing_road.install(gym_env)  # the same frames, ~2x the step rate
-    return WorldEnv(env_id, gym_env, max_steps)
+    return WorldEnv(env_id, gym_env, max_steps, frame_skip)
 
 
 _LOCAL = threading.local()
@@ -139,17 +159,17 @@ def _close_cached() -> None:
             pass
 
 
-def cached_env(env_id: str, max_steps: int) -> WorldEnv:
+def cached_env(env_id: str, max_steps: int, frame_skip: int = 1) -> WorldEnv:
     """An env kept per thread and reused across episodes (worker tasks); closed when the process exits.
 
     Closing matters for Doom: each env owns a vizdoom game process that outlives an unclosed env.
     """
     global _CLEANUP_REGISTERED
     cache = _LOCAL.__dict__.setdefault("envs", {})
-    key = (env_id, int(max_steps))
+    key = (env_id, int(max_steps), int(frame_skip))
     env = cache.get(key)
     if env is None:
-        env = cache[key] = open_env(env_id, max_steps)
+        env = cache[key] = open_env(env_id, max_steps, frame_skip)
         with _OPEN_LOCK:
             if not _CLEANUP_REGISTERED:
                 _CLEANUP_REGISTERED = True

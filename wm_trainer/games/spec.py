@@ -6,6 +6,7 @@ each environment's native action. The gymnasium side (WorldEnv, make_env, random
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,23 @@ ENVS: dict[str, tuple[int, str, str]] = {
 # its button_map is [(0, 0), (0, 1), (1, 0)], so 1 presses MOVE_RIGHT and 2 presses MOVE_LEFT.
 DOOM_NOOP, DOOM_RIGHT, DOOM_LEFT = 0, 1, 2
 DOOM_BUTTONS = {DOOM_NOOP: (0, 0), DOOM_RIGHT: (0, 1), DOOM_LEFT: (1, 0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """What a worker needs to build an env, as plain values (unpickling a Config would import the toolkit)."""
+
+    id: str
+    frame_skip: int = 1
+
+
+def env_spec(env: Any) -> EnvSpec:
+    """The :class:`EnvSpec` of an env id, an ``EnvConfig`` or an ``EnvSpec``."""
+    if isinstance(env, EnvSpec):
+        return env
+    if isinstance(env, str):
+        return EnvSpec(env)
+    return EnvSpec(env.id, int(getattr(env, "frame_skip", 1)))
 
 
 def action_dim(env_id: str) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import chainer
 import numpy as np
 
+from ..games.spec import env_spec
 from ..models.controller import Controller
 
 _MODEL_CACHE: dict[str, tuple[Any, Any]] = {}  # bundle token -> (vae, mdnrnn), per worker process
@@ -101,7 +102,7 @@ class EpisodeResult:
 
 
 def _env_id(env: Any) -> str:
-    """The env id from an id string (what worker tasks get: no Config to unpickle) or an ``EnvConfig``."""
+    """The env id of an id string, an ``EnvSpec`` (what worker tasks get: no Config to unpickle) or ``cfg.env``."""
     return env if isinstance(env, str) else env.id
 
 
@@ -110,12 +111,12 @@ def _take_env(env_cfg: Any, max_steps: int):
 
     if not _ENV_CACHE:  # first env of this process: close them all when it exits (pool workers included)
         multiprocessing.util.Finalize(None, close_envs, exitpriority=100)
-    pool = _ENV_CACHE.setdefault((_env_id(env_cfg), max_steps), [])
-    return pool.pop() if pool else make_env(env_cfg, max_steps)
+    pool = _ENV_CACHE.setdefault((env_spec(env_cfg), max_steps), [])
+    return pool.pop() if pool else make_env(env_spec(env_cfg), max_steps)
 
 
 def _give_env(env_cfg: Any, max_steps: int, env) -> None:
-    _ENV_CACHE.setdefault((_env_id(env_cfg), max_steps), []).append(env)
+    _ENV_CACHE.setdefault((env_spec(env_cfg), max_steps), []).append(env)
 
 
 def close_envs() -> None:
@@ -164,9 +165,9 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
              on_step: Callable[[], None] | None = None, cap: int = 0, patience: int = 0) -> list[EpisodeResult]:
     """Play ``jobs`` on up to ``n_envs`` lockstepped envs; ``weights=None`` plays the random policy.
 
-    ``env_cfg`` is the env id or an object with an ``id`` (``cfg.env``); envs end episodes at ``max_steps``.
+    ``env_cfg`` is the env id, an ``EnvSpec`` or ``cfg.env``; envs end episodes at ``max_steps``.
     For training episodes only: ``cap`` ends an episode sooner, and ``patience`` ends it after that many
-    steps in a row without a positive reward (0 = neither).
+    steps in a row without a positive reward (0 = neither). Steps are env steps, frame skip or not.
     """
     from ..games.real import random_policy
 
@@ -219,12 +220,13 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
                 frame, reward, done = envs[s].step(actions[s])
                 res = results[slot_job[s]]
                 res.ret += reward
-                res.steps += 1
-                idle[s] = 0 if reward > 0 else idle[s] + 1
+                taken = envs[s].steps - res.steps
+                res.steps = envs[s].steps
+                idle[s] = 0 if reward > 0 else idle[s] + taken
                 frames[s] = frame
                 if record:
                     res.frames.append(frame)
-                if done or res.steps == cap or (patience and idle[s] >= patience):
+                if done or (cap and res.steps >= cap) or (patience and idle[s] >= patience):
                     slot_job[s] = -1
                     if next_job < len(jobs):
                         start(s)
@@ -292,9 +294,9 @@ class Played:
         self._handle = executor.broadcast(weights) if weights is not None else None
         self._chunks = _chunks(self.jobs, per_task, getattr(executor, "n_workers", 1) or 1)
         # plain values only: unpickling cfg.env would import wm_trainer.config (and the toolkit) in every worker
-        self._futures = [executor.submit(_task, self._handle, chunk, cfg.env.id, cfg.env.max_steps, per_task, rp, cap,
-                                         patience)
-                         for chunk in self._chunks]
+        spec = env_spec(cfg.env)
+        self._futures = [executor.submit(_task, self._handle, chunk, spec, cfg.env.max_steps, per_task, rp, cap,
+                                         patience) for chunk in self._chunks]
 
     def result(self, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """(len(jobs),) returns in job order; ``progress(n)`` is called as each task's n episodes arrive."""
