@@ -34,6 +34,8 @@ class _RecordingExecutor:
 
 def test_worker_tasks_get_plain_values_not_the_config(tmp_path, make_tiny_run):
     """Unpickling a task's arguments must not import the config module (and the toolkit behind it)."""
+    from wm_trainer.games.spec import EnvSpec
+
     _, cfg = make_tiny_run(tmp_path)
     ex = _RecordingExecutor()
     rets = play(ex, None, [Job(0, 3), Job(0, 4), Job(0, 5)], cfg)
@@ -41,7 +43,7 @@ def test_worker_tasks_get_plain_values_not_the_config(tmp_path, make_tiny_run):
     for args in ex.args:
         blob = pickle.dumps(args[1:])  # everything but the broadcast weights handle
         assert b"wm_trainer.config" not in blob and b"extensions" not in blob
-        assert args[2] == cfg.env.id and isinstance(args[2], str)
+        assert args[2] == EnvSpec(cfg.env.id, 1)  # the env as plain values: its id and frame skip
     # the same episodes through run_jobs with the EnvConfig object agree (same env, same seeds)
     direct = [r.ret for r in run_jobs(None, [Job(0, 3), Job(0, 4), Job(0, 5)], cfg.env, cfg.env.max_steps, 2)]
     np.testing.assert_array_equal(rets, direct)
