@@ -369,6 +369,8 @@ def _other_row(name: str, v: dict) -> str:
         rates, paper = v["steps_per_s_per_worker"], v["paper_setting"]
         best = rates[v["best"]]["median"]
         road = f" ({v['raw_vs_stock_road']:.2f}x gymnasium's own road drawing)" if "raw_vs_stock_road" in v else ""
+        if "frame_skip2_vs_1" in v:
+            road += f"; agent with frame skip 2: {v['frame_skip2_vs_1']:.2f}x the env steps/s"
         return (f"| real-env CMA-ES, CarRacing, 1 worker ({v['model']}) | raw random policy: "
                 f"{_fmt(rates['raw']['median'])} env-steps/s{road} | agent, {v['best'].split('_')[1]}: {_fmt(best)} "
                 f"env-steps/s; the paper's {paper['env_steps']:.2e} steps = {_fmt(paper['worker_hours'])} "
