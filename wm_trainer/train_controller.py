@@ -246,12 +246,6 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     done = bool(extra.get("done", False))
     max_steps = cc.max_steps or cfg.env.max_steps
 
-    own_executor = None
-    if cc.mode == "real" or cc.eval_every:
-        if executor is None:
-            from .base.parallel import make_executor
-
-            executor = own_executor = make_executor(cfg.parallel)
     dream = None
     if cc.mode == "dream":
         from .training.trainer import resolve_device
@@ -266,6 +260,11 @@ def train_controller(cfg: Config, executor: Any = None) -> Path:
     from .sim.rollout import AgentWeights, Job, Played, fitness_seeds, play, select_seeds
 
     weights = AgentWeights.from_models(vae, mdnrnn, np.zeros((1, ctrl.n_params), np.float32), ctrl)
+    own_executor = None  # made after the setup: the try below is what shuts it down
+    if (cc.mode == "real" or cc.eval_every) and executor is None:
+        from .base.parallel import make_executor
+
+        executor = own_executor = make_executor(cfg.parallel)
     trained_s = float(extra.get("trained_s", 0.0))  # C's wall time in earlier runs of this state
     started = time.monotonic()
 
