@@ -17,7 +17,7 @@ from typing import Any
 import chainer
 import numpy as np
 
-from ..games.spec import env_spec
+from ..games.spec import EnvSpec, env_spec
 from ..models.controller import Controller
 
 _MODEL_CACHE: dict[str, tuple[Any, Any]] = {}  # bundle token -> (vae, mdnrnn), per worker process
@@ -101,22 +101,17 @@ class EpisodeResult:
     frames: list | None = None
 
 
-def _env_id(env: Any) -> str:
-    """The env id of an id string, an ``EnvSpec`` (what worker tasks get: no Config to unpickle) or ``cfg.env``."""
-    return env if isinstance(env, str) else env.id
-
-
-def _take_env(env_cfg: Any, max_steps: int):
+def _take_env(spec: EnvSpec, max_steps: int):
     from ..games.real import make_env
 
     if not _ENV_CACHE:  # first env of this process: close them all when it exits (pool workers included)
         multiprocessing.util.Finalize(None, close_envs, exitpriority=100)
-    pool = _ENV_CACHE.setdefault((env_spec(env_cfg), max_steps), [])
-    return pool.pop() if pool else make_env(env_spec(env_cfg), max_steps)
+    pool = _ENV_CACHE.setdefault((spec, max_steps), [])
+    return pool.pop() if pool else make_env(spec, max_steps)
 
 
-def _give_env(env_cfg: Any, max_steps: int, env) -> None:
-    _ENV_CACHE.setdefault((env_spec(env_cfg), max_steps), []).append(env)
+def _give_env(spec: EnvSpec, max_steps: int, env) -> None:
+    _ENV_CACHE.setdefault((spec, max_steps), []).append(env)
 
 
 def close_envs() -> None:
@@ -172,8 +167,9 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
     from ..games.real import random_policy
 
     jobs = list(jobs)
-    brain = _AgentBrain(weights, _env_id(env_cfg)) if weights is not None else None
-    envs = [_take_env(env_cfg, max_steps) for _ in range(min(n_envs, len(jobs)))]
+    spec = env_spec(env_cfg)  # what worker tasks get (no Config to unpickle), and the env cache's key
+    brain = _AgentBrain(weights, spec.id) if weights is not None else None
+    envs = [_take_env(spec, max_steps) for _ in range(min(n_envs, len(jobs)))]
     results: list[EpisodeResult | None] = [None] * len(jobs)
     slot_job = [-1] * len(envs)
     frames: list[np.ndarray | None] = [None] * len(envs)
@@ -193,7 +189,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
         if record:
             results[slot_job[slot]].frames.append(frames[slot])
         if brain is None:
-            policies[slot] = random_policy(_env_id(env_cfg), np.random.default_rng(j.seed), repeat_prob)
+            policies[slot] = random_policy(spec.id, np.random.default_rng(j.seed), repeat_prob)
         else:
             policies[slot] = np.random.default_rng([j.seed, 0x5A])
             state[0][slot] = 0.0
@@ -234,7 +230,7 @@ def run_jobs(weights: AgentWeights | None, jobs: Sequence[Job], env_cfg: Any, ma
                 on_step()
     finally:
         for env in envs:
-            _give_env(env_cfg, max_steps, env)
+            _give_env(spec, max_steps, env)
     return results  # type: ignore[return-value]
 
 
